@@ -1,0 +1,25 @@
+"""User-facing errors: one line that names what is wrong, where, and what to do.
+
+The CLI prints `str(err)` and exits 1 for any `ReplayError`; anything else is a bug
+and keeps its traceback.
+"""
+
+
+class ReplayError(Exception):
+    """Base of every error a user can cause and fix (bad input, damaged run, ...)."""
+
+
+class RunError(ReplayError):
+    """The run directory is missing, not a run, or inconsistent with the request."""
+
+
+class ChunkDamaged(RunError):
+    """A chunk file is truncated, unreadable or fails its checksum."""
+
+
+class RecordError(ReplayError):
+    """Recording cannot continue (model changed, disk full, run dir not empty...)."""
+
+
+class TaskError(ReplayError):
+    """The task cannot be imported, built, or does not match the run."""

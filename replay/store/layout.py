@@ -1,0 +1,103 @@
+"""Byte layout of one recorded state: every tensor packed into one flat buffer.
+
+One flat buffer per state lets the recorder copy, XOR, checksum and write a whole state
+with a handful of vectorized operations whatever the number of tensors. Tensors are
+ordered by element size (largest first, stable) so that every tensor starts at an offset
+divisible by its element size, and the state is padded to 8 bytes so consecutive states
+in a chunk stay aligned. That padding is an explicit `__pad__` tensor because safetensors
+forbids holes between tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# safetensors dtype codes <-> torch dtypes (the ones a parameter or buffer can have)
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+# XOR deltas are stored as signed integers of the same width (bit patterns, not values)
+INT_OF_SIZE = {8: "I64", 4: "I32", 2: "I16", 1: "I8"}
+ALIGN = 8
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of one recorded tensor; `kind` is 'param' or 'buffer'."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors code, e.g. "F32"
+    kind: str = "param"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return ST_DTYPES[self.dtype]
+
+    @property
+    def itemsize(self) -> int:
+        return self.torch_dtype.itemsize
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    @property
+    def delta_dtype(self) -> str:
+        return INT_OF_SIZE[self.itemsize]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "kind": self.kind}
+
+    @staticmethod
+    def from_json(d: dict) -> TensorSpec:
+        return TensorSpec(d["name"], tuple(d["shape"]), d["dtype"], d.get("kind", "param"))
+
+
+def spec_of(name: str, t: torch.Tensor, kind: str = "param") -> TensorSpec:
+    if t.dtype not in TORCH_TO_ST:
+        raise TypeError(f"{name}: dtype {t.dtype} cannot be recorded (supported: {sorted(TORCH_TO_ST)})")
+    return TensorSpec(name, tuple(t.shape), TORCH_TO_ST[t.dtype], kind)
+
+
+class StateLayout:
+    """Offsets of each tensor inside the flat state buffer of `nbytes` (a multiple of 8)."""
+
+    def __init__(self, specs: list[TensorSpec]):
+        self.specs = list(specs)  # recording order (named_parameters order, then buffers)
+        self.packed = sorted(self.specs, key=lambda s: -s.itemsize)  # stable: alignment order
+        self.offsets: dict[str, int] = {}
+        off = 0
+        for s in self.packed:
+            self.offsets[s.name] = off
+            off += s.nbytes
+        self.data_bytes = off
+        self.pad = (-off) % ALIGN
+        self.nbytes = off + self.pad
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Typed, shaped views into a flat uint8 tensor holding one state (no copy)."""
+        out = {}
+        for s in self.specs:
+            o = self.offsets[s.name]
+            out[s.name] = flat[o : o + s.nbytes].view(s.torch_dtype).view(s.shape)
+        return out

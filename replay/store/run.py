@@ -1,0 +1,132 @@
+"""Reading a run: `open_run(path)` → `Run` with bit-exact `state(t)` and `states(a, b)`.
+
+States are rebuilt from the nearest keyframe (the first state of a chunk) by XOR, so they
+equal training's parameters bit for bit. Only the chunks a request touches are opened,
+through safetensors' memory map; nothing loads the whole run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from replay.errors import ChunkDamaged, RunError
+from replay.store.chunk import Chunk, list_chunks
+from replay.store.layout import StateLayout
+from replay.store.manifest import Manifest
+
+
+@dataclass
+class RunInfo:
+    steps: int
+    first: int
+    last: int
+    tensors: int
+    params: int
+    chunks: int
+    bytes_on_disk: int
+    bytes_per_param_step: float
+    orphans: list[str]
+
+
+class Run:
+    """A recorded run. `steps` are the recorded state indices (0, every, 2·every, ...)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise RunError(f"{self.path}: no such run directory")
+        self.manifest = Manifest.read(self.path)
+        self.layout = StateLayout(self.manifest.tensors)
+        every = self.manifest.every
+        self.chunks: list[Chunk] = []
+        self.orphans: list[Chunk] = []  # chunks after a gap (a lost chunk): not part of the run
+        expected = 0
+        for c in list_chunks(self.path, every):
+            if c.first == expected and not self.orphans:
+                self.chunks.append(c)
+                expected = c.last + every
+            else:
+                self.orphans.append(c)
+        self.steps: list[int] = [t for c in self.chunks for t in c.steps]
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, steps={len(self.steps)}, tensors={len(self.manifest.params)})"
+
+    @property
+    def task(self) -> str | None:
+        return self.manifest.task
+
+    @property
+    def param_names(self) -> list[str]:
+        return [s.name for s in self.manifest.params]
+
+    def _chunk_of(self, t: int) -> Chunk:
+        for c in self.chunks:
+            if c.first <= t <= c.last and (t - c.first) % self.manifest.every == 0:
+                return c
+        have = f"{self.steps[0]}..{self.steps[-1]} every {self.manifest.every}" if self.steps else "none"
+        raise RunError(f"{self.path}: state {t} was not recorded (recorded: {have})")
+
+    def _typed(self, cur: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+        return {s.name: cur[s.name].clone().view(s.torch_dtype) for s in self.manifest.tensors if s.kind == kind}
+
+    def state(self, t: int, *, buffers: bool = False) -> dict[str, torch.Tensor]:
+        """Parameters at state t ({name: tensor}, named_parameters() names), bit-exact.
+
+        With `buffers=True`, the recorded buffers instead (when the run recorded them).
+        """
+        for _, cur in self._chunk_of(t).states(self.layout, start=t):
+            return self._typed(cur, "buffer" if buffers else "param")
+        raise AssertionError("unreachable")
+
+    def states(self, start: int = 0, stop: int | None = None, *, buffers: bool = False
+               ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Yield (t, params) for recorded t in range(start, stop), one decode per state."""
+        stop = self.steps[-1] + 1 if stop is None and self.steps else (stop or 0)
+        kind = "buffer" if buffers else "param"
+        for c in self.chunks:
+            if c.last < start or c.first >= stop:
+                continue
+            for t, cur in c.states(self.layout, start=start):
+                if t >= stop:
+                    return
+                yield t, self._typed(cur, kind)
+
+    def verify(self) -> list[str]:
+        """Check every chunk (size, header, CRC); return one line per problem found."""
+        problems = []
+        for c in self.chunks + self.orphans:
+            try:
+                c.verify()
+            except ChunkDamaged as e:
+                problems.append(str(e))
+        for c in self.orphans:
+            problems.append(f"{c.path}: follows a gap in the recorded steps (a chunk is missing); "
+                            f"the run is readable up to state {self.steps[-1] if self.steps else 'none'}")
+        return problems
+
+    def info(self) -> RunInfo:
+        n_params = sum(s.numel for s in self.manifest.params)
+        files = [c.path for c in self.chunks]
+        size = sum(p.stat().st_size for p in files)
+        steps = len(self.steps)
+        return RunInfo(
+            steps=steps,
+            first=self.steps[0] if steps else -1,
+            last=self.steps[-1] if steps else -1,
+            tensors=len(self.manifest.tensors),
+            params=n_params,
+            chunks=len(self.chunks),
+            bytes_on_disk=size + (self.path / "manifest.json").stat().st_size,
+            bytes_per_param_step=size / max(1, n_params * steps),
+            orphans=[c.path.name for c in self.orphans],
+        )
+
+
+def open_run(path: str | Path) -> Run:
+    """Open a run directory written by `Recorder` (the contiguous prefix of its chunks)."""
+    return Run(path)

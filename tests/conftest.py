@@ -1,0 +1,42 @@
+import torch
+from torch import nn
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Integer view of a tensor's bits: equality of these is bit-exactness."""
+    return t.detach().contiguous().view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.itemsize])
+
+
+def assert_bit_equal(a: dict, b: dict, where: str = "") -> None:
+    assert list(a) == list(b), f"{where}: names {list(a)} != {list(b)}"
+    for n in a:
+        assert a[n].dtype == b[n].dtype and a[n].shape == b[n].shape, f"{where} {n}"
+        diff = (bits(a[n]) != bits(b[n])).sum().item()
+        assert diff == 0, f"{where} {n}: {diff} elements differ in their bits"
+
+
+def params_of(model: nn.Module) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def mlp(dtype=torch.float32, seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+
+
+def train_recording(model, opt, rec_kwargs, path, steps=20, seed=1):
+    """Train on random data with a Recorder; return the reference state of every step."""
+    import replay
+
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    ref = {0: params_of(model)}
+    with replay.Recorder(model, path, optimizer=opt, **rec_kwargs):
+        for i in range(steps):
+            x = torch.randn(32, 8, generator=g).to(dtype)
+            y = torch.randint(0, 3, (32,), generator=g)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x).float(), y).backward()
+            opt.step()
+            ref[i + 1] = params_of(model)
+    return ref

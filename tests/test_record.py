@@ -1,0 +1,219 @@
+"""Recorder + reader: bit-exact round trips under the training loops people write."""
+
+import pytest
+import torch
+from conftest import assert_bit_equal, mlp, params_of, train_recording
+from safetensors import safe_open
+from torch import nn
+
+import replay
+from replay.errors import RecordError
+
+# small chunks so every test crosses chunk boundaries (a 8-16-3 MLP state is ~0.8 KiB)
+SMALL = {"chunk_bytes": 3000}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=["fp32", "bf16", "fp16", "fp64"])
+def test_states_bit_exact_across_chunks(tmp_path, dtype):
+    model = mlp(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # Adam's eps underflows in fp16
+    ref = train_recording(model, opt, SMALL, tmp_path / "run", steps=25)
+    run = replay.open_run(tmp_path / "run")
+    assert run.steps == list(range(26))
+    assert len(run.chunks) > 3, "test must cross chunk boundaries"
+    seen = 0
+    for t, state in run.states():
+        assert_bit_equal(state, ref[t], f"state {t}")
+        seen += 1
+    assert seen == 26
+    for t in [0, 7, 13, 25]:  # random access from the nearest keyframe
+        assert_bit_equal(run.state(t), ref[t], f"state({t})")
+    assert [t for t, _ in run.states(5, 9)] == [5, 6, 7, 8]
+
+
+def test_every_k(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref = train_recording(model, opt, {"every": 3, **SMALL}, tmp_path / "run", steps=20)
+    run = replay.open_run(tmp_path / "run")
+    assert run.steps == list(range(0, 21, 3))
+    for t, state in run.states():
+        assert_bit_equal(state, ref[t], f"state {t}")
+    assert [t for t, _ in run.states(4, 13)] == [6, 9, 12]
+    with pytest.raises(replay.ReplayError, match="state 4 was not recorded"):
+        run.state(4)
+
+
+def test_manual_capture_without_optimizer(tmp_path):
+    model = mlp()
+    ref = {0: params_of(model)}
+    rec = replay.Recorder(model, tmp_path / "run", **SMALL)
+    for i in range(1, 8):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.9).add_(0.01 * i)
+        rec.capture()
+        ref[i] = params_of(model)
+    rec.close()
+    run = replay.open_run(tmp_path / "run")
+    assert run.steps == list(range(8))
+    for t, state in run.states():
+        assert_bit_equal(state, ref[t], f"state {t}")
+
+
+def test_tied_and_frozen_parameters(tmp_path):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.out = nn.Linear(4, 10, bias=False)
+            self.out.weight = self.emb.weight  # tied: one parameter, two names
+            self.frozen = nn.Linear(4, 4)
+            self.frozen.requires_grad_(False)
+
+        def forward(self, x):
+            return self.out(self.frozen(self.emb(x)))
+
+    model = Tied()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    with replay.Recorder(model, tmp_path / "run", optimizer=opt):
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(torch.arange(10)), torch.arange(10)).backward()
+            opt.step()
+    run = replay.open_run(tmp_path / "run")
+    assert run.param_names == ["emb.weight"]
+    assert_bit_equal(run.state(3), params_of(model))
+
+
+def test_gradient_accumulation_records_once_per_optimizer_step(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref = {0: params_of(model)}
+    with replay.Recorder(model, tmp_path / "run", optimizer=opt):
+        for step in range(4):
+            opt.zero_grad()
+            for _micro in range(3):
+                nn.functional.mse_loss(model(torch.randn(4, 8)), torch.randn(4, 3)).backward()
+            opt.step()
+            ref[step + 1] = params_of(model)
+    run = replay.open_run(tmp_path / "run")
+    assert run.steps == [0, 1, 2, 3, 4]
+    for t, state in run.states():
+        assert_bit_equal(state, ref[t], f"state {t}")
+
+
+def test_unchanged_step_is_a_cheap_zero_delta(tmp_path):
+    """A step that changed nothing (GradScaler skip, lr=0) is a state that stores no bytes."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with replay.Recorder(model, tmp_path / "run", optimizer=opt) as rec:
+        for step in range(6):
+            opt.param_groups[0]["lr"] = 0.0 if step in (1, 2, 4) else 0.1
+            opt.zero_grad()
+            nn.functional.mse_loss(model(torch.randn(4, 8)), torch.randn(4, 3)).backward()
+            opt.step()
+        assert rec.step == 6
+    run = replay.open_run(tmp_path / "run")
+    assert run.steps == list(range(7))
+    assert_bit_equal(run.state(2), run.state(1))
+    meta = run.chunks[0].metadata()
+    assert meta["steps"] == list(range(7)) and meta["stored"] == [0, 1, 4, 6]
+
+
+def test_grad_scaler_loop_with_manual_capture(tmp_path):
+    """AMP: scaler.step() skips optimizer.step() on overflow; capture() after update() keeps numbering."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1)  # early steps overflow
+    ref = {0: params_of(model)}
+    with replay.Recorder(model, tmp_path / "run") as rec:
+        for i in range(6):
+            opt.zero_grad()
+            scaler.scale(nn.functional.mse_loss(model(torch.randn(4, 8)), 100 * torch.randn(4, 3))).backward()
+            scaler.step(opt)
+            scaler.update()
+            rec.capture()
+            ref[i + 1] = params_of(model)
+    changed = [t for t in range(1, 7) if any(not torch.equal(ref[t][n], ref[t - 1][n]) for n in ref[t])]
+    assert 0 < len(changed) < 6, "the test needs both skipped and applied steps"
+    run = replay.open_run(tmp_path / "run")
+    assert run.steps == list(range(7))
+    assert run.chunks[0].metadata()["stored"] == [0] + changed
+    for t, state in run.states():
+        assert_bit_equal(state, ref[t], f"state {t}")
+
+
+def test_buffers_recorded_when_asked(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bufs = {}
+    with replay.Recorder(model, tmp_path / "run", optimizer=opt, buffers=True):
+        bufs[0] = {n: b.clone() for n, b in model.named_buffers()}
+        for i in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(torch.randn(16, 8)), torch.randint(0, 3, (16,))).backward()
+            opt.step()
+            bufs[i + 1] = {n: b.clone() for n, b in model.named_buffers()}
+    run = replay.open_run(tmp_path / "run")
+    assert "1.running_mean" not in run.state(2)
+    for t in range(4):
+        assert_bit_equal(run.state(t, buffers=True), bufs[t], f"buffers {t}")
+
+
+def test_chunks_are_plain_safetensors(tmp_path):
+    """Another tool can read a chunk: keyframe in its own dtype, deltas as same-width integers."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_recording(model, opt, {}, tmp_path / "run", steps=3)
+    run = replay.open_run(tmp_path / "run")
+    with safe_open(run.chunks[0].path, framework="pt") as f:
+        meta = f.metadata()
+        assert meta["format"] == "replay-chunk/1" and meta["encoding"] == "xor"
+        assert meta["steps"] == "[0, 1, 2, 3]"
+        assert f.get_tensor("0/0.weight").dtype == torch.float32
+        assert f.get_tensor("1/0.weight").dtype == torch.int32
+        delta = f.get_tensor("1/0.weight")
+        manual = (f.get_tensor("0/0.weight").view(torch.int32) ^ delta).view(torch.float32)
+    assert torch.equal(manual, run.state(1)["0.weight"])
+
+
+def test_refuses_non_empty_run_dir(tmp_path):
+    model = mlp()
+    replay.Recorder(model, tmp_path / "run").close()
+    with pytest.raises(RecordError, match="already holds a run"):
+        replay.Recorder(model, tmp_path / "run")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(RecordError, match="not an empty directory"):
+        replay.Recorder(model, tmp_path / "other")
+
+
+def test_bad_arguments_name_the_argument(tmp_path):
+    with pytest.raises(ValueError, match="every: expected an integer ≥ 1, got 0"):
+        replay.Recorder(mlp(), tmp_path / "a", every=0)
+    with pytest.raises(ValueError, match="task: expected 'module:function'"):
+        replay.Recorder(mlp(), tmp_path / "b", task="nocolon")
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        replay.Recorder("model", tmp_path / "c")
+
+
+def test_parameter_set_change_is_an_error_and_keeps_data(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = replay.Recorder(model, tmp_path / "run", optimizer=opt, chunk_bytes=1)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(torch.randn(4, 8)), torch.randn(4, 3)).backward()
+        opt.step()
+    model[2] = nn.Linear(16, 5)  # the architecture changed mid-run
+    with pytest.raises(RecordError, match=r"trainable parameters changed.*start a new Recorder"):
+        for _ in range(3):
+            rec.capture()
+            rec._wait_fence()
+    with pytest.raises(RecordError):
+        rec.close()
+    run = replay.open_run(tmp_path / "run")
+    assert run.steps[:4] == [0, 1, 2, 3] and run.verify() == []
