@@ -34,12 +34,15 @@ from replay.store.chunk import write_chunk
 from replay.store.layout import StateLayout, spec_of
 from replay.store.manifest import MANIFEST, Manifest
 
-# Chosen by tools/bench_chunks.py: past ~16 MiB the per-file cost (fsync, header) is noise,
-# and random access decodes at most chunk_bytes/2 on average. Capped in states so that a tiny
-# model does not keep thousands of steps unflushed (what a SIGKILL would lose).
-DEFAULT_CHUNK_BYTES = 32 << 20
+# Chosen by tools/bench_chunks.py (2.4 MB states, this 2-core box): write throughput is the
+# disk's (350-790 MB/s, noise) from 4 MiB up at every size, while run.state(t) grows with the
+# chunk (1.7 ms at 4 MiB, 9.7 at 8, 14 at 16, 22 at 32): 8 MiB keeps random access cheap and
+# the file count moderate. Capped in states so that a tiny model does not keep thousands of
+# steps unflushed (what a SIGKILL would lose).
+DEFAULT_CHUNK_BYTES = 8 << 20
 MAX_CHUNK_STATES = 1024
 _STOP = object()
+
 
 
 class Recorder:
@@ -210,6 +213,7 @@ class Recorder:
             while (item := self._work.get()) is not _STOP:
                 t, flat, views, fence = item
                 if isinstance(fence, threading.Event):  # deferred copy: parameters frozen until set()
+                    # (a numpy copy here, or SCHED_IDLE for this thread, measured slower: tools/bench_record.py)
                     with torch.no_grad():
                         for n, p in self._params:
                             views[n].copy_(p.detach())
