@@ -1,0 +1,286 @@
+"""compute(): replay a run and allocate each step's loss change to every parameter.
+
+Per step t → t' (consecutive recorded states), for all losses at once (L losses, P params):
+
+    g0 [L,P]  gradient at θ_t          reused: it was the previous step's end
+    g1 [L,P]  gradient at θ_t'         1 evaluation
+    O  [L,P]  gradient at the midpoint 1 evaluation   → plain Simpson, 2 evaluations per step
+    while some loss is not grounded and n < max_splits: n *= 2, evaluate n/2 new points
+    lca [L,P] = Δθ ⊙ h/3·(E + 4·O + 2·M)   (float64)
+
+Only per-loss and per-tensor sums leave the device each step (one sync); per-parameter
+totals stay on the device until the end. Frames are flushed as parquet parts with a
+checkpoint of the totals, so an interrupted compute resumes from its last flush.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from replay.engine.evaluate import LossEvaluator
+from replay.engine.simpson import is_grounded, refine_points, simpson_integral
+from replay.errors import ReplayError, RunError, TaskError
+from replay.frames import Frames, FrameWriter, load, write_meta
+from replay.store import Run, open_run
+from replay.store.manifest import write_atomic
+from replay.task import Task, load_task
+
+
+def compute(
+    run: str | Path | Run,
+    losses: list[str] | None = None,
+    per_class: list[str] | None = None,
+    *,
+    task: str | Task | None = None,
+    device: str = "cpu",
+    tol: float = 1e-4,
+    rtol: float = 0.0,
+    max_splits: int = 32,
+    first_order: bool = False,
+    steps: tuple[int | None, int | None] | None = None,
+    out: str | Path | None = None,
+    dense: bool = False,
+    flush_every: int = 100,
+    progress: bool = False,
+) -> Frames:
+    """Compute LCA of `losses` (data set names; default: all of the task's) over the run.
+
+    A step is grounded when |ΔL − ΣLCA| ≤ tol + rtol·|ΔL|; steps that are not are refined
+    by composite Simpson up to `max_splits` sub-intervals, and flagged if still not grounded.
+    Writes frames to `out` (default RUN/lca) and returns them (see `replay.load`).
+    """
+    run = run if isinstance(run, Run) else open_run(run)
+    if max_splits < 2 or max_splits & (max_splits - 1):
+        raise ValueError(f"max_splits: expected a power of two ≥ 2, got {max_splits}")
+    if tol < 0 or rtol < 0:
+        raise ValueError(f"tol, rtol: expected ≥ 0, got {tol}, {rtol}")
+    spec = task if task is not None else run.task
+    if spec is None:
+        raise TaskError(f"{run.path}: the run names no task; pass task='module:function' (--task)")
+    t = load_task(spec, run.path)
+    losses = list(losses) if losses else list(t.data)
+    per_class = list(per_class or [])
+    for name in losses + per_class:
+        if name not in t.data:
+            raise TaskError(f"unknown loss {name!r}: the task's data sets are {sorted(t.data)}")
+    datasets = losses + [d for d in per_class if d not in losses]
+    _check_model(t, run)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ReplayError("--device cuda: no CUDA device is available here; use --device cpu")
+    if t.batchnorm == "running" and run.manifest.buffers:
+        t.model.load_state_dict(run.state(run.steps[-1], buffers=True), strict=False)
+    ev = LossEvaluator(t, run.param_names, datasets, per_class, dev)
+
+    a, b = steps or (None, None)
+    todo = [s for s in run.steps[:-1] if (a is None or s >= a) and (b is None or s < b)]
+    if not todo:
+        raise RunError(f"{run.path}: no step to compute in {a}:{b} (recorded states {run.steps[0]}..{run.steps[-1]})")
+    out = Path(out) if out is not None else run.path / "lca"
+    config = {"run": str(run.path.resolve()), "task": spec if isinstance(spec, str) else "<Task object>",
+              "losses": ev.loss_names, "tol": tol, "rtol": rtol, "max_splits": max_splits,
+              "first_order": first_order, "steps": [todo[0], todo[-1]], "batchnorm": t.batchnorm,
+              "batch_size": t.batch_size, "dense": dense}
+    state = _Checkpoint(out, config)
+    if state.complete:
+        return load(out)
+    return _Replay(run, ev, todo, out, state, tol, rtol, max_splits, first_order, dense, flush_every,
+                   progress).execute()
+
+
+def _check_model(task: Task, run: Run) -> None:
+    have = {n: p for n, p in task.model.named_parameters() if p.requires_grad}
+    for s in run.manifest.params:
+        p = have.get(s.name)
+        if p is None:
+            raise TaskError(f"the task's model has no parameter {s.name!r} recorded in {run.path}; "
+                            f"is --task the model that was trained?")
+        if tuple(p.shape) != s.shape:
+            raise TaskError(f"parameter {s.name!r}: the task's model has shape {tuple(p.shape)}, "
+                            f"the run recorded {s.shape}; is --task the model that was trained?")
+
+
+class _Checkpoint:
+    """progress.json + totals-{next}.safetensors in the lca dir: what a resume needs."""
+
+    def __init__(self, out: Path, config: dict):
+        self.out, self.config = out, config
+        self.parts: list[str] = []
+        self.next_step: int | None = None
+        self.seq = 0
+        self.complete = False
+        self.totals: dict[str, torch.Tensor] | None = None
+        meta, prog = out / "meta.json", out / "progress.json"
+        if meta.is_file():
+            m = json.loads(meta.read_text())
+            if m.get("config") != config:
+                raise ReplayError(f"{out}: holds LCA computed with other settings; choose another --out or delete it")
+            self.complete = bool(m.get("complete"))
+        elif out.exists() and any(out.iterdir()) and not prog.is_file():
+            raise ReplayError(f"{out}: exists and is not an lca dir; choose another --out")
+        if prog.is_file() and not self.complete:
+            p = json.loads(prog.read_text())
+            if p["config"] != config:
+                raise ReplayError(f"{out}: holds an unfinished compute with other settings; "
+                                  f"choose another --out or delete it")
+            self.parts, self.next_step, self.seq = p["parts"], p["next_step"], p["seq"]
+            self.totals = load_file(out / p["totals"])
+            keep = set(self.parts)
+            for f in list(out.glob("steps/*.parquet")) + list(out.glob("tensors/*.parquet")):
+                if str(f.relative_to(out)) not in keep:
+                    f.unlink()  # written after the last checkpoint: will be recomputed
+
+    def save(self, next_step: int, totals: dict[str, torch.Tensor]) -> None:
+        name = f"totals-{next_step:010d}.safetensors"
+        save_file({k: v.cpu().contiguous() for k, v in totals.items()}, self.out / name)
+        prog = {"config": self.config, "parts": self.parts, "next_step": next_step, "seq": self.seq, "totals": name}
+        write_atomic(self.out / "progress.json", json.dumps(prog).encode())
+        for old in self.out.glob("totals-*.safetensors"):
+            if old.name != name:
+                old.unlink()
+
+
+class _Replay:
+    def __init__(self, run: Run, ev: LossEvaluator, todo: list[int], out: Path, ckpt: _Checkpoint, tol: float,
+                 rtol: float, max_splits: int, first_order: bool, dense: bool, flush_every: int, progress: bool):
+        self.run, self.ev, self.out, self.ckpt = run, ev, out, ckpt
+        self.tol, self.rtol, self.max_splits, self.first_order = tol, rtol, max_splits, first_order
+        self.dense, self.flush_every, self.progress = dense, flush_every, progress
+        self.dev = ev.device
+        self.todo = [s for s in todo if ckpt.next_step is None or s >= ckpt.next_step]
+        self.total_steps = len(todo)
+        names = [s.name for s in run.manifest.params]
+        sizes = [s.numel for s in run.manifest.params]
+        self.tensor_ids = torch.repeat_interleave(torch.arange(len(names)), torch.tensor(sizes)).to(self.dev)
+        self.index = np.concatenate([np.arange(n) for n in sizes])
+        self.writer = FrameWriter(out, ev.loss_names, names, sizes)
+        L, P = len(ev.loss_names), sum(sizes)
+        self.totals = ckpt.totals or {"lca": torch.zeros(L, P, dtype=torch.float64),
+                                      "helped": torch.zeros(L, P, dtype=torch.int32), "n_steps": torch.zeros(1)}
+        self.totals = {k: v.to(self.dev) for k, v in self.totals.items()}
+        self.dense_buf: dict[str, torch.Tensor] = {}
+        self.evals = 0
+
+    def _states(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """Flat float64 states on the device, decoded one step ahead on a background thread."""
+        q: queue.Queue = queue.Queue(maxsize=2)
+        stop = self.todo[-1] + 1
+        pin = self.dev.type == "cuda"
+
+        def produce():
+            try:
+                for t, st in self.run.states(self.todo[0], stop + self.run.manifest.every):
+                    flat = torch.cat([v.reshape(-1).double() for v in st.values()])
+                    q.put((t, flat.pin_memory() if pin else flat))
+            except BaseException as e:  # surfaced in the consumer
+                q.put(e)
+            q.put(None)
+
+        threading.Thread(target=produce, daemon=True, name="replay-prefetch").start()
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            t, flat = item
+            yield t, flat.to(self.dev, non_blocking=True)
+
+    def _eval(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.evals += 1
+        return self.ev(theta)
+
+    def _allocate(self, th0: torch.Tensor, d: torch.Tensor, v0: torch.Tensor, g0: torch.Tensor, v1: torch.Tensor,
+                  g1: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """Simpson (refined until grounded) → (lca [L,P], splits, grounded [L])."""
+        dl = v1 - v0
+        if self.first_order:
+            lca = g0 * d
+            return lca, 1, is_grounded(dl - lca.sum(1), dl, self.tol, self.rtol)
+        n, ends = 2, g0 + g1
+        odd = self._eval(th0 + 0.5 * d)[1]
+        mid = torch.zeros_like(odd)
+        while True:
+            integral = simpson_integral(ends, odd, mid, n)  # [L,P]
+            ok = is_grounded(dl - integral @ d, dl, self.tol, self.rtol)
+            if n >= self.max_splits or bool(ok.all()):  # host sync: the refinement decision
+                return integral * d, n, ok
+            mid = mid + odd
+            odd = sum(self._eval(th0 + s * d)[1] for s in refine_points(n))
+            n *= 2
+
+    def execute(self) -> Frames:
+        if not self.todo:  # everything was computed before an interruption at the very end
+            return self._finish()
+        it = self._states()
+        t0, th0 = next(it)
+        v0, g0 = self._eval(th0)
+        done, started = 0, time.perf_counter()
+        last_print = 0.0
+        for t1, th1 in it:
+            d = th1 - th0
+            v1, g1 = self._eval(th1)
+            lca, splits, ok = self._allocate(th0, d, v0, g0, v1, g1)
+            helped = lca < 0
+            T = len(self.writer.tensor_names)
+            tl = torch.zeros(lca.shape[0], T, dtype=torch.float64, device=self.dev).index_add_(1, self.tensor_ids, lca)
+            th = torch.zeros(lca.shape[0], T, dtype=torch.float64, device=self.dev).index_add_(
+                1, self.tensor_ids, helped.double())
+            self.totals["lca"] += lca
+            self.totals["helped"] += helped.int()
+            self.totals["n_steps"] += 1
+            if self.dense:
+                self.dense_buf[str(t0)] = lca.cpu()
+            host = [x.cpu().numpy() for x in (v0, v1, lca.sum(1), ok, tl, th)]  # one sync per step
+            self.writer.add(t0, t1, host[0], host[1], host[2], splits, host[3], host[4], host[5])
+            done += 1
+            if len(self.writer) >= self.flush_every or t1 > self.todo[-1]:
+                self._flush(t1)
+            if self.progress and (time.perf_counter() - last_print > 0.5 or t1 > self.todo[-1]):
+                last_print = time.perf_counter()
+                _print_progress(done, len(self.todo), last_print - started)
+            if t1 > self.todo[-1]:
+                break
+            t0, th0, v0, g0 = t1, th1, v1, g1
+        if self.progress:
+            sys.stderr.write("\n")
+        return self._finish()
+
+    def _flush(self, next_step: int) -> None:
+        ck = self.ckpt
+        ck.parts += self.writer.flush(ck.seq)
+        if self.dense and self.dense_buf:
+            (self.out / "dense").mkdir(exist_ok=True)
+            rel = f"dense/part-{ck.seq:06d}.safetensors"
+            save_file(self.dense_buf, self.out / rel, metadata={"losses": json.dumps(self.ev.loss_names)})
+            ck.parts.append(rel)
+            self.dense_buf = {}
+        ck.seq += 1
+        ck.save(next_step, self.totals)
+
+    def _finish(self) -> Frames:
+        tot = {k: v.cpu() for k, v in self.totals.items()}
+        n_steps = int(tot["n_steps"].item())
+        self.writer.write_params(tot["lca"].numpy(), tot["helped"].numpy(), n_steps,
+                                 self.tensor_ids.cpu().numpy(), self.index)
+        write_meta(self.out, {"complete": True, "config": self.ckpt.config, "losses": self.ev.loss_names,
+                              "loss_sizes": self.ev.loss_sizes, "n_steps": n_steps,
+                              "tensors": self.writer.tensor_names, "run": str(self.run.path.resolve()),
+                              "grad_evals": self.evals})
+        for f in list(self.out.glob("totals-*.safetensors")) + [self.out / "progress.json"]:
+            f.unlink(missing_ok=True)
+        return load(self.out)
+
+
+def _print_progress(done: int, total: int, elapsed: float) -> None:
+    rate = done / max(elapsed, 1e-9)
+    eta = (total - done) / max(rate, 1e-9)
+    sys.stderr.write(f"\rreplay compute: {done}/{total} steps  {rate:.2f} steps/s  ETA {eta:,.0f}s   ")
+    sys.stderr.flush()

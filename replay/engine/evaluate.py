@@ -1,0 +1,126 @@
+"""Loss values and gradients of every requested loss at one θ, in one pass per data set.
+
+Examples are sorted by their group cell (the combination of all group keys in use) and
+batches never straddle cells, so each backward contributes to exactly one cell; at the end
+of a cell its gradient sum is added to every loss the cell belongs to (the data set's own
+loss, its class, its other groups). All per-class gradients together thus cost one pass,
+and the whole-set gradient is their sum — never a second pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from replay.errors import TaskError
+from replay.task import Task
+
+
+@dataclass
+class _DataPlan:
+    x: torch.Tensor
+    y: torch.Tensor
+    batches: list[tuple[int, int, int]]  # (start, stop, cell) in the sorted order
+    cell_losses: list[list[int]]  # cell -> indices of the losses it adds to
+
+
+class LossEvaluator:
+    """Evaluates `loss_names` and their gradients (float64, flat over `param_names`)."""
+
+    def __init__(self, task: Task, param_names: list[str], datasets: list[str], per_class: list[str],
+                 device: torch.device):
+        self.task, self.device = task, device
+        self.model = task.model.to(device)
+        params = dict(self.model.named_parameters())
+        self.params = [params[n] for n in param_names]
+        self.numels = [p.numel() for p in self.params]
+        self.loss_names: list[str] = []
+        self.loss_sizes: list[int] = []
+        self.plans = [self._plan(d, d in per_class) for d in datasets]
+        self.n_examples = torch.tensor(self.loss_sizes, dtype=torch.float64, device=device)
+        _set_deterministic_mode(self.model, task.batchnorm)
+
+    def _add_loss(self, name: str, size: int) -> int:
+        self.loss_names.append(name)
+        self.loss_sizes.append(size)
+        return len(self.loss_names) - 1
+
+    def _plan(self, name: str, per_class: bool) -> _DataPlan:
+        x, y = self.task.data[name]
+        n = len(y)
+        keys = dict(self.task.groups.get(name, {}))
+        if per_class:
+            if y.dtype.is_floating_point or y.dim() != 1:
+                raise TaskError(f"--per-class {name}: targets must be integer class labels, "
+                                f"got {y.dtype} {tuple(y.shape)}")
+            keys = {"class": y, **keys}
+        own = self._add_loss(name, n)
+        if keys:
+            cols = torch.stack([torch.as_tensor(k).reshape(n).long().cpu() for k in keys.values()], 1)  # [n, G]
+            cells, cell_of = torch.unique(cols, dim=0, return_inverse=True)  # cells [C, G], cell_of [n]
+            order = torch.sort(cell_of, stable=True).indices
+            x, y, cell_of = x[order], y[order], cell_of[order]
+            cell_losses = [[own] for _ in range(len(cells))]
+            for g, gname in enumerate(keys):
+                for v in torch.unique(cols[:, g]).tolist():
+                    idx = self._add_loss(f"{name}/{gname}={v}", int((cols[:, g] == v).sum()))
+                    for c in torch.nonzero(cells[:, g] == v).flatten().tolist():
+                        cell_losses[c].append(idx)
+            bounds = torch.nonzero(torch.diff(cell_of)).flatten().add(1).tolist()
+        else:
+            cell_of = torch.zeros(n, dtype=torch.long)
+            cell_losses, bounds = [[own]], []
+        bs = self.task.batch_size or n
+        batches = []
+        for a, b in zip([0] + bounds, bounds + [n], strict=True):
+            c = int(cell_of[a])
+            batches += [(s, min(s + bs, b), c) for s in range(a, b, bs)]
+        return _DataPlan(x.to(self.device), y.to(self.device), batches, cell_losses)
+
+    def load(self, theta: torch.Tensor) -> None:
+        """Write the flat float64 θ [P] into the model's parameters (cast to their dtypes)."""
+        with torch.no_grad():
+            for p, v in zip(self.params, torch.split(theta, self.numels), strict=True):
+                p.copy_(v.view(p.shape))
+
+    def flat_grad(self) -> torch.Tensor:
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
+                          for p in self.params])
+
+    def __call__(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Losses [L] and gradients [L, P] (float64) of every loss at θ: one pass over each data set."""
+        self.load(theta)
+        L, P = len(self.loss_names), sum(self.numels)
+        sums = torch.zeros(L, dtype=torch.float64, device=self.device)
+        grads = torch.zeros(L, P, dtype=torch.float64, device=self.device)
+        loss_fn = self.task.loss_fn
+        for plan in self.plans:
+            for p in self.params:
+                p.grad = None
+            cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+            for i, (a, b, c) in enumerate(plan.batches):
+                per_example = loss_fn(self.model(plan.x[a:b]), plan.y[a:b])  # [b-a], model dtype
+                total = per_example.sum()
+                total.backward()  # accumulates into p.grad across the cell's batches
+                cell_sum += total.detach().double()
+                if i + 1 == len(plan.batches) or plan.batches[i + 1][2] != c:  # end of cell
+                    g = self.flat_grad()
+                    for li in plan.cell_losses[c]:
+                        grads[li] += g
+                        sums[li] += cell_sum
+                    for p in self.params:
+                        p.grad = None
+                    cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        return sums / self.n_examples, grads / self.n_examples[:, None]
+
+
+def _set_deterministic_mode(model: nn.Module, batchnorm: str) -> None:
+    """Dropout off; batch-norm per the task's mode, never updating its buffers."""
+    model.eval()
+    if batchnorm == "batch":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+                m.track_running_stats = False  # batch statistics; running buffers left untouched

@@ -1,0 +1,150 @@
+"""Output frames: schema, incremental parquet parts, and `load()`.
+
+An lca dir holds `steps/`, `tensors/` (one parquet part per flush, so memory does not grow
+with the number of steps) and `params/` (totals over all steps, written at the end), plus
+`meta.json`. Column names and meanings are the contract of DESIGN.md; extra columns are
+additions. Negative LCA = the parameter helped (the loss went down).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from replay.errors import RunError
+from replay.store.manifest import write_atomic
+
+STEPS_SCHEMA = {
+    "step": pl.Int64, "loss": pl.String, "loss_before": pl.Float64, "loss_after": pl.Float64,
+    "delta_loss": pl.Float64, "lca": pl.Float64, "residual": pl.Float64, "splits": pl.Int32,
+    "frac_helped": pl.Float64,
+    # additions: the state the step ends at (t + every), and whether |residual| met the tolerance
+    "step_to": pl.Int64, "grounded": pl.Boolean,
+}
+TENSORS_SCHEMA = {
+    "step": pl.Int64, "loss": pl.String, "tensor": pl.String, "lca": pl.Float64,
+    "n_params": pl.Int64, "n_helped": pl.Int64,
+}
+PARAMS_SCHEMA = {
+    "loss": pl.String, "tensor": pl.String, "index": pl.Int64, "lca": pl.Float64,
+    "n_helped": pl.Int64, "n_steps": pl.Int64,
+}
+
+
+@dataclass
+class Frames:
+    """The three frames of an lca dir, as polars LazyFrames, and its meta.json."""
+
+    path: Path
+    steps: pl.LazyFrame
+    tensors: pl.LazyFrame
+    params: pl.LazyFrame
+    meta: dict
+
+    def __repr__(self) -> str:
+        return f"Frames({str(self.path)!r}, losses={self.meta.get('losses')}, steps={self.meta.get('n_steps')})"
+
+
+def load(path: str | Path) -> Frames:
+    """Open an lca dir written by `compute` (lazily: nothing is read until collected)."""
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.is_file() and (path / "progress.json").is_file():
+        raise RunError(f"{path}: the computation did not finish; run the same `replay compute` again to resume it")
+    if not meta_path.is_file():
+        raise RunError(f"{path}: not an lca dir (no meta.json); write one with `replay compute RUN --out {path}`")
+    meta = json.loads(meta_path.read_text())
+    if not meta.get("complete"):
+        raise RunError(f"{path}: the computation did not finish; run `replay compute` again to resume it")
+
+    def scan(name: str, schema: dict) -> pl.LazyFrame:
+        files = sorted((path / name).glob("*.parquet"))
+        return pl.scan_parquet(files) if files else pl.LazyFrame(schema=schema)
+
+    return Frames(path, scan("steps", STEPS_SCHEMA), scan("tensors", TENSORS_SCHEMA),
+                  scan("params", PARAMS_SCHEMA), meta)
+
+
+class FrameWriter:
+    """Buffers per-step rows and writes them as numbered parquet parts."""
+
+    def __init__(self, out: Path, loss_names: list[str], tensor_names: list[str], tensor_sizes: list[int],
+                 prefix: str = "part"):
+        self.out, self.prefix = out, prefix
+        self.loss_names, self.tensor_names = loss_names, tensor_names
+        self.tensor_sizes = np.asarray(tensor_sizes, dtype=np.int64)
+        for d in ("steps", "tensors", "params"):
+            (out / d).mkdir(parents=True, exist_ok=True)
+        self._steps: list[dict] = []
+        self._tensors: list[tuple[int, np.ndarray, np.ndarray]] = []
+
+    def add(self, step: int, step_to: int, before: np.ndarray, after: np.ndarray, lca: np.ndarray,
+            splits: int, grounded: np.ndarray, tensor_lca: np.ndarray, tensor_helped: np.ndarray) -> None:
+        """One step: per-loss arrays [L] and per-loss per-tensor arrays [L, T] (already on the host)."""
+        frac = tensor_helped.sum(1) / self.tensor_sizes.sum()
+        self._steps.append({"step": step, "step_to": step_to, "before": before, "after": after, "lca": lca,
+                            "splits": splits, "grounded": grounded, "frac": frac})
+        self._tensors.append((step, tensor_lca, tensor_helped))
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def flush(self, seq: int) -> list[str]:
+        """Write the buffered rows as part `seq`; returns the files written (relative)."""
+        if not self._steps:
+            return []
+        L, T = len(self.loss_names), len(self.tensor_names)
+        s = self._steps
+        col = lambda k: np.concatenate([r[k] for r in s])  # noqa: E731
+        before, after, lca = col("before"), col("after"), col("lca")
+        steps = pl.DataFrame({
+            "step": np.repeat([r["step"] for r in s], L), "loss": self.loss_names * len(s),
+            "loss_before": before, "loss_after": after, "delta_loss": after - before, "lca": lca,
+            "residual": (after - before) - lca, "splits": np.repeat([r["splits"] for r in s], L),
+            "frac_helped": col("frac"), "step_to": np.repeat([r["step_to"] for r in s], L),
+            "grounded": col("grounded"),
+        }, schema=STEPS_SCHEMA)
+        n = len(self._tensors)
+        tensors = pl.DataFrame({
+            "step": np.repeat([t for t, _, _ in self._tensors], L * T),
+            "loss": np.tile(np.repeat(np.array(self.loss_names, dtype=object), T), n),
+            "tensor": np.tile(np.array(self.tensor_names, dtype=object), L * n),
+            "lca": np.concatenate([a.reshape(-1) for _, a, _ in self._tensors]),
+            "n_params": np.tile(self.tensor_sizes, L * n),
+            "n_helped": np.concatenate([h.reshape(-1) for _, _, h in self._tensors]).astype(np.int64),
+        }, schema=TENSORS_SCHEMA)
+        files = []
+        for name, df in (("steps", steps), ("tensors", tensors)):
+            rel = f"{name}/{self.prefix}-{seq:06d}.parquet"
+            _write_parquet(df, self.out / rel)
+            files.append(rel)
+        self._steps, self._tensors = [], []
+        return files
+
+    def write_params(self, lca: np.ndarray, helped: np.ndarray, n_steps: int, tensor_ids: np.ndarray,
+                     index: np.ndarray) -> str:
+        """Totals over steps: lca [L, P] float64, helped [L, P] counts."""
+        L, P = lca.shape
+        df = pl.DataFrame({
+            "loss": np.repeat(np.array(self.loss_names, dtype=object), P),
+            "tensor": np.tile(np.array(self.tensor_names, dtype=object)[tensor_ids], L),
+            "index": np.tile(index, L), "lca": lca.reshape(-1),
+            "n_helped": helped.reshape(-1).astype(np.int64), "n_steps": np.full(L * P, n_steps, dtype=np.int64),
+        }, schema=PARAMS_SCHEMA)
+        rel = f"params/{self.prefix}.parquet"
+        _write_parquet(df, self.out / rel)
+        return rel
+
+
+def _write_parquet(df: pl.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.write_parquet(tmp)
+    tmp.replace(path)
+
+
+def write_meta(out: Path, meta: dict) -> None:
+    write_atomic(out / "meta.json", json.dumps(meta, indent=1).encode())

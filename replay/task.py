@@ -1,0 +1,108 @@
+"""Task: how replay rebuilds the model and the named losses of a run.
+
+A task is `module:function` returning `Task(model, data, ...)`. The loss of a data set is
+the mean of `loss_fn`'s per-example losses over it — a deterministic function of θ alone,
+which is what makes every step's allocation checkable against the real loss change.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from replay.errors import TaskError
+
+BATCHNORM_MODES = ("batch", "running")
+
+
+def cross_entropy_per_example(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+@dataclass
+class Task:
+    """The model architecture and the data of each named loss.
+
+    - `data`: `{name: (inputs, targets)}` tensors, or `{name: Dataset}` of (input, target) pairs.
+    - `loss_fn(outputs, targets)` → per-example losses (default: cross-entropy).
+    - `batch_size`: evaluation chunking (memory only, except through batch-norm batch statistics).
+    - `groups`: `{data_name: {group_name: per-example keys}}`; each key value k gives a loss
+      `"{data_name}/{group_name}={k}"` (per-class losses are the group "class" of the targets).
+    - `batchnorm`: "batch" — batch statistics of each evaluation batch (as the LCA paper), the
+      running buffers never touched; "running" — eval mode with fixed running statistics (the
+      model's own, or the last recorded buffers when the run recorded them).
+    """
+
+    model: nn.Module
+    data: Mapping[str, object]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    batch_size: int | None = None
+    groups: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)
+    batchnorm: str = "batch"
+
+    def __post_init__(self):
+        if not isinstance(self.model, nn.Module):
+            raise TaskError(f"Task.model: expected a torch.nn.Module, got {type(self.model).__name__}")
+        if not isinstance(self.data, Mapping) or not self.data:
+            raise TaskError("Task.data: expected a non-empty {loss_name: (inputs, targets)} mapping")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise TaskError(f"Task.batch_size: expected a positive integer, got {self.batch_size!r}")
+        if self.batchnorm not in BATCHNORM_MODES:
+            raise TaskError(f"Task.batchnorm: expected one of {BATCHNORM_MODES}, got {self.batchnorm!r}")
+        self.loss_fn = self.loss_fn or cross_entropy_per_example
+        self.data = {name: _as_tensors(name, d) for name, d in self.data.items()}
+        for name, gs in self.groups.items():
+            if name not in self.data:
+                raise TaskError(f"Task.groups: {name!r} is not a data set (have {sorted(self.data)})")
+            n = len(self.data[name][1])
+            for g, keys in gs.items():
+                if len(keys) != n:
+                    raise TaskError(f"Task.groups[{name!r}][{g!r}]: {len(keys)} keys for {n} examples")
+
+
+def _as_tensors(name: str, d: object) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(d, torch.utils.data.Dataset):
+        pairs = [d[i] for i in range(len(d))]  # type: ignore[arg-type]
+        if not pairs:
+            raise TaskError(f"Task.data[{name!r}]: the data set is empty; a loss needs at least one example")
+        xs, ys = zip(*pairs, strict=True)
+        d = (torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(ys))
+    if not (isinstance(d, tuple | list) and len(d) == 2):
+        raise TaskError(f"Task.data[{name!r}]: expected (inputs, targets) tensors or a Dataset")
+    x, y = d
+    if len(x) == 0:
+        raise TaskError(f"Task.data[{name!r}]: the data set is empty; a loss needs at least one example")
+    if len(x) != len(y):
+        raise TaskError(f"Task.data[{name!r}]: {len(x)} inputs but {len(y)} targets")
+    return x, y
+
+
+def load_task(spec: str | Task, run_dir: Path | None = None) -> Task:
+    """Import `module:function` and call it; the run's directory and its parent are importable."""
+    if isinstance(spec, Task):
+        return spec
+    if not isinstance(spec, str) or ":" not in spec:
+        raise TaskError(f"task {spec!r}: expected 'module:function' (e.g. my.tasks:digits)")
+    mod_name, fn_name = spec.split(":", 1)
+    extra = [str(Path.cwd())] + ([str(run_dir.resolve().parent)] if run_dir is not None else [])
+    for p in extra:
+        if p not in sys.path:
+            sys.path.append(p)
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise TaskError(f"task {spec!r}: cannot import {mod_name!r} ({e}); run from the directory that holds it "
+                        f"or put it on PYTHONPATH") from None
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise TaskError(f"task {spec!r}: {mod_name} has no function {fn_name!r}")
+    task = fn()
+    if not isinstance(task, Task):
+        raise TaskError(f"task {spec!r}: returned {type(task).__name__}, expected replay.Task")
+    return task

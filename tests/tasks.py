@@ -1,0 +1,63 @@
+"""Tasks used by the tests (importable as `tasks:NAME` with tests/ on sys.path)."""
+
+import torch
+from torch import nn
+
+import replay
+
+P = 12
+
+
+class Scale(nn.Module):
+    """out = x ⊙ w: with a separable loss, parameter j's share of any loss change is exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(-1, 1, P, dtype=torch.float64))
+        self.b = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.cat([x[:, :P] * self.w, x[:, P:] * self.b], 1)
+
+
+def quartic(out, y):
+    r = out - y
+    return (0.25 * r**4 - 0.5 * r**3 + r**2 + 0.3 * r).sum(1)
+
+
+def poly_data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(40, P + 3, generator=g, dtype=torch.float64), torch.randn(40, P + 3, generator=g,
+                                                                                  dtype=torch.float64)
+
+
+def poly():
+    return replay.Task(Scale(), {"train": poly_data()}, loss_fn=quartic, batch_size=16)
+
+
+class BNDropNet(nn.Module):
+    """Batch-norm and dropout: replay must still see a deterministic function of θ."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3),
+                                 nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def bn_drop():
+    from replay.digits import load_digits_tensors
+
+    return replay.Task(BNDropNet(), load_digits_tensors(), batch_size=256)
+
+
+def digits_grouped():
+    """digits with a user grouping: even vs odd digits."""
+    from replay.digits import digits
+
+    t = digits()
+    t.groups = {"train": {"parity": t.data["train"][1] % 2}}
+    return t

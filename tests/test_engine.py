@@ -1,0 +1,201 @@
+"""The replay engine: analytic exactness, groundedness on real data, identities, resume."""
+
+import numpy as np
+import polars as pl
+import pytest
+import tasks
+import torch
+from polars.testing import assert_frame_equal
+from safetensors.torch import load_file
+
+import replay
+from replay.digits import digits_mlp, train_digits
+from replay.engine.simpson import is_grounded, refine_points, simpson_integral
+from replay.errors import ReplayError, TaskError
+
+
+def record_poly(path, steps=5, scale=0.3):
+    m = tasks.Scale()
+    g = torch.Generator().manual_seed(1)
+    with replay.Recorder(m, path, task="tasks:poly") as rec:
+        for _ in range(steps):
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+            rec.capture()
+    return replay.open_run(path)
+
+
+def per_param_terms(state):
+    """The quartic loss is separable: parameter j owns the term mean_b f(x_bj·w_j − y_bj)."""
+    x, y = tasks.poly_data()
+    r = x * torch.cat([state["w"], state["b"]]) - y
+    return (0.25 * r**4 - 0.5 * r**3 + r**2 + 0.3 * r).mean(0)
+
+
+def test_simpson_pure_functions():
+    # ∫₀¹ s³ ds = 1/4 with n=2 (exact for cubics); points of the refinement
+    g = lambda s: torch.tensor([s**3])  # noqa: E731
+    assert simpson_integral(g(0) + g(1), g(0.5), torch.zeros(1), 2).item() == pytest.approx(0.25, abs=1e-15)
+    assert refine_points(2) == [0.25, 0.75]
+    assert is_grounded(torch.tensor([1e-5, -2e-4]), torch.tensor([1.0, 1.0]), 1e-4, 0.0).tolist() == [True, False]
+    assert is_grounded(torch.tensor([-2e-4]), torch.tensor([1.0]), 1e-4, 1e-3).tolist() == [True]
+
+
+def test_quartic_loss_matches_analytic_allocation_per_step(tmp_path):
+    run = record_poly(tmp_path / "run")
+    fr = replay.compute(run, dense=True, out=tmp_path / "lca")
+    steps = fr.steps.collect()
+    assert steps["splits"].to_list() == [2] * 5, "Simpson is exact for degree 4: no refinement"
+    assert steps["residual"].abs().max() < 1e-10
+    dense = {}
+    for f in sorted((tmp_path / "lca" / "dense").glob("*.safetensors")):
+        dense.update(load_file(f))
+    for t in range(5):
+        expected = per_param_terms(run.state(t + 1)) - per_param_terms(run.state(t))
+        max_diff = (dense[str(t)][0] - expected).abs().max().item()
+        assert max_diff < 1e-10, f"step {t}: max_diff {max_diff:.3e}"
+    total = per_param_terms(run.state(5)) - per_param_terms(run.state(0))
+    got = torch.tensor(fr.params.sort("tensor", "index", descending=[True, False]).collect()["lca"].to_numpy())
+    assert (got - total).abs().max().item() < 1e-10
+
+
+def test_first_order_is_the_plain_gradient_product(tmp_path):
+    run = record_poly(tmp_path / "run", steps=2)
+    fr = replay.compute(run, first_order=True, out=tmp_path / "fo")
+    steps = fr.steps.collect()
+    assert steps["splits"].to_list() == [1, 1]
+    x, y = tasks.poly_data()
+    st0, st1 = run.state(0), run.state(1)
+    w = torch.cat([st0["w"], st0["b"]]).requires_grad_(True)
+    torch.autograd.grad(tasks.quartic(x * w, y).mean(), w)
+    g0 = torch.autograd.grad(tasks.quartic(x * w, y).mean(), w)[0]
+    expected = (g0 * (torch.cat([st1["w"], st1["b"]]) - w.detach())).sum().item()
+    assert steps["lca"][0] == pytest.approx(expected, rel=1e-12)
+    assert steps["residual"].abs().max() > 1e-3, "first order is not grounded on big steps"
+
+
+def test_refinement_and_cap_are_reported(tmp_path):
+    run = record_poly(tmp_path / "run", steps=3, scale=0.5)
+    cos_task = replay.Task(tasks.Scale(), {"train": tasks.poly_data()},
+                           loss_fn=lambda o, y: torch.cos(3 * (o - y)).sum(1))
+    fr = replay.compute(run, task=cos_task, tol=1e-7, max_splits=256, out=tmp_path / "a")
+    s = fr.steps.collect()
+    assert (s["splits"] > 2).all() and s["grounded"].all() and s["residual"].abs().max() <= 1e-7
+    capped = replay.compute(run, task=cos_task, tol=1e-12, max_splits=2, out=tmp_path / "b").steps.collect()
+    assert capped["splits"].to_list() == [2, 2, 2] and not capped["grounded"].any()
+    assert capped["residual"].abs().max() > 1e-12
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("digits") / "run"
+    train_digits(digits_mlp(), str(path), epochs=1)
+    return path
+
+
+def test_digits_grounded_and_per_class_identity(digits_run, tmp_path):
+    fr = replay.compute(digits_run, ["train", "val"], per_class=["train"], tol=1e-4, out=tmp_path / "lca")
+    steps = fr.steps.collect()
+    n_steps = len(replay.open_run(digits_run).steps) - 1
+    assert len(steps) == n_steps * 12
+    assert steps["grounded"].all(), steps.filter(~pl.col("grounded"))
+    assert steps["residual"].abs().max() <= 1e-4
+    # Σ_k (n_k/n)·LCA_k = LCA_train, per step and per parameter
+    sizes = dict(zip(fr.meta["losses"], fr.meta["loss_sizes"], strict=True))
+    weighted = (steps.filter(pl.col("loss").str.starts_with("train/class="))
+                .with_columns(w=pl.col("lca") * pl.col("loss").replace_strict(sizes, return_dtype=pl.Float64)
+                              / sizes["train"])
+                .group_by("step").agg(pl.col("w").sum()).sort("step"))
+    train = steps.filter(pl.col("loss") == "train").sort("step")
+    np.testing.assert_allclose(weighted["w"].to_numpy(), train["lca"].to_numpy(), rtol=1e-9, atol=1e-12)
+    # params totals = Σ over steps of tensors, for each tensor and loss
+    p = fr.params.group_by("loss", "tensor").agg(pl.col("lca").sum()).sort("loss", "tensor").collect()
+    t = fr.tensors.group_by("loss", "tensor").agg(pl.col("lca").sum()).sort("loss", "tensor").collect()
+    np.testing.assert_allclose(p["lca"].to_numpy(), t["lca"].to_numpy(), rtol=1e-9, atol=1e-12)
+    # frac_helped = Σ n_helped / Σ n_params
+    f = fr.tensors.group_by("step", "loss").agg(pl.col("n_helped").sum() / pl.col("n_params").sum())
+    j = steps.join(f.collect(), on=["step", "loss"])
+    np.testing.assert_allclose(j["frac_helped"].to_numpy(), j["n_helped"].to_numpy())
+
+
+def test_user_groups_one_pass(digits_run, tmp_path):
+    fr = replay.compute(digits_run, ["train"], task="tasks:digits_grouped", out=tmp_path / "g")
+    assert fr.meta["losses"] == ["train", "train/parity=0", "train/parity=1"]
+    s = fr.steps.collect()
+    assert s["grounded"].all()
+    n_steps = fr.meta["n_steps"]
+    assert fr.meta["grad_evals"] < 4 * (n_steps + 1), "groups must not cost extra passes"
+
+
+def test_batchnorm_and_dropout_model_is_grounded(tmp_path):
+    model = tasks.BNDropNet()
+    train_digits(model, str(tmp_path / "run"), epochs=1, batch=64, task="tasks:bn_drop", buffers=True)
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    fr = replay.compute(tmp_path / "run", ["train", "val"], tol=1e-4)
+    s = fr.steps.collect()
+    assert s["grounded"].all() and s["residual"].abs().max() <= 1e-4
+    assert all(torch.equal(before[n], b) for n, b in model.named_buffers())
+    fr2 = replay.compute(tmp_path / "run", ["val"], task=_running_bn(), out=tmp_path / "running")
+    assert fr2.steps.collect()["grounded"].all()
+
+
+def _running_bn():
+    t = tasks.bn_drop()
+    t.batchnorm = "running"
+    return t
+
+
+def test_resume_after_interruption_gives_identical_frames(digits_run, tmp_path):
+    full = replay.compute(digits_run, ["train"], per_class=["train"], out=tmp_path / "full", flush_every=5)
+    calls = {"n": 0}
+    base = replay.digits.digits()
+
+    def flaky(out, y):
+        calls["n"] += 1
+        if calls["n"] == 300:  # 10 class batches per evaluation: ~30 evaluations, past a few flushes
+            raise KeyboardInterrupt  # the user pressed Ctrl-C mid-compute
+        return torch.nn.functional.cross_entropy(out, y, reduction="none")
+
+    interrupted = replay.Task(base.model, base.data, loss_fn=flaky)
+    with pytest.raises(KeyboardInterrupt):
+        replay.compute(digits_run, ["train"], per_class=["train"], task=interrupted, out=tmp_path / "r",
+                       flush_every=5)
+    assert (tmp_path / "r" / "progress.json").exists()
+    with pytest.raises(ReplayError, match="did not finish"):
+        replay.load(tmp_path / "r")
+    before = calls["n"]
+    resumed = replay.compute(digits_run, ["train"], per_class=["train"], task=interrupted, out=tmp_path / "r",
+                             flush_every=5)
+    full_calls = full.meta["grad_evals"] * 10
+    assert calls["n"] - before < full_calls - 100, "resume must skip the flushed steps, not recompute them"
+    for name in ("steps", "tensors", "params"):
+        a = getattr(full, name).sort(pl.all()).collect()
+        b = getattr(resumed, name).sort(pl.all()).collect()
+        assert_frame_equal(a, b, check_exact=False, rel_tol=1e-12)
+
+
+def test_bad_input_is_one_clear_error(digits_run, tmp_path):
+    with pytest.raises(TaskError, match=r"unknown loss 'test': the task's data sets are \['train', 'val'\]"):
+        replay.compute(digits_run, ["test"])
+    with pytest.raises(TaskError, match="cannot import 'no_such_module'"):
+        replay.compute(digits_run, task="no_such_module:task")
+    with pytest.raises(TaskError, match=r"parameter '0.weight': the task's model has shape \(16, 64\)"):
+        replay.compute(digits_run, task=replay.Task(digits_mlp(hidden=16), replay.digits.load_digits_tensors()))
+    with pytest.raises(TaskError, match="empty"):
+        replay.Task(digits_mlp(), {"train": (torch.zeros(0, 64), torch.zeros(0, dtype=torch.long))})
+    with pytest.raises(ReplayError, match="other settings"):
+        replay.compute(digits_run, ["train"], out=tmp_path / "x")
+        replay.compute(digits_run, ["val"], out=tmp_path / "x")
+
+
+def test_frames_schema_is_the_contract(digits_run, tmp_path):
+    fr = replay.compute(digits_run, ["val"], out=tmp_path / "lca")
+    assert fr.steps.collect_schema().names()[:9] == ["step", "loss", "loss_before", "loss_after", "delta_loss",
+                                                     "lca", "residual", "splits", "frac_helped"]
+    assert fr.tensors.collect_schema().names() == ["step", "loss", "tensor", "lca", "n_params", "n_helped"]
+    assert fr.params.collect_schema().names() == ["loss", "tensor", "index", "lca", "n_helped", "n_steps"]
+    for lf in (fr.steps, fr.tensors, fr.params):
+        assert lf.collect_schema()["lca"] == pl.Float64
+    again = replay.load(tmp_path / "lca")
+    assert_frame_equal(again.steps.collect(), fr.steps.collect())
