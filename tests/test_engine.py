@@ -108,7 +108,8 @@ def test_digits_grounded_and_per_class_identity(digits_run, tmp_path):
                               / sizes["train"])
                 .group_by("step").agg(pl.col("w").sum()).sort("step"))
     train = steps.filter(pl.col("loss") == "train").sort("step")
-    np.testing.assert_allclose(weighted["w"].to_numpy(), train["lca"].to_numpy(), rtol=1e-9, atol=1e-12)
+    # gradients are float32 (the model's dtype), so the identity holds to float32 rounding
+    np.testing.assert_allclose(weighted["w"].to_numpy(), train["lca"].to_numpy(), rtol=1e-6, atol=1e-9)
     # params totals = Σ over steps of tensors, for each tensor and loss
     p = fr.params.group_by("loss", "tensor").agg(pl.col("lca").sum()).sort("loss", "tensor").collect()
     t = fr.tensors.group_by("loss", "tensor").agg(pl.col("lca").sum()).sort("loss", "tensor").collect()

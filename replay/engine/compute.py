@@ -161,7 +161,8 @@ class _Replay:
         self.total_steps = len(todo)
         names = [s.name for s in run.manifest.params]
         sizes = [s.numel for s in run.manifest.params]
-        self.tensor_ids = torch.repeat_interleave(torch.arange(len(names)), torch.tensor(sizes)).to(self.dev)
+        self.sizes = sizes
+        self.tensor_ids = torch.repeat_interleave(torch.arange(len(names)), torch.tensor(sizes))
         self.index = np.concatenate([np.arange(n) for n in sizes])
         self.writer = FrameWriter(out, ev.loss_names, names, sizes)
         L, P = len(ev.loss_names), sum(sizes)
@@ -169,19 +170,31 @@ class _Replay:
                                       "helped": torch.zeros(L, P, dtype=torch.int32), "n_steps": torch.zeros(1)}
         self.totals = {k: v.to(self.dev) for k, v in self.totals.items()}
         self.dense_buf: dict[str, torch.Tensor] = {}
+        # [L,P] work buffers in the model's dtype (totals are float64): the two endpoint gradients
+        # (swapped each step), Simpson's odd and interior-even sums, a refinement scratch, the allocation
+        self.buf = {k: torch.empty(L, P, dtype=ev.grad_dtype, device=self.dev)
+                    for k in ("g_a", "g_b", "odd", "mid", "tmp", "lca")}
         self.evals = 0
 
     def _states(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """Flat float64 states on the device, decoded one step ahead on a background thread."""
+        """Flat float64 states [P] on the device, in order.
+
+        CUDA: decoded one step ahead on a background thread into pinned memory, copied
+        non-blocking, so reading overlaps the GPU's work. CPU: decoded inline — there is
+        nothing to overlap, and torch ops on a second thread start a second OpenMP team that
+        competes with the gradients (measured: 2x slower replay on 2 cores).
+        """
+        flat_states = ((t, torch.cat([v.reshape(-1).double() for v in st.values()]))
+                       for t, st in self.run.states(self.todo[0], self.todo[-1] + 1 + self.run.manifest.every))
+        if self.dev.type != "cuda":
+            yield from flat_states
+            return
         q: queue.Queue = queue.Queue(maxsize=2)
-        stop = self.todo[-1] + 1
-        pin = self.dev.type == "cuda"
 
         def produce():
             try:
-                for t, st in self.run.states(self.todo[0], stop + self.run.manifest.every):
-                    flat = torch.cat([v.reshape(-1).double() for v in st.values()])
-                    q.put((t, flat.pin_memory() if pin else flat))
+                for t, flat in flat_states:
+                    q.put((t, flat.pin_memory()))
             except BaseException as e:  # surfaced in the consumer
                 q.put(e)
             q.put(None)
@@ -193,27 +206,41 @@ class _Replay:
             t, flat = item
             yield t, flat.to(self.dev, non_blocking=True)
 
-    def _eval(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _eval(self, theta: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.evals += 1
-        return self.ev(theta)
+        return self.ev(theta, out)
 
     def _allocate(self, th0: torch.Tensor, d: torch.Tensor, v0: torch.Tensor, g0: torch.Tensor, v1: torch.Tensor,
                   g1: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
-        """Simpson (refined until grounded) → (lca [L,P], splits, grounded [L])."""
+        """Simpson (refined until grounded) → (lca [L,P], splits, grounded [L]).
+
+        The refinement test needs only ΣLCA = (E·Δθ + 4·O·Δθ + 2·M·Δθ)/(3n): projections
+        [L] of each gradient on Δθ, so the [L,P] allocation is formed once, at the end, in a
+        preallocated buffer (like every [L,P] here: fresh ones cost page faults).
+        """
         dl = v1 - v0
+        lca = self.buf["lca"]
+        d = d.to(lca.dtype)  # Δθ is exact in float64; the products run in the gradients' dtype
         if self.first_order:
-            lca = g0 * d
-            return lca, 1, is_grounded(dl - lca.sum(1), dl, self.tol, self.rtol)
-        n, ends = 2, g0 + g1
-        odd = self._eval(th0 + 0.5 * d)[1]
-        mid = torch.zeros_like(odd)
+            torch.mul(g0, d, out=lca)
+            return lca, 1, is_grounded(dl - lca.sum(1, dtype=torch.float64), dl, self.tol, self.rtol)
+        n = 2
+        odd, mid, tmp = self.buf["odd"], self.buf["mid"].zero_(), self.buf["tmp"]
+        self._eval(th0 + 0.5 * d, odd)
+        proj = lambda g: (g @ d).double()  # noqa: E731  [L]: a gradient's projection on Δθ
+        ends_d, odd_d, mid_d = proj(g0) + proj(g1), proj(odd), torch.zeros_like(dl)
         while True:
-            integral = simpson_integral(ends, odd, mid, n)  # [L,P]
-            ok = is_grounded(dl - integral @ d, dl, self.tol, self.rtol)
+            ok = is_grounded(dl - simpson_integral(ends_d, odd_d, mid_d, n), dl, self.tol, self.rtol)
             if n >= self.max_splits or bool(ok.all()):  # host sync: the refinement decision
-                return integral * d, n, ok
-            mid = mid + odd
-            odd = sum(self._eval(th0 + s * d)[1] for s in refine_points(n))
+                torch.add(g0, g1, out=lca).add_(odd, alpha=4.0).add_(mid, alpha=2.0)  # E + 4·O + 2·M
+                return lca.mul_(d).div_(3.0 * n), n, ok
+            mid += odd
+            mid_d += odd_d
+            for j, s in enumerate(refine_points(n)):
+                self._eval(th0 + s * d, odd if j == 0 else tmp)
+                if j:
+                    odd += tmp
+            odd_d = proj(odd)
             n *= 2
 
     def execute(self) -> Frames:
@@ -221,24 +248,22 @@ class _Replay:
             return self._finish()
         it = self._states()
         t0, th0 = next(it)
-        v0, g0 = self._eval(th0)
+        v0, g0 = self._eval(th0, self.buf["g_a"])
         done, started = 0, time.perf_counter()
         last_print = 0.0
         for t1, th1 in it:
             d = th1 - th0
-            v1, g1 = self._eval(th1)
+            v1, g1 = self._eval(th1, self.buf["g_b" if g0 is self.buf["g_a"] else "g_a"])
             lca, splits, ok = self._allocate(th0, d, v0, g0, v1, g1)
             helped = lca < 0
-            T = len(self.writer.tensor_names)
-            tl = torch.zeros(lca.shape[0], T, dtype=torch.float64, device=self.dev).index_add_(1, self.tensor_ids, lca)
-            th = torch.zeros(lca.shape[0], T, dtype=torch.float64, device=self.dev).index_add_(
-                1, self.tensor_ids, helped.double())
+            tl = torch.stack([c.sum(1, dtype=torch.float64) for c in lca.split(self.sizes, 1)], 1)  # [L,T]
+            th = torch.stack([c.sum(1) for c in helped.split(self.sizes, 1)], 1)
             self.totals["lca"] += lca
-            self.totals["helped"] += helped.int()
+            self.totals["helped"] += helped
             self.totals["n_steps"] += 1
             if self.dense:
-                self.dense_buf[str(t0)] = lca.cpu()
-            host = [x.cpu().numpy() for x in (v0, v1, lca.sum(1), ok, tl, th)]  # one sync per step
+                self.dense_buf[str(t0)] = lca.to("cpu", torch.float64, copy=True)
+            host = [x.cpu().numpy() for x in (v0, v1, tl.sum(1), ok, tl, th)]  # one sync per step
             self.writer.add(t0, t1, host[0], host[1], host[2], splits, host[3], host[4], host[5])
             done += 1
             if len(self.writer) >= self.flush_every or t1 > self.todo[-1]:
@@ -269,7 +294,7 @@ class _Replay:
         tot = {k: v.cpu() for k, v in self.totals.items()}
         n_steps = int(tot["n_steps"].item())
         self.writer.write_params(tot["lca"].numpy(), tot["helped"].numpy(), n_steps,
-                                 self.tensor_ids.cpu().numpy(), self.index)
+                                 self.tensor_ids.numpy(), self.index)
         write_meta(self.out, {"complete": True, "config": self.ckpt.config, "losses": self.ev.loss_names,
                               "loss_sizes": self.ev.loss_sizes, "n_steps": n_steps,
                               "tensors": self.writer.tensor_names, "run": str(self.run.path.resolve()),

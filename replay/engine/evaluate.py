@@ -40,6 +40,10 @@ class LossEvaluator:
         self.loss_sizes: list[int] = []
         self.plans = [self._plan(d, d in per_class) for d in datasets]
         self.n_examples = torch.tensor(self.loss_sizes, dtype=torch.float64, device=device)
+        self.inv_sizes = [1.0 / n for n in self.loss_sizes]
+        # gradients are computed in the model's dtype and kept in it (the widest, if mixed);
+        # loss values and LCA totals are accumulated in float64 by the caller
+        self.grad_dtype = max((p.dtype for p in self.params), key=lambda d: d.itemsize)
         _set_deterministic_mode(self.model, task.batchnorm)
 
     def _add_loss(self, name: str, size: int) -> int:
@@ -85,16 +89,17 @@ class LossEvaluator:
             for p, v in zip(self.params, torch.split(theta, self.numels), strict=True):
                 p.copy_(v.view(p.shape))
 
-    def flat_grad(self) -> torch.Tensor:
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
-                          for p in self.params])
+    def __call__(self, theta: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Losses [L] (float64) and gradients [L, P] (model dtype) of every loss at θ: one pass per data set.
 
-    def __call__(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Losses [L] and gradients [L, P] (float64) of every loss at θ: one pass over each data set."""
+        `out` [L, P] is overwritten when given: preallocated buffers spare the page faults of
+        a fresh multi-megabyte tensor per evaluation.
+        """
         self.load(theta)
         L, P = len(self.loss_names), sum(self.numels)
         sums = torch.zeros(L, dtype=torch.float64, device=self.device)
-        grads = torch.zeros(L, P, dtype=torch.float64, device=self.device)
+        grads = out.zero_() if out is not None else torch.zeros(L, P, dtype=self.grad_dtype, device=self.device)
+        blocks = grads.split(self.numels, 1)  # views [L, n_i], one per parameter
         loss_fn = self.task.loss_fn
         for plan in self.plans:
             for p in self.params:
@@ -106,14 +111,15 @@ class LossEvaluator:
                 total.backward()  # accumulates into p.grad across the cell's batches
                 cell_sum += total.detach().double()
                 if i + 1 == len(plan.batches) or plan.batches[i + 1][2] != c:  # end of cell
-                    g = self.flat_grad()
                     for li in plan.cell_losses[c]:
-                        grads[li] += g
                         sums[li] += cell_sum
+                        for blk, p in zip(blocks, self.params, strict=True):
+                            if p.grad is not None:  # scaled to a mean
+                                blk[li].add_(p.grad.reshape(-1), alpha=self.inv_sizes[li])
                     for p in self.params:
                         p.grad = None
                     cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        return sums / self.n_examples, grads / self.n_examples[:, None]
+        return sums / self.n_examples, grads
 
 
 def _set_deterministic_mode(model: nn.Module, batchnorm: str) -> None:
