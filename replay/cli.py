@@ -108,6 +108,42 @@ def compute(
     typer.echo(f"next: replay summary {fr.path}   or in Python: replay.load({str(fr.path)!r})")
 
 
+LcaArg = Annotated[Path, typer.Argument(help="lca dir written by replay compute")]
+
+
+@app.command()
+def summary(lca: LcaArg) -> None:
+    """The LCA paper's analyses of an lca dir, as tables (headline numbers first)."""
+    from replay.frames import load
+    from replay.report import print_summary
+
+    try:
+        print_summary(load(lca))
+    except ReplayError as e:
+        raise _fail(e) from None
+
+
+@app.command()
+def demo(out: Annotated[Path, typer.Option(help="where to write the run and its lca dir")] = Path("replay-demo"),
+         epochs: Annotated[int, typer.Option(help="training epochs over digits (44 steps each)")] = 2) -> None:
+    """Train a small net on scikit-learn's digits with recording, compute LCA, summarize."""
+    from replay.demo import run_demo
+    from replay.report import print_summary
+
+    try:
+        fr = run_demo(out, epochs=epochs)
+    except ReplayError as e:
+        raise _fail(e) from None
+    print_summary(fr)
+    typer.echo(f"""
+explore further:
+  replay info {out}/run
+  replay summary {out}/lca
+  python -c "import replay, polars as pl; f = replay.load('{out}/lca'); \\
+             print(f.tensors.group_by('loss', 'tensor').agg(pl.col('lca').sum()).collect())"
+  replay compute {out}/run --loss val --per-class val --out {out}/lca-val""")
+
+
 def main() -> None:
     """Console entry point: user errors print one line and exit 1, never a traceback."""
     try:

@@ -1,0 +1,76 @@
+"""`replay summary`: the analyses as terminal tables, headline numbers first."""
+
+from __future__ import annotations
+
+import sys
+
+import polars as pl
+from rich.console import Console
+from rich.table import Table
+
+from replay import analysis
+from replay.frames import Frames
+
+
+def _table(df: pl.DataFrame, title: str, fmt: dict | None = None) -> Table:
+    fmt = fmt or {}
+    t = Table(title=title, title_justify="left", header_style="bold")
+    for c in df.columns:
+        t.add_column(c, justify="left" if df[c].dtype == pl.String else "right")
+    for row in df.iter_rows():
+        t.add_row(*[fmt.get(c, _fmt)(v) for c, v in zip(df.columns, row, strict=True)])
+    return t
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def headline(fr: Frames) -> list[str]:
+    g = analysis.groundedness(fr)
+    h = analysis.helped_fraction(fr).select("loss", "frac_helped")
+    lines = []
+    for row in g.join(h, on="loss").iter_rows(named=True):
+        if "/" in row["loss"]:
+            continue  # classes and groups go in the tables
+        lines.append(
+            f"{row['loss']}: loss {row['loss_first']:.4f} → {row['loss_last']:.4f} over {row['steps']} steps; "
+            f"Σ LCA {row['lca']:+.4f} vs ΔL {row['delta_loss']:+.4f}; grounded {row['frac_grounded']:.0%} "
+            f"(max |residual| {row['max_abs_residual']:.1e}); {row['frac_helped']:.1%} of parameter-steps helped")
+    return lines
+
+
+def print_summary(fr: Frames, console: Console | None = None) -> None:
+    con = console or Console(width=None if sys.stdout.isatty() else 120)  # files and pipes get 120 columns
+    losses = fr.meta["losses"]
+    main = "train" if "train" in losses else losses[0]
+    con.print(f"[bold]replay summary[/bold] {fr.path}  ({fr.meta['n_steps']} steps, {len(losses)} losses, "
+              f"{fr.meta.get('grad_evals', '?')} gradient evaluations)")
+    for line in headline(fr):
+        con.print("  " + line)
+    g = analysis.groundedness(fr).drop("loss_first", "loss_last", "mean_abs_residual").rename(
+        {"delta_loss": "ΔL", "lca": "ΣLCA", "frac_grounded": "grounded", "max_abs_residual": "max|resid|",
+         "mean_splits": "splits(mean)", "max_splits": "splits(max)"})
+    con.print(_table(g, "Groundedness per loss: Σ LCA must equal the loss change"))
+    con.print(_table(analysis.helped_fraction(fr), "Fraction of parameters helping"))
+    stats = analysis.lca_stats(fr, main).drop("loss").transpose(include_header=True, header_name="statistic",
+                                                                 column_names=["value"])
+    con.print(_table(stats, f"Per-parameter total LCA, distribution ({main})"))
+    con.print(_table(analysis.param_help_histogram(fr, main, bins=10),
+                     f"Fraction of steps each parameter helped ({main}): no hero parameters"))
+    lt = analysis.layer_totals(fr).filter(pl.col("loss") == main).drop("loss")
+    con.print(_table(lt, f"Per-layer LCA ({main}; negative = helped)"))
+    hurt = analysis.hurting_layers(fr, main)
+    if len(hurt):
+        con.print(_table(hurt.drop("loss"), f"Layers that hurt {main} overall"))
+    con.print(_table(analysis.peak_moments(fr).filter(pl.col("loss") == main).drop("loss"),
+                     f"Peak moment of learning per layer ({main})"))
+    if len(fr.tensors.select("tensor").unique().collect()) > 1 and fr.meta["n_steps"] > 5:
+        con.print(_table(analysis.synchronization(fr, main, permutations=200),
+                         f"Are layers' learning peaks synchronized? ({main}, circular-shift permutation test)"))
+    if "val" in losses and "train" in losses:
+        con.print(_table(analysis.train_vs_val(fr),
+                         "Train vs validation LCA per layer (overfit = helped train, hurt val)"))
+    con.print(_table(analysis.prune_candidates(fr, main), f"Prune/freeze candidates ({main})"))
