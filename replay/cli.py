@@ -124,6 +124,22 @@ def summary(lca: LcaArg) -> None:
 
 
 @app.command()
+def plot(lca: LcaArg,
+         out: Annotated[Path | None, typer.Option(help="folder for the PNG files (default: LCA_DIR/plots)")] = None,
+         loss: Annotated[str | None, typer.Option(help="loss to plot (default: train)")] = None) -> None:
+    """PNG figures: LCA histogram, % helped over time, per-layer totals and trajectories, ..."""
+    from replay.frames import load
+    from replay.plot import plot_all
+
+    try:
+        files = plot_all(load(lca), out or lca / "plots", loss)
+    except ReplayError as e:
+        raise _fail(e) from None
+    for f in files:
+        typer.echo(f"wrote {f}")
+
+
+@app.command()
 def demo(out: Annotated[Path, typer.Option(help="where to write the run and its lca dir")] = Path("replay-demo"),
          epochs: Annotated[int, typer.Option(help="training epochs over digits (44 steps each)")] = 2) -> None:
     """Train a small net on scikit-learn's digits with recording, compute LCA, summarize."""
@@ -139,6 +155,7 @@ def demo(out: Annotated[Path, typer.Option(help="where to write the run and its 
 explore further:
   replay info {out}/run
   replay summary {out}/lca
+  replay plot {out}/lca
   python -c "import replay, polars as pl; f = replay.load('{out}/lca'); \\
              print(f.tensors.group_by('loss', 'tensor').agg(pl.col('lca').sum()).collect())"
   replay compute {out}/run --loss val --per-class val --out {out}/lca-val""")

@@ -132,3 +132,19 @@ def test_demo_and_summary_cli(tmp_path):
     assert res.exit_code == 0 and "Per-layer LCA (train" in res.output
     res = CliRunner().invoke(app, ["summary", str(tmp_path)])
     assert res.exit_code == 1 and "not an lca dir" in res.output
+
+
+def test_plot_writes_every_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    from replay.digits import digits_mlp, train_digits
+
+    train_digits(digits_mlp(), str(tmp_path / "run"), epochs=1)
+    replay.compute(tmp_path / "run", ["train", "val"], out=tmp_path / "lca")
+    res = CliRunner().invoke(app, ["plot", str(tmp_path / "lca")])
+    assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in (tmp_path / "lca" / "plots").glob("*.png"))
+    assert names == ["layer_totals.png", "layer_trajectories.png", "lca_histogram.png", "peak_moments.png",
+                     "percent_helped.png", "train_vs_val.png"]
+    assert all((tmp_path / "lca" / "plots" / n).read_bytes()[:4] == b"\x89PNG" for n in names)
+    res = CliRunner().invoke(app, ["plot", str(tmp_path / "lca"), "--loss", "nope"])
+    assert res.exit_code == 1 and "not in this lca dir" in res.output
