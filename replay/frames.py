@@ -125,10 +125,11 @@ class FrameWriter:
         self._steps, self._tensors = [], []
         return files
 
-    def write_params(self, lca: np.ndarray, helped: np.ndarray, n_steps: int, tensor_ids: np.ndarray,
-                     index: np.ndarray) -> str:
-        """Totals over steps: lca [L, P] float64, helped [L, P] counts."""
+    def write_params(self, lca: np.ndarray, helped: np.ndarray, n_steps: int) -> str:
+        """Totals over steps: lca [L, P] float64, helped [L, P] counts (P in tensor order)."""
         L, P = lca.shape
+        tensor_ids = np.repeat(np.arange(len(self.tensor_sizes)), self.tensor_sizes)  # [P]
+        index = np.concatenate([np.arange(n) for n in self.tensor_sizes])  # flat index within its tensor
         df = pl.DataFrame({
             "loss": np.repeat(np.array(self.loss_names, dtype=object), P),
             "tensor": np.tile(np.array(self.tensor_names, dtype=object)[tensor_ids], L),

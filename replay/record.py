@@ -44,7 +44,6 @@ MAX_CHUNK_STATES = 1024
 _STOP = object()
 
 
-
 class Recorder:
     """Record `model`'s trainable parameters into the run directory `path`.
 

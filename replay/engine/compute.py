@@ -23,7 +23,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -117,7 +116,7 @@ class _Checkpoint:
         self.out, self.config = out, config
         self.parts: list[str] = []
         self.next_step: int | None = None
-        self.seq = 0
+        self.seq = self.evals = 0
         self.complete = False
         self.totals: dict[str, torch.Tensor] | None = None
         meta, prog = out / "meta.json", out / "progress.json"
@@ -133,17 +132,18 @@ class _Checkpoint:
             if p["config"] != config:
                 raise ReplayError(f"{out}: holds an unfinished compute with other settings; "
                                   f"choose another --out or delete it")
-            self.parts, self.next_step, self.seq = p["parts"], p["next_step"], p["seq"]
+            self.parts, self.next_step, self.seq, self.evals = p["parts"], p["next_step"], p["seq"], p["evals"]
             self.totals = load_file(out / p["totals"])
             keep = set(self.parts)
             for f in list(out.glob("steps/*.parquet")) + list(out.glob("tensors/*.parquet")):
                 if str(f.relative_to(out)) not in keep:
                     f.unlink()  # written after the last checkpoint: will be recomputed
 
-    def save(self, next_step: int, totals: dict[str, torch.Tensor]) -> None:
+    def save(self, next_step: int, totals: dict[str, torch.Tensor], evals: int) -> None:
         name = f"totals-{next_step:010d}.safetensors"
         save_file({k: v.cpu().contiguous() for k, v in totals.items()}, self.out / name)
-        prog = {"config": self.config, "parts": self.parts, "next_step": next_step, "seq": self.seq, "totals": name}
+        prog = {"config": self.config, "parts": self.parts, "next_step": next_step, "seq": self.seq, "totals": name,
+                "evals": evals}
         write_atomic(self.out / "progress.json", json.dumps(prog).encode())
         for old in self.out.glob("totals-*.safetensors"):
             if old.name != name:
@@ -158,12 +158,8 @@ class _Replay:
         self.dense, self.flush_every, self.progress = dense, flush_every, progress
         self.dev = ev.device
         self.todo = [s for s in todo if ckpt.next_step is None or s >= ckpt.next_step]
-        self.total_steps = len(todo)
         names = [s.name for s in run.manifest.params]
-        sizes = [s.numel for s in run.manifest.params]
-        self.sizes = sizes
-        self.tensor_ids = torch.repeat_interleave(torch.arange(len(names)), torch.tensor(sizes))
-        self.index = np.concatenate([np.arange(n) for n in sizes])
+        self.sizes = sizes = [s.numel for s in run.manifest.params]
         self.writer = FrameWriter(out, ev.loss_names, names, sizes)
         L, P = len(ev.loss_names), sum(sizes)
         self.totals = ckpt.totals or {"lca": torch.zeros(L, P, dtype=torch.float64),
@@ -174,7 +170,7 @@ class _Replay:
         # (swapped each step), Simpson's odd and interior-even sums, a refinement scratch, the allocation
         self.buf = {k: torch.empty(L, P, dtype=ev.grad_dtype, device=self.dev)
                     for k in ("g_a", "g_b", "odd", "mid", "tmp", "lca")}
-        self.evals = 0
+        self.evals = ckpt.evals  # gradient evaluations, including those before a resume
 
     def _states(self) -> Iterator[tuple[int, torch.Tensor]]:
         """Flat float64 states [P] on the device, in order.
@@ -288,13 +284,12 @@ class _Replay:
             ck.parts.append(rel)
             self.dense_buf = {}
         ck.seq += 1
-        ck.save(next_step, self.totals)
+        ck.save(next_step, self.totals, self.evals)
 
     def _finish(self) -> Frames:
         tot = {k: v.cpu() for k, v in self.totals.items()}
         n_steps = int(tot["n_steps"].item())
-        self.writer.write_params(tot["lca"].numpy(), tot["helped"].numpy(), n_steps,
-                                 self.tensor_ids.numpy(), self.index)
+        self.writer.write_params(tot["lca"].numpy(), tot["helped"].numpy(), n_steps)
         write_meta(self.out, {"complete": True, "config": self.ckpt.config, "losses": self.ev.loss_names,
                               "loss_sizes": self.ev.loss_sizes, "n_steps": n_steps,
                               "tensors": self.writer.tensor_names, "run": str(self.run.path.resolve()),

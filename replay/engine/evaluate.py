@@ -27,7 +27,7 @@ class _DataPlan:
 
 
 class LossEvaluator:
-    """Evaluates `loss_names` and their gradients (float64, flat over `param_names`)."""
+    """Evaluates `loss_names` (float64) and their gradients (model dtype, flat over `param_names`)."""
 
     def __init__(self, task: Task, param_names: list[str], datasets: list[str], per_class: list[str],
                  device: torch.device):
