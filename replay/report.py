@@ -28,11 +28,10 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
-def headline(fr: Frames) -> list[str]:
-    g = analysis.groundedness(fr)
-    h = analysis.helped_fraction(fr).select("loss", "frac_helped")
+def headline(g: pl.DataFrame, h: pl.DataFrame) -> list[str]:
+    """One line per data-set loss, from `analysis.groundedness` and `analysis.helped_fraction`."""
     lines = []
-    for row in g.join(h, on="loss").iter_rows(named=True):
+    for row in g.join(h.select("loss", "frac_helped"), on="loss").iter_rows(named=True):
         if "/" in row["loss"]:
             continue  # classes and groups go in the tables
         lines.append(
@@ -48,13 +47,14 @@ def print_summary(fr: Frames, console: Console | None = None) -> None:
     main = "train" if "train" in losses else losses[0]
     con.print(f"[bold]replay summary[/bold] {fr.path}  ({fr.meta['n_steps']} steps, {len(losses)} losses, "
               f"{fr.meta.get('grad_evals', '?')} gradient evaluations)")
-    for line in headline(fr):
+    grounded, helped = analysis.groundedness(fr), analysis.helped_fraction(fr)
+    for line in headline(grounded, helped):
         con.print("  " + line)
-    g = analysis.groundedness(fr).drop("loss_first", "loss_last", "mean_abs_residual").rename(
+    g = grounded.drop("loss_first", "loss_last", "mean_abs_residual").rename(
         {"delta_loss": "ΔL", "lca": "ΣLCA", "frac_grounded": "grounded", "max_abs_residual": "max|resid|",
          "mean_splits": "splits(mean)", "max_splits": "splits(max)"})
     con.print(_table(g, "Groundedness per loss: Σ LCA must equal the loss change"))
-    con.print(_table(analysis.helped_fraction(fr), "Fraction of parameters helping"))
+    con.print(_table(helped, "Fraction of parameters helping"))
     stats = analysis.lca_stats(fr, main).drop("loss").transpose(include_header=True, header_name="statistic",
                                                                  column_names=["value"])
     con.print(_table(stats, f"Per-parameter total LCA, distribution ({main})"))

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import polars as pl
 import torch
 from torch import nn
 
@@ -96,7 +97,7 @@ def main() -> None:
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_replay_"))
     try:
-        task = f"{__name__ if __name__ != '__main__' else 'bench_replay'}:task"
+        task = "bench_replay:task_obj"  # stored in the run; compute below passes the Task itself
         globals()["HIDDEN"], globals()["MODEL"] = a.hidden, a.model
         train_digits(make_model(), str(tmp / "run"), epochs=a.epochs, task=task)
         data = {k: (x.to(a.device), y.to(a.device)) for k, (x, y) in load_digits_tensors().items()}
@@ -105,24 +106,24 @@ def main() -> None:
         ours, theirs, plain, factors, factors_full = [], [], [], [], []
         for r in range(a.repeat):
             t0 = time.perf_counter()
-            fr = replay.compute(tmp / "run", ["train", "val"], per_class=["train"], task=task_obj(a.hidden),
+            fr = replay.compute(tmp / "run", ["train", "val"], per_class=["train"], task=task_obj(),
                                 device=a.device, out=tmp / f"lca{r}")
             ours.append(time.perf_counter() - t0)
             evals = fr.meta["grad_evals"]
-            ev = LossEvaluator(task_obj(a.hidden), replay.open_run(tmp / "run").param_names, ["train", "val"],
+            ev = LossEvaluator(task_obj(), replay.open_run(tmp / "run").param_names, ["train", "val"],
                                ["train"], torch.device(a.device))
             unit, unit_full = plain_fb(ev, a.device, False), plain_fb(ev, a.device, True)
             factors.append(ours[-1] / (evals * unit))
             factors_full.append(ours[-1] / (evals * unit_full))
             theirs.append(naive(tmp / "run", make_model(), data, a.device))
             t0 = time.perf_counter()  # the naive's own rule: plain Simpson, no refinement
-            replay.compute(tmp / "run", ["train", "val"], per_class=["train"], task=task_obj(a.hidden),
+            replay.compute(tmp / "run", ["train", "val"], per_class=["train"], task=task_obj(),
                            device=a.device, max_splits=2, out=tmp / f"plain{r}")
             plain.append(time.perf_counter() - t0)
             print(f"round {r}: replay {ours[-1]:.2f}s ({evals} evals, unit {unit * 1e3:.2f} ms)  "
                   f"naive {theirs[-1]:.2f}s")
         n_params = sum(p.numel() for p in make_model().parameters())
-        grounded = fr.steps.select(replay_grounded()).collect().item()
+        grounded = fr.steps.select(pl.col("grounded").mean()).collect().item()
         name = "CNN" if a.model == "cnn" else f"MLP hidden {a.hidden}"
         print(f"\ndigits {name} ({n_params:,} params), {n_steps} steps, 12 losses "
               f"(train, val, 10 classes), device {a.device}")
@@ -146,18 +147,8 @@ def make_model() -> nn.Module:
     return digits_cnn() if MODEL == "cnn" else digits_mlp(HIDDEN)
 
 
-def task_obj(hidden: int) -> replay.Task:
+def task_obj() -> replay.Task:
     return replay.Task(make_model(), load_digits_tensors())
-
-
-def task() -> replay.Task:
-    return task_obj(HIDDEN)
-
-
-def replay_grounded():
-    import polars as pl
-
-    return pl.col("grounded").mean()
 
 
 if __name__ == "__main__":
