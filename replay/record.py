@@ -13,6 +13,10 @@ Threads and buffers (S = bytes of one flat state, see `store.layout`):
     flusher thread: CRC-32, write to a temp name, fsync, rename (store.chunk.write_chunk)
 
 Memory is bounded: `queue` staging states plus three chunk buffers of ≤ `chunk_bytes`.
+
+Under torch.distributed (DDP) every rank holds the same parameters, so one rank records
+(`rank`, default 0); on the others the Recorder only counts steps — no fence, threads or
+files — and so can never make them wait.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from replay.errors import RecordError
 from replay.store.chunk import write_chunk
@@ -44,12 +50,25 @@ MAX_CHUNK_STATES = 1024
 _STOP = object()
 
 
+def _check_arguments(model: nn.Module, every: int, task: str | None, chunk_bytes: int, queue_size: int) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"every: expected an integer ≥ 1, got {every!r}")
+    if task is not None and (not isinstance(task, str) or ":" not in task):
+        raise ValueError(f"task: expected 'module:function', got {task!r}")
+    if chunk_bytes < 1 or queue_size < 1:
+        raise ValueError(f"chunk_bytes and queue_size must be ≥ 1, got {chunk_bytes}, {queue_size}")
+
+
 class Recorder:
     """Record `model`'s trainable parameters into the run directory `path`.
 
     With `optimizer`, every `optimizer.step()` is captured automatically; without, call
     `capture()` after each update. State 0 (the parameters now) is captured on creation.
     Only states 0, every, 2·every, ... are stored. Use as a context manager or call `close()`.
+    A DistributedDataParallel model is recorded under its inner module's names, by process
+    `rank` only (with the same code on every process; `recording` says which one this is).
     """
 
     def __init__(
@@ -64,20 +83,23 @@ class Recorder:
         buffers: bool = False,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         queue_size: int = 4,
+        rank: int = 0,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every: expected an integer ≥ 1, got {every!r}")
-        if task is not None and (not isinstance(task, str) or ":" not in task):
-            raise ValueError(f"task: expected 'module:function', got {task!r}")
-        if chunk_bytes < 1 or queue_size < 1:
-            raise ValueError(f"chunk_bytes and queue_size must be ≥ 1, got {chunk_bytes}, {queue_size}")
-        self.path = Path(path)
+        _check_arguments(model, every, task, chunk_bytes, queue_size)
+        if isinstance(model, DistributedDataParallel):
+            model = model.module  # same tensors; names without the wrapper's "module." prefix
+        self.path, self.model, self.every, self.step = Path(path), model, every, 0
+        self._closed, self._hooks = False, []
+        self._error: BaseException | None = None
+        self.chunks_written = 0
+        self.recording = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == rank
+        if not self.recording:  # another process records this run: only count the steps
+            if optimizer is not None:
+                self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.capture()))
+            return
         if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
             what = "already holds a run" if (self.path / MANIFEST).exists() else "is not an empty directory"
             raise RecordError(f"{self.path}: {what}; record into a new directory (runs are never overwritten)")
-        self.model, self.every, self.step = model, every, 0
         self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._buffers = list(model.named_buffers()) if buffers else []
         if not self._params:
@@ -103,16 +125,12 @@ class Recorder:
         self._free_chunks: queue.Queue = queue.Queue()
         for _ in range(3):
             self._free_chunks.put(np.empty(self._slots * self.layout.nbytes, dtype=np.uint8))
-        self._error: BaseException | None = None
         self._fence: threading.Event | torch.cuda.Event | None = None
-        self._closed = False
-        self.chunks_written = 0
 
         self._encoder = threading.Thread(target=self._guard(self._encode_loop), name="replay-encoder", daemon=True)
         self._flusher = threading.Thread(target=self._guard(self._flush_loop), name="replay-flusher", daemon=True)
         self._encoder.start()
         self._flusher.start()
-        self._hooks = []
         if optimizer is not None:
             self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self._wait_fence()))
             self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.capture()))
@@ -127,7 +145,7 @@ class Recorder:
         """Mark one update done (state index += 1) and record the new state if due."""
         self._raise_if_failed()
         self.step += 1
-        if self.step % self.every == 0:
+        if self.recording and self.step % self.every == 0:
             # deferred only when a pre-hook guards the next update (optimizer given)
             self._snapshot(self.step, deferred=bool(self._hooks))
 
@@ -171,9 +189,11 @@ class Recorder:
         if self._closed:
             return
         self._closed = True
-        atexit.unregister(self._atexit)
         for h in self._hooks:
             h.remove()
+        if not self.recording:
+            return
+        atexit.unregister(self._atexit)
         if self._error is None:
             self._wait_fence()
         while self._encoder.is_alive():  # the encoder may be dead (error): don't block on a full queue
