@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -88,17 +89,26 @@ def compute(
     out: Annotated[Path | None, typer.Option(help="lca dir to write (default: RUN/lca)")] = None,
     dense: Annotated[bool, typer.Option("--dense", help="also write per-parameter per-step LCA")] = False,
     progress: Annotated[bool, typer.Option(help="progress bar on stderr")] = True,
+    data_parallel: Annotated[bool, typer.Option(
+        "--data-parallel", help="under torchrun: every process takes a shard of the data of every step "
+                                "(default: a block of steps each)")] = False,
 ) -> None:
-    """Replay RUN and allocate each step's loss change to every parameter (writes polars frames)."""
+    """Replay RUN and allocate each step's loss change to every parameter (writes polars frames).
+
+    Under `torchrun --nproc-per-node N -m replay compute RUN ...` the N processes share the work.
+    """
     import polars as pl
 
     from replay.engine import compute as run_compute
 
     try:
         fr = run_compute(run, loss, per_class, task=task, device=device, tol=tol, rtol=rtol, max_splits=max_splits,
-                         first_order=first_order, steps=_parse_steps(steps), out=out, dense=dense, progress=progress)
+                         first_order=first_order, steps=_parse_steps(steps), out=out, dense=dense, progress=progress,
+                         data_parallel=data_parallel)
     except (ReplayError, ValueError) as e:
         raise _fail(e) from None
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports for all
+        return
     s = fr.steps.select(pl.len().alias("rows"), pl.col("step").n_unique().alias("steps"),
                         pl.col("grounded").mean().alias("grounded"),
                         pl.col("residual").abs().max().alias("max_residual")).collect().row(0, named=True)

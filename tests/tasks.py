@@ -61,3 +61,20 @@ def digits_grouped():
     t = digits()
     t.groups = {"train": {"parity": t.data["train"][1] % 2}}
     return t
+
+
+def _float64(task):
+    task.model = task.model.double()
+    task.data = {k: (x.double(), y) for k, (x, y) in task.data.items()}
+    return task
+
+
+def digits64():
+    """The digits task in float64: data-parallel sums then agree with one process to ~1e-15."""
+    from replay.digits import digits
+
+    return _float64(digits())
+
+
+def bn_drop64():
+    return _float64(bn_drop())

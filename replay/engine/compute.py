@@ -11,12 +11,14 @@ Per step t → t' (consecutive recorded states), for all losses at once (L losse
 Only per-loss and per-tensor sums leave the device each step (one sync); per-parameter
 totals stay on the device until the end. Frames are flushed as parquet parts with a
 checkpoint of the totals, so an interrupted compute resumes from its last flush.
+Under torchrun the steps (or each step's data) are shared among processes: see `parallel`.
 """
 
 from __future__ import annotations
 
 import json
 import queue
+import re
 import sys
 import threading
 import time
@@ -26,7 +28,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from replay.engine import parallel
 from replay.engine.evaluate import LossEvaluator
+from replay.engine.parallel import Layout
 from replay.engine.simpson import is_grounded, refine_points, simpson_integral
 from replay.errors import ReplayError, RunError, TaskError
 from replay.frames import Frames, FrameWriter, load, write_meta
@@ -51,12 +55,18 @@ def compute(
     dense: bool = False,
     flush_every: int = 100,
     progress: bool = False,
+    data_parallel: bool = False,
 ) -> Frames:
     """Compute LCA of `losses` (data set names; default: all of the task's) over the run.
 
     A step is grounded when |ΔL − ΣLCA| ≤ tol + rtol·|ΔL|; steps that are not are refined
     by composite Simpson up to `max_splits` sub-intervals, and flagged if still not grounded.
     Writes frames to `out` (default RUN/lca) and returns them (see `replay.load`).
+
+    Under torchrun (or in an initialized process group) each process computes a contiguous
+    block of the steps; with `data_parallel`, every process computes every step on its shard
+    of the data instead. Either way the frames equal a single process's, up to the order of
+    float summation.
     """
     run = run if isinstance(run, Run) else open_run(run)
     if max_splits < 2 or max_splits & (max_splits - 1):
@@ -74,27 +84,28 @@ def compute(
             raise TaskError(f"unknown loss {name!r}: the task's data sets are {sorted(t.data)}")
     datasets = losses + [d for d in per_class if d not in losses]
     _check_model(t, run)
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ReplayError("--device cuda: no CUDA device is available here; use --device cpu")
-    if t.batchnorm == "running" and run.manifest.buffers:
-        t.model.load_state_dict(run.state(run.steps[-1], buffers=True), strict=False)
-    ev = LossEvaluator(t, run.param_names, datasets, per_class, dev)
-
     a, b = steps or (None, None)
     todo = [s for s in run.steps[:-1] if (a is None or s >= a) and (b is None or s < b)]
     if not todo:
         raise RunError(f"{run.path}: no step to compute in {a}:{b} (recorded states {run.steps[0]}..{run.steps[-1]})")
-    out = Path(out) if out is not None else run.path / "lca"
-    config = {"run": str(run.path.resolve()), "task": spec if isinstance(spec, str) else "<Task object>",
-              "losses": ev.loss_names, "tol": tol, "rtol": rtol, "max_splits": max_splits,
-              "first_order": first_order, "steps": [todo[0], todo[-1]], "batchnorm": t.batchnorm,
-              "batch_size": t.batch_size, "dense": dense}
-    state = _Checkpoint(out, config)
-    if state.complete:
-        return load(out)
-    return _Replay(run, ev, todo, out, state, tol, rtol, max_splits, first_order, dense, flush_every,
-                   progress).execute()
+    if t.batchnorm == "running" and run.manifest.buffers:
+        t.model.load_state_dict(run.state(run.steps[-1], buffers=True), strict=False)
+    layout, dev = parallel.join(device, data_parallel)
+    try:
+        ev = LossEvaluator(t, run.param_names, datasets, per_class, dev, layout)
+        out = Path(out) if out is not None else run.path / "lca"
+        config = {"run": str(run.path.resolve()), "task": spec if isinstance(spec, str) else "<Task object>",
+                  "losses": ev.loss_names, "tol": tol, "rtol": rtol, "max_splits": max_splits,
+                  "first_order": first_order, "steps": [todo[0], todo[-1]], "batchnorm": t.batchnorm,
+                  "batch_size": t.batch_size, "dense": dense}
+        state = _Checkpoint(out, config, layout)
+        parallel.barrier(layout)  # every rank has read the dir before any writes to it
+        if state.complete:
+            return load(out)
+        return _Replay(run, ev, parallel.block(todo, layout), out, state, layout, tol, rtol, max_splits,
+                       first_order, dense, flush_every, progress).execute()
+    finally:
+        parallel.leave(layout)
 
 
 def _check_model(task: Task, run: Run) -> None:
@@ -110,60 +121,98 @@ def _check_model(task: Task, run: Run) -> None:
 
 
 class _Checkpoint:
-    """progress.json + totals-{next}.safetensors in the lca dir: what a resume needs."""
+    """progress{tag}.json + totals{tag}-{next}.safetensors in the lca dir: what a resume needs.
 
-    def __init__(self, out: Path, config: dict):
-        self.out, self.config = out, config
+    One set per writing rank (tag '-r001' in steps mode, '' otherwise); a resume must use
+    the layout that wrote them, since the blocks of steps depend on the number of processes.
+    """
+
+    def __init__(self, out: Path, config: dict, layout: Layout):
+        self.out, self.config, self.layout, self.tag = out, config, layout, layout.tag
         self.parts: list[str] = []
         self.next_step: int | None = None
         self.seq = self.evals = 0
         self.complete = False
         self.totals: dict[str, torch.Tensor] | None = None
-        meta, prog = out / "meta.json", out / "progress.json"
+        meta, prog = out / "meta.json", out / f"progress{self.tag}.json"
+        found = sorted(out.glob("progress*.json")) if out.is_dir() else []
         if meta.is_file():
             m = json.loads(meta.read_text())
             if m.get("config") != config:
                 raise ReplayError(f"{out}: holds LCA computed with other settings; choose another --out or delete it")
             self.complete = bool(m.get("complete"))
-        elif out.exists() and any(out.iterdir()) and not prog.is_file():
+        elif out.exists() and any(out.iterdir()) and not found:
             raise ReplayError(f"{out}: exists and is not an lca dir; choose another --out")
-        if prog.is_file() and not self.complete:
+        if self.complete:
+            return
+        self._check_layout(found)
+        if prog.is_file():
             p = json.loads(prog.read_text())
             if p["config"] != config:
                 raise ReplayError(f"{out}: holds an unfinished compute with other settings; "
                                   f"choose another --out or delete it")
             self.parts, self.next_step, self.seq, self.evals = p["parts"], p["next_step"], p["seq"], p["evals"]
-            self.totals = load_file(out / p["totals"])
-            keep = set(self.parts)
-            for f in list(out.glob("steps/*.parquet")) + list(out.glob("tensors/*.parquet")):
-                if str(f.relative_to(out)) not in keep:
-                    f.unlink()  # written after the last checkpoint: will be recomputed
+            if layout.writes:
+                self.totals = load_file(out / p["totals"])
+                keep = set(self.parts)
+                for f in (self.own_files("steps/part", ".parquet") + self.own_files("tensors/part", ".parquet")
+                          + self.own_files("dense/part", ".safetensors")):
+                    if str(f.relative_to(out)) not in keep:
+                        f.unlink()  # written after the last checkpoint: will be recomputed
+
+    def _check_layout(self, found: list[Path]) -> None:
+        expected = {f"progress{t}.json" for t in self.layout.tags()}
+        blocks = self.layout.world if self.layout.shards_steps else None
+        stray = [f.name for f in found if f.name not in expected]
+        if not stray and all(json.loads(f.read_text()).get("blocks") == blocks for f in found):
+            return
+        was = ("torchrun with one block of steps per process" if any("-r" in f.name for f in found)
+               else "one process (or --data-parallel)")
+        raise ReplayError(f"{self.out}: holds an unfinished compute started by {was} "
+                          f"({', '.join(f.name for f in found)}); resume it with the same processes and mode, "
+                          f"or delete {self.out}")
+
+    def own_files(self, stem: str, suffix: str) -> list[Path]:
+        """This rank's files `{stem}{tag}-NNN{suffix}` (the '' tag must not match '-r001' files)."""
+        d, name = (self.out / stem).parent, Path(stem).name
+        pat = re.compile(rf"{re.escape(name + self.tag)}-\d+{re.escape(suffix)}")
+        return [f for f in d.glob(f"{name}*{suffix}") if pat.fullmatch(f.name)] if d.is_dir() else []
 
     def save(self, next_step: int, totals: dict[str, torch.Tensor], evals: int) -> None:
-        name = f"totals-{next_step:010d}.safetensors"
+        name = f"totals{self.tag}-{next_step:010d}.safetensors"
         save_file({k: v.cpu().contiguous() for k, v in totals.items()}, self.out / name)
         prog = {"config": self.config, "parts": self.parts, "next_step": next_step, "seq": self.seq, "totals": name,
-                "evals": evals}
-        write_atomic(self.out / "progress.json", json.dumps(prog).encode())
-        for old in self.out.glob("totals-*.safetensors"):
+                "evals": evals, "blocks": self.layout.world if self.layout.shards_steps else None}
+        write_atomic(self.out / f"progress{self.tag}.json", json.dumps(prog).encode())
+        for old in self.own_files("totals", ".safetensors"):
             if old.name != name:
                 old.unlink()
 
+    def remove(self) -> None:
+        """The compute is complete (meta.json written): the resume state goes."""
+        for f in self.own_files("totals", ".safetensors"):
+            f.unlink()
+        (self.out / f"progress{self.tag}.json").unlink(missing_ok=True)
+
 
 class _Replay:
-    def __init__(self, run: Run, ev: LossEvaluator, todo: list[int], out: Path, ckpt: _Checkpoint, tol: float,
-                 rtol: float, max_splits: int, first_order: bool, dense: bool, flush_every: int, progress: bool):
-        self.run, self.ev, self.out, self.ckpt = run, ev, out, ckpt
+    """The step loop of one process over its steps `todo` (all of them, or its block under torchrun)."""
+
+    def __init__(self, run: Run, ev: LossEvaluator, todo: list[int], out: Path, ckpt: _Checkpoint, layout: Layout,
+                 tol: float, rtol: float, max_splits: int, first_order: bool, dense: bool, flush_every: int,
+                 progress: bool):
+        self.run, self.ev, self.out, self.ckpt, self.layout = run, ev, out, ckpt, layout
         self.tol, self.rtol, self.max_splits, self.first_order = tol, rtol, max_splits, first_order
-        self.dense, self.flush_every, self.progress = dense, flush_every, progress
+        self.dense, self.flush_every, self.progress = dense, flush_every, progress and layout.rank == 0
         self.dev = ev.device
         self.todo = [s for s in todo if ckpt.next_step is None or s >= ckpt.next_step]
         names = [s.name for s in run.manifest.params]
         self.sizes = sizes = [s.numel for s in run.manifest.params]
-        self.writer = FrameWriter(out, ev.loss_names, names, sizes)
+        self.writer = FrameWriter(out, ev.loss_names, names, sizes, prefix=f"part{layout.tag}")
         L, P = len(ev.loss_names), sum(sizes)
         self.totals = ckpt.totals or {"lca": torch.zeros(L, P, dtype=torch.float64),
-                                      "helped": torch.zeros(L, P, dtype=torch.int32), "n_steps": torch.zeros(1)}
+                                      "helped": torch.zeros(L, P, dtype=torch.int32),
+                                      "n_steps": torch.zeros(1, dtype=torch.int64)}
         self.totals = {k: v.to(self.dev) for k, v in self.totals.items()}
         self.dense_buf: dict[str, torch.Tensor] = {}
         # [L,P] work buffers in the model's dtype (totals are float64): the two endpoint gradients
@@ -227,7 +276,8 @@ class _Replay:
         ends_d, odd_d, mid_d = proj(g0) + proj(g1), proj(odd), torch.zeros_like(dl)
         while True:
             ok = is_grounded(dl - simpson_integral(ends_d, odd_d, mid_d, n), dl, self.tol, self.rtol)
-            if n >= self.max_splits or bool(ok.all()):  # host sync: the refinement decision
+            # host sync: the refinement decision (rank 0's in data mode, where every rank must agree)
+            if n >= self.max_splits or parallel.agree(bool(ok.all()), self.layout, self.dev):
                 torch.add(g0, g1, out=lca).add_(odd, alpha=4.0).add_(mid, alpha=2.0)  # E + 4·O + 2·M
                 return lca.mul_(d).div_(3.0 * n), n, ok
             mid += odd
@@ -251,18 +301,10 @@ class _Replay:
             d = th1 - th0
             v1, g1 = self._eval(th1, self.buf["g_b" if g0 is self.buf["g_a"] else "g_a"])
             lca, splits, ok = self._allocate(th0, d, v0, g0, v1, g1)
-            helped = lca < 0
-            tl = torch.stack([c.sum(1, dtype=torch.float64) for c in lca.split(self.sizes, 1)], 1)  # [L,T]
-            th = torch.stack([c.sum(1) for c in helped.split(self.sizes, 1)], 1)
-            self.totals["lca"] += lca
-            self.totals["helped"] += helped
-            self.totals["n_steps"] += 1
-            if self.dense:
-                self.dense_buf[str(t0)] = lca.to("cpu", torch.float64, copy=True)
-            host = [x.cpu().numpy() for x in (v0, v1, tl.sum(1), ok, tl, th)]  # one sync per step
-            self.writer.add(t0, t1, host[0], host[1], host[2], splits, host[3], host[4], host[5])
+            if self.layout.writes:  # data mode: ranks other than 0 only help with the gradients
+                self._record(t0, t1, v0, v1, lca, splits, ok)
             done += 1
-            if len(self.writer) >= self.flush_every or t1 > self.todo[-1]:
+            if self.layout.writes and (len(self.writer) >= self.flush_every or t1 > self.todo[-1]):
                 self._flush(t1)
             if self.progress and (time.perf_counter() - last_print > 0.5 or t1 > self.todo[-1]):
                 last_print = time.perf_counter()
@@ -274,12 +316,26 @@ class _Replay:
             sys.stderr.write("\n")
         return self._finish()
 
+    def _record(self, t0: int, t1: int, v0: torch.Tensor, v1: torch.Tensor, lca: torch.Tensor, splits: int,
+                ok: torch.Tensor) -> None:
+        """Add the step to the totals and its per-loss and per-tensor sums to the frames."""
+        helped = lca < 0
+        tl = torch.stack([c.sum(1, dtype=torch.float64) for c in lca.split(self.sizes, 1)], 1)  # [L,T]
+        th = torch.stack([c.sum(1) for c in helped.split(self.sizes, 1)], 1)
+        self.totals["lca"] += lca
+        self.totals["helped"] += helped
+        self.totals["n_steps"] += 1
+        if self.dense:
+            self.dense_buf[str(t0)] = lca.to("cpu", torch.float64, copy=True)
+        host = [x.cpu().numpy() for x in (v0, v1, tl.sum(1), ok, tl, th)]  # one sync per step
+        self.writer.add(t0, t1, host[0], host[1], host[2], splits, host[3], host[4], host[5])
+
     def _flush(self, next_step: int) -> None:
         ck = self.ckpt
         ck.parts += self.writer.flush(ck.seq)
         if self.dense and self.dense_buf:
             (self.out / "dense").mkdir(exist_ok=True)
-            rel = f"dense/part-{ck.seq:06d}.safetensors"
+            rel = f"dense/part{self.layout.tag}-{ck.seq:06d}.safetensors"
             save_file(self.dense_buf, self.out / rel, metadata={"losses": json.dumps(self.ev.loss_names)})
             ck.parts.append(rel)
             self.dense_buf = {}
@@ -287,15 +343,22 @@ class _Replay:
         ck.save(next_step, self.totals, self.evals)
 
     def _finish(self) -> Frames:
-        tot = {k: v.cpu() for k, v in self.totals.items()}
-        n_steps = int(tot["n_steps"].item())
-        self.writer.write_params(tot["lca"].numpy(), tot["helped"].numpy(), n_steps)
-        write_meta(self.out, {"complete": True, "config": self.ckpt.config, "losses": self.ev.loss_names,
-                              "loss_sizes": self.ev.loss_sizes, "n_steps": n_steps,
-                              "tensors": self.writer.tensor_names, "run": str(self.run.path.resolve()),
-                              "grad_evals": self.evals})
-        for f in list(self.out.glob("totals-*.safetensors")) + [self.out / "progress.json"]:
-            f.unlink(missing_ok=True)
+        """Totals (summed onto rank 0 in steps mode) → params and meta.json; then the resume state goes."""
+        lay = self.layout
+        totals = {**self.totals, "evals": torch.tensor([self.evals], dtype=torch.int64, device=self.dev)}
+        parallel.reduce_to_first(totals, lay)
+        if lay.rank == 0:
+            tot = {k: v.cpu() for k, v in totals.items()}
+            n_steps = int(tot["n_steps"].item())
+            self.writer.write_params(tot["lca"].numpy(), tot["helped"].numpy(), n_steps)
+            write_meta(self.out, {"complete": True, "config": self.ckpt.config, "losses": self.ev.loss_names,
+                                  "loss_sizes": self.ev.loss_sizes, "n_steps": n_steps,
+                                  "tensors": self.writer.tensor_names, "run": str(self.run.path.resolve()),
+                                  "grad_evals": int(tot["evals"].item()), "processes": lay.world,
+                                  "parallel": lay.mode})
+        parallel.barrier(lay)  # meta.json is written: every rank may load, and drop its resume state
+        if lay.writes:
+            self.ckpt.remove()
         return load(self.out)
 
 

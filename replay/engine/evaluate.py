@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from replay.engine.parallel import Layout, all_reduce, shard_batches
 from replay.errors import TaskError
 from replay.task import Task
 
@@ -27,12 +28,19 @@ class _DataPlan:
 
 
 class LossEvaluator:
-    """Evaluates `loss_names` (float64) and their gradients (model dtype, flat over `param_names`)."""
+    """Evaluates `loss_names` (float64) and their gradients (model dtype, flat over `param_names`).
+
+    With a data-parallel `layout`, this process evaluates only its shard of each data set's
+    examples and the sums are all-reduced, so every process returns the whole gradients.
+    """
 
     def __init__(self, task: Task, param_names: list[str], datasets: list[str], per_class: list[str],
-                 device: torch.device):
-        self.task, self.device = task, device
+                 device: torch.device, layout: Layout | None = None):
+        self.task, self.device, self.layout = task, device, layout or Layout()
         self.model = task.model.to(device)
+        # batch statistics make a batch's composition part of the loss: data shards keep batches whole
+        self._keep_batches = task.batchnorm == "batch" and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
         params = dict(self.model.named_parameters())
         self.params = [params[n] for n in param_names]
         self.numels = [p.numel() for p in self.params]
@@ -81,7 +89,11 @@ class LossEvaluator:
         for a, b in zip([0] + bounds, bounds + [n], strict=True):
             c = int(cell_of[a])
             batches += [(s, min(s + bs, b), c) for s in range(a, b, bs)]
-        return _DataPlan(x.to(self.device), y.to(self.device), batches, cell_losses)
+        batches = shard_batches(batches, self.layout, self._keep_batches)
+        lo = batches[0][0] if batches else 0  # data mode: only this rank's examples go to the device
+        hi = batches[-1][1] if batches else 0
+        batches = [(a - lo, b - lo, c) for a, b, c in batches]
+        return _DataPlan(x[lo:hi].to(self.device), y[lo:hi].to(self.device), batches, cell_losses)
 
     def load(self, theta: torch.Tensor) -> None:
         """Write the flat float64 θ [P] into the model's parameters (cast to their dtypes)."""
@@ -119,6 +131,8 @@ class LossEvaluator:
                     for p in self.params:
                         p.grad = None
                     cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        if self.layout.shards_data:  # each rank holds its shard's share of every sum
+            all_reduce(sums, grads)
         return sums / self.n_examples, grads
 
 

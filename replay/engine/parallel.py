@@ -1,0 +1,155 @@
+"""How one `compute` process shares the work with the others that torchrun started.
+
+Two modes, chosen by the caller:
+
+- **steps** (default): the steps are cut into contiguous blocks, one per rank. Each rank
+  starts from its block's first state (random access: a chunk's keyframe), writes its own
+  parquet parts, and the per-parameter totals are summed on rank 0 (`reduce`). A step's
+  numbers are those of a single process; only the totals' float64 sums are associated
+  differently (per block, then across blocks).
+- **data** (`data_parallel=True`): for a step too big for one device's data, every rank
+  evaluates every step on its shard of each data set and the losses and gradients are
+  summed (`all_reduce`); rank 0 writes everything. The gradients' sums are associated
+  differently from one process (per shard, then across shards).
+
+With one process (no torchrun, or `--nproc-per-node 1`) both modes are the plain path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from replay.errors import ReplayError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """This process's place: rank of world, the mode, and whether we own the process group."""
+
+    rank: int = 0
+    world: int = 1
+    data_parallel: bool = False
+    owns_group: bool = False
+
+    @property
+    def shards_steps(self) -> bool:
+        return self.world > 1 and not self.data_parallel
+
+    @property
+    def shards_data(self) -> bool:
+        return self.world > 1 and self.data_parallel
+
+    @property
+    def writes(self) -> bool:
+        """Whether this rank writes frames and checkpoints (all in steps mode; rank 0 in data mode)."""
+        return self.rank == 0 or self.shards_steps
+
+    @property
+    def tag(self) -> str:
+        """Suffix of this rank's files in steps mode ('-r001'); '' when one writer owns the dir."""
+        return f"-r{self.rank:03d}" if self.shards_steps else ""
+
+    def tags(self) -> list[str]:
+        """The file suffixes of every rank of this layout."""
+        return [f"-r{r:03d}" for r in range(self.world)] if self.shards_steps else [""]
+
+    @property
+    def mode(self) -> str:
+        return "steps" if self.shards_steps else "data" if self.shards_data else "none"
+
+
+def join(device: str, data_parallel: bool) -> tuple[Layout, torch.device]:
+    """Join the caller's process group, or torchrun's (from its environment); pick this rank's device.
+
+    `cuda` without an index becomes `cuda:LOCAL_RANK`, one GPU per process; an explicit index
+    is kept. A group we create here uses nccl for CUDA and gloo for the CPU.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ReplayError("--device cuda: no CUDA device is available here; use --device cpu")
+    owns = False
+    if not (dist.is_available() and dist.is_initialized()):
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return Layout(data_parallel=data_parallel), dev
+        if not dist.is_available():
+            raise ReplayError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if dev.type == "cuda":
+            if dev.index >= torch.cuda.device_count():
+                raise ReplayError(f"--device {device}: this process would use cuda:{dev.index} but this machine has "
+                                  f"{torch.cuda.device_count()} GPU(s); start one process per GPU "
+                                  f"(torchrun --nproc-per-node {torch.cuda.device_count()})")
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        owns = True
+    elif dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
+    backend = dist.get_backend()
+    if backend == "nccl" and dev.type != "cuda":
+        raise ReplayError(f"--device {device} under an nccl process group: nccl reduces CUDA tensors only; "
+                          f"use --device cuda, or a gloo group for the CPU")
+    return Layout(dist.get_rank(), dist.get_world_size(), data_parallel, owns), dev
+
+
+def leave(layout: Layout) -> None:
+    """Destroy the process group if `join` created it."""
+    if layout.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def block(todo: list[int], layout: Layout) -> list[int]:
+    """This rank's contiguous share of the steps in steps mode (sizes differ by at most one)."""
+    if not layout.shards_steps:
+        return todo
+    q, r = divmod(len(todo), layout.world)
+    lo = layout.rank * q + min(layout.rank, r)
+    return todo[lo:lo + q + (layout.rank < r)]
+
+
+def shard_batches(batches: list[tuple[int, int, int]], layout: Layout,
+                  keep_whole: bool) -> list[tuple[int, int, int]]:
+    """This rank's share of a data set's evaluation batches (start, stop, cell) in data mode.
+
+    Ranks get equal contiguous example ranges, batches cut at their edges. `keep_whole`
+    (batch-norm with batch statistics: a batch's composition is part of the loss) instead
+    gives each batch whole to the rank whose range holds its first example.
+    """
+    if not layout.shards_data or not batches:
+        return batches
+    n = batches[-1][1]
+    lo, hi = n * layout.rank // layout.world, n * (layout.rank + 1) // layout.world
+    if keep_whole:
+        return [b for b in batches if lo <= b[0] < hi]
+    return [(max(a, lo), min(b, hi), c) for a, b, c in batches if a < hi and b > lo]
+
+
+def all_reduce(*tensors: torch.Tensor) -> None:
+    """Sum in place over ranks (data mode: each rank holds its shard's share)."""
+    for t in tensors:
+        dist.all_reduce(t)
+
+
+def agree(flag: bool, layout: Layout, device: torch.device) -> bool:
+    """Rank 0's decision, on every rank: a refinement loop that diverged would deadlock."""
+    if not layout.shards_data:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+def reduce_to_first(tensors: dict[str, torch.Tensor], layout: Layout) -> None:
+    """Sum the steps-mode totals onto rank 0, in place (other ranks' values become undefined)."""
+    if layout.shards_steps:
+        for k in sorted(tensors):
+            dist.reduce(tensors[k], 0)
+
+
+def barrier(layout: Layout) -> None:
+    if layout.world > 1:
+        dist.barrier()

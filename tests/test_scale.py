@@ -1,0 +1,174 @@
+"""Scale: real 2-process torchrun (gloo, CPU) for sharded replay, data-parallel replay and DDP recording."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import tasks
+import torch
+from conftest import assert_bit_equal
+from polars.testing import assert_frame_equal
+
+import replay
+from replay.digits import train_digits
+from replay.engine.compute import _Checkpoint
+from replay.engine.parallel import Layout, block, shard_batches
+from replay.errors import ReplayError
+
+TESTS = Path(__file__).parent
+KEYS = {"steps": ["step", "loss"], "tensors": ["step", "loss", "tensor"], "params": ["loss", "tensor", "index"]}
+
+
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                        str(nproc), *args], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def single_thread_compute(*args, **kwargs) -> replay.Frames:
+    """The single-process reference at torchrun's thread count, so per-step numbers may be compared bitwise."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return replay.compute(*args, **kwargs)
+    finally:
+        torch.set_num_threads(n)
+
+
+def frames(fr: replay.Frames) -> dict[str, pl.DataFrame]:
+    return {k: getattr(fr, k).sort(keys).collect() for k, keys in KEYS.items()}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """A digits MLP (float32) trained for 30 steps by 2 DDP processes, each calling Recorder on the same path."""
+    d = tmp_path_factory.mktemp("ddp")
+    torchrun(str(TESTS / "ddp_train.py"), str(d / "run"), str(d), "30")
+    return d
+
+
+def test_ddp_records_once_on_rank_0(ddp_run):
+    run = replay.open_run(ddp_run / "run")
+    assert run.steps == list(range(31))
+    assert run.param_names == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"], \
+        "the DDP wrapper's 'module.' prefix must not reach the run"
+    for rank in (0, 1):  # DDP keeps the ranks identical, and the recorded state is theirs bit for bit
+        assert_bit_equal(run.state(30), torch.load(ddp_run / f"final-r{rank}.pt"), f"rank {rank}")
+    info = [json.loads((ddp_run / f"info-r{r}.json").read_text()) for r in (0, 1)]
+    assert info[0]["recording"] and info[0]["hooks"] == 2
+    assert "replay-encoder" in info[0]["threads"] and "replay-flusher" in info[0]["threads"]
+    # rank 1: nothing that could make it wait — no fence (pre-hook), no threads — but it still counts steps
+    assert not info[1]["recording"] and info[1]["hooks"] == 1 and info[1]["step"] == 30
+    assert not any(t.startswith("replay-") for t in info[1]["threads"])
+    assert sorted(p.name for p in (ddp_run / "run").iterdir() if not p.name.startswith("chunk-")) == ["manifest.json"]
+
+
+def test_torchrun_steps_mode_equals_one_process(ddp_run, tmp_path):
+    ref = single_thread_compute(ddp_run / "run", per_class=["train"], out=tmp_path / "one")
+    p = torchrun("-m", "replay", "compute", str(ddp_run / "run"), "--per-class", "train", "--out",
+                 str(tmp_path / "two"), "--no-progress")
+    assert p.stdout.count("computed 30 steps x 12 losses") == 1, "rank 0 reports, once"
+    got = replay.load(tmp_path / "two")
+    assert sorted(f.name for f in (tmp_path / "two" / "steps").iterdir()) == \
+        ["part-r000-000000.parquet", "part-r001-000000.parquet"]
+    assert not list((tmp_path / "two").glob("progress*")) and not list((tmp_path / "two").glob("totals*"))
+    assert got.meta["processes"] == 2 and got.meta["parallel"] == "steps"
+    # rank 1 evaluates its first state itself, instead of reusing the end of rank 0's last step
+    assert got.meta["grad_evals"] == ref.meta["grad_evals"] + 1
+    a, b = frames(ref), frames(got)
+    assert_frame_equal(a["steps"], b["steps"], check_exact=True)  # every step: the same computation
+    assert_frame_equal(a["tensors"], b["tensors"], check_exact=True)
+    # the totals: per-block float64 sums, then summed across blocks
+    assert_frame_equal(a["params"], b["params"], check_exact=False, rel_tol=1e-12, abs_tol=1e-15)
+
+
+def test_torchrun_data_parallel_equals_one_process(ddp_run, tmp_path):
+    """Replayed in float64 (float32 runs, float64 tasks), so that only summation order can differ."""
+    bn_run = tmp_path / "bn"
+    train_digits(tasks.BNDropNet(), str(bn_run), epochs=1, batch=128, task="tasks:bn_drop64")
+    jobs = [{"run": str(ddp_run / "run"), "out": str(tmp_path / "mlp"), "task": "tasks:digits64",
+             "per_class": ["train"]},
+            {"run": str(bn_run), "out": str(tmp_path / "bnout"), "task": "tasks:bn_drop64", "per_class": []}]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    torchrun(str(TESTS / "dist_compute.py"), str(tmp_path / "jobs.json"))
+    noise = []
+    for job in jobs:
+        ref = replay.compute(job["run"], per_class=job["per_class"], task=job["task"],
+                             out=Path(job["out"] + "-one"))
+        got = replay.load(job["out"])
+        assert got.meta["processes"] == 2 and got.meta["parallel"] == "data"
+        assert got.meta["grad_evals"] == ref.meta["grad_evals"]
+        assert sorted(f.name for f in (Path(job["out"]) / "steps").iterdir()) == ["part-000000.parquet"]
+        noise += assert_close_up_to_summation_order(frames(ref), frames(got), job["task"])
+    assert noise == ["net.0.bias"], "the noise exemption must not hide a real difference"
+
+
+def assert_close_up_to_summation_order(a: dict, b: dict, where: str) -> list[str]:
+    """float64 frames to 1e-9; counts exact, except those of tensors whose allocation is pure rounding noise.
+
+    A tensor whose true gradient is zero (a bias before batch-norm) has |LCA| ~1e-25 of either sign,
+    so its helped counts are noise in one process as in two. Returns those tensors' names.
+    """
+    per_tensor = a["tensors"].group_by("tensor").agg(pl.col("lca").abs().max(), pl.col("n_params").first())
+    noise = per_tensor.filter(pl.col("lca") < 1e-20)["tensor"].sort().to_list()
+    noise_share = per_tensor.filter(pl.col("lca") < 1e-20)["n_params"].sum() / per_tensor["n_params"].sum()
+    for k in KEYS:
+        counts = [c for c in ("n_helped", "frac_helped") if c in a[k].columns]
+        exact = [c for c, t in a[k].schema.items() if t != pl.Float64 and c not in counts]
+        assert_frame_equal(a[k].select(exact), b[k].select(exact), check_exact=True)
+        for c in set(a[k].columns) - set(exact) - set(counts):
+            x, y = a[k][c].to_numpy(), b[k][c].to_numpy()
+            assert np.allclose(x, y, rtol=1e-9, atol=1e-13), f"{where} {k}.{c}: {np.abs(x - y).max():.2e}"
+        if "n_helped" in counts:
+            keep = ~pl.col("tensor").is_in(noise)
+            assert a[k].filter(keep)["n_helped"].equals(b[k].filter(keep)["n_helped"]), f"{where} {k}.n_helped"
+    frac = np.abs(a["steps"]["frac_helped"].to_numpy() - b["steps"]["frac_helped"].to_numpy())
+    assert frac.max() <= noise_share + 1e-12, f"{where}: frac_helped differs by {frac.max():.2e}"
+    return noise
+
+
+def test_block_and_shard_cover_everything_once():
+    for n in range(0, 12):
+        todo = list(range(100, 100 + n))
+        for world in range(1, 6):
+            parts = [block(todo, Layout(r, world)) for r in range(world)]
+            assert sum(parts, []) == todo
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+            assert block(todo, Layout(0, world, data_parallel=True)) == todo
+    batches = [(0, 256, 0), (256, 300, 0), (300, 556, 1), (556, 700, 2)]
+    for world in (2, 3, 7):
+        cut = [shard_batches(batches, Layout(r, world, data_parallel=True), False) for r in range(world)]
+        covered = sorted((a, b) for part in cut for a, b, _ in part)
+        assert sum(b - a for a, b in covered) == 700 and all(a < b for a, b in covered)
+        assert all(x[1] <= y[0] for x, y in zip(covered, covered[1:], strict=False)), "shards overlap"
+        assert max(sum(b - a for a, b, _ in p) for p in cut) - min(sum(b - a for a, b, _ in p) for p in cut) <= 1
+        whole = [shard_batches(batches, Layout(r, world, data_parallel=True), True) for r in range(world)]
+        assert sorted(sum(whole, [])) == batches, "batch-norm batches must stay whole"
+
+
+def test_resume_with_another_process_layout_is_refused(tmp_path):
+    out, config = tmp_path / "lca", {"x": 1}
+    out.mkdir()
+    totals = {"n_steps": torch.zeros(1, dtype=torch.int64)}
+    for r in (0, 1):
+        _Checkpoint(out, config, Layout(r, 2)).save(7, totals, 3)
+    assert _Checkpoint(out, config, Layout(1, 2)).next_step == 7, "the same layout resumes"
+    with pytest.raises(ReplayError, match=r"unfinished compute started by torchrun .* same processes"):
+        _Checkpoint(out, config, Layout())  # one process
+    with pytest.raises(ReplayError, match="same processes"):
+        _Checkpoint(out, config, Layout(0, 3))  # blocks of 3 are other steps than blocks of 2
+    one = tmp_path / "one"
+    one.mkdir()
+    _Checkpoint(one, config, Layout()).save(5, totals, 2)
+    # a data-parallel compute cuts no steps: it resumes a one-process compute, and vice versa
+    assert _Checkpoint(one, config, Layout(1, 2, data_parallel=True)).next_step == 5
+    with pytest.raises(ReplayError, match="started by one process"):
+        _Checkpoint(one, config, Layout(0, 2))
