@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node 2 tests/dist_compute.py JOBS_JSON
 
-JOBS_JSON: a list of {"run", "out", "task", "per_class"} computed with data_parallel=True.
+JOBS_JSON: a list of {"run": ..., **keyword arguments of replay.compute}.
 """
 
 import json
@@ -16,8 +16,7 @@ import replay
 def main(jobs_file: str) -> None:
     dist.init_process_group("gloo")
     for job in json.loads(open(jobs_file).read()):
-        replay.compute(job["run"], per_class=job["per_class"], task=job["task"], out=job["out"],
-                       data_parallel=True)
+        replay.compute(job.pop("run"), **job)
         assert dist.is_initialized(), "compute must leave a process group it did not create"
     dist.destroy_process_group()
 

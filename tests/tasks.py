@@ -78,3 +78,25 @@ def digits64():
 
 def bn_drop64():
     return _float64(bn_drop())
+
+
+def digits_dies_on_rank_1():
+    """digits whose loss raises on torchrun rank 1 after $REPLAY_TEST_DIE_AFTER calls (when set)."""
+    import os
+
+    from replay.digits import digits
+
+    t = digits()
+    limit = int(os.environ.get("REPLAY_TEST_DIE_AFTER", "0"))
+    if not limit or os.environ.get("RANK") != "1":
+        return t
+    calls, base = [0], t.loss_fn
+
+    def dying(out, y):
+        calls[0] += 1
+        if calls[0] > limit:
+            raise RuntimeError("rank 1 dies here")
+        return base(out, y)
+
+    t.loss_fn = dying
+    return t

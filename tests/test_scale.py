@@ -95,8 +95,9 @@ def test_torchrun_data_parallel_equals_one_process(ddp_run, tmp_path):
     bn_run = tmp_path / "bn"
     train_digits(tasks.BNDropNet(), str(bn_run), epochs=1, batch=128, task="tasks:bn_drop64")
     jobs = [{"run": str(ddp_run / "run"), "out": str(tmp_path / "mlp"), "task": "tasks:digits64",
-             "per_class": ["train"]},
-            {"run": str(bn_run), "out": str(tmp_path / "bnout"), "task": "tasks:bn_drop64", "per_class": []}]
+             "per_class": ["train"], "data_parallel": True},
+            {"run": str(bn_run), "out": str(tmp_path / "bnout"), "task": "tasks:bn_drop64", "per_class": [],
+             "data_parallel": True}]
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     torchrun(str(TESTS / "dist_compute.py"), str(tmp_path / "jobs.json"))
     noise = []
@@ -172,3 +173,27 @@ def test_resume_with_another_process_layout_is_refused(tmp_path):
     assert _Checkpoint(one, config, Layout(1, 2, data_parallel=True)).next_step == 5
     with pytest.raises(ReplayError, match="started by one process"):
         _Checkpoint(one, config, Layout(0, 2))
+
+
+def test_torchrun_resumes_after_a_rank_dies(ddp_run, tmp_path):
+    """Rank 1 raises mid-block (as a lost node would); the same command then resumes from each rank's last flush."""
+    ref = single_thread_compute(ddp_run / "run", per_class=["train"], out=tmp_path / "one")
+    out = tmp_path / "two"
+    job = [{"run": str(ddp_run / "run"), "out": str(out), "task": "tasks:digits_dies_on_rank_1",
+            "per_class": ["train"], "flush_every": 4}]
+    (tmp_path / "jobs.json").write_text(json.dumps(job))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "REPLAY_TEST_DIE_AFTER": "150"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(TESTS / "dist_compute.py"), str(tmp_path / "jobs.json")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode != 0 and "rank 1 dies here" in p.stderr
+    left = json.loads((out / "progress-r001.json").read_text())
+    assert 15 < left["next_step"] < 30, "rank 1 flushed part of its block (steps 15..29) before dying"
+    assert not (out / "meta.json").exists()
+    torchrun(str(TESTS / "dist_compute.py"), str(tmp_path / "jobs.json"))
+    got = replay.load(out)
+    a, b = frames(ref), frames(got)
+    assert_frame_equal(a["steps"], b["steps"], check_exact=True)
+    assert_frame_equal(a["tensors"], b["tensors"], check_exact=True)
+    assert_frame_equal(a["params"], b["params"], check_exact=False, rel_tol=1e-12, abs_tol=1e-15)
