@@ -17,7 +17,7 @@ from polars.testing import assert_frame_equal
 import replay
 from replay.digits import train_digits
 from replay.engine.compute import _Checkpoint
-from replay.engine.parallel import Layout, block, shard_batches
+from replay.engine.parallel import BLOCKS_PER_RANK, MIN_BLOCK_STEPS, Layout, segments, shard_batches
 from replay.errors import ReplayError
 
 TESTS = Path(__file__).parent
@@ -49,24 +49,24 @@ def frames(fr: replay.Frames) -> dict[str, pl.DataFrame]:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
-    """A digits MLP (float32) trained for 30 steps by 2 DDP processes, each calling Recorder on the same path."""
+    """A digits MLP (float32) trained for 40 steps by 2 DDP processes, each calling Recorder on the same path."""
     d = tmp_path_factory.mktemp("ddp")
-    torchrun(str(TESTS / "ddp_train.py"), str(d / "run"), str(d), "30")
+    torchrun(str(TESTS / "ddp_train.py"), str(d / "run"), str(d), "40")
     return d
 
 
 def test_ddp_records_once_on_rank_0(ddp_run):
     run = replay.open_run(ddp_run / "run")
-    assert run.steps == list(range(31))
+    assert run.steps == list(range(41))
     assert run.param_names == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"], \
         "the DDP wrapper's 'module.' prefix must not reach the run"
     for rank in (0, 1):  # DDP keeps the ranks identical, and the recorded state is theirs bit for bit
-        assert_bit_equal(run.state(30), torch.load(ddp_run / f"final-r{rank}.pt"), f"rank {rank}")
+        assert_bit_equal(run.state(40), torch.load(ddp_run / f"final-r{rank}.pt"), f"rank {rank}")
     info = [json.loads((ddp_run / f"info-r{r}.json").read_text()) for r in (0, 1)]
     assert info[0]["recording"] and info[0]["hooks"] == 2
     assert "replay-encoder" in info[0]["threads"] and "replay-flusher" in info[0]["threads"]
     # rank 1: nothing that could make it wait — no fence (pre-hook), no threads — but it still counts steps
-    assert not info[1]["recording"] and info[1]["hooks"] == 1 and info[1]["step"] == 30
+    assert not info[1]["recording"] and info[1]["hooks"] == 1 and info[1]["step"] == 40
     assert not any(t.startswith("replay-") for t in info[1]["threads"])
     assert sorted(p.name for p in (ddp_run / "run").iterdir() if not p.name.startswith("chunk-")) == ["manifest.json"]
 
@@ -75,14 +75,15 @@ def test_torchrun_steps_mode_equals_one_process(ddp_run, tmp_path):
     ref = single_thread_compute(ddp_run / "run", per_class=["train"], out=tmp_path / "one")
     p = torchrun("-m", "replay", "compute", str(ddp_run / "run"), "--per-class", "train", "--out",
                  str(tmp_path / "two"), "--no-progress")
-    assert p.stdout.count("computed 30 steps x 12 losses") == 1, "rank 0 reports, once"
+    assert p.stdout.count("computed 40 steps x 12 losses") == 1, "rank 0 reports, once"
     got = replay.load(tmp_path / "two")
     assert sorted(f.name for f in (tmp_path / "two" / "steps").iterdir()) == \
         ["part-r000-000000.parquet", "part-r001-000000.parquet"]
     assert not list((tmp_path / "two").glob("progress*")) and not list((tmp_path / "two").glob("totals*"))
     assert got.meta["processes"] == 2 and got.meta["parallel"] == "steps"
-    # rank 1 evaluates its first state itself, instead of reusing the end of rank 0's last step
-    assert got.meta["grad_evals"] == ref.meta["grad_evals"] + 1
+    # each block after the first evaluates its first state itself, instead of reusing the previous step's end
+    blocks = sum(len(segments(list(range(40)), Layout(r, 2))) for r in (0, 1))
+    assert got.meta["grad_evals"] == ref.meta["grad_evals"] + blocks - 1
     a, b = frames(ref), frames(got)
     assert_frame_equal(a["steps"], b["steps"], check_exact=True)  # every step: the same computation
     assert_frame_equal(a["tensors"], b["tensors"], check_exact=True)
@@ -136,14 +137,23 @@ def assert_close_up_to_summation_order(a: dict, b: dict, where: str) -> list[str
     return noise
 
 
-def test_block_and_shard_cover_everything_once():
-    for n in range(0, 12):
-        todo = list(range(100, 100 + n))
+def test_blocks_and_shards_cover_everything_once():
+    for n in [0, 1, 7, 15, 16, 17, 30, 88, 129, 1000]:
+        todo = list(range(100, 100 + 3 * n, 3))
         for world in range(1, 6):
-            parts = [block(todo, Layout(r, world)) for r in range(world)]
-            assert sum(parts, []) == todo
-            assert max(map(len, parts)) - min(map(len, parts)) <= 1
-            assert block(todo, Layout(0, world, data_parallel=True)) == todo
+            mine = [segments(todo, Layout(r, world)) for r in range(world)]
+            assert sorted(t for segs in mine for seg in segs for t in seg) == todo
+            for segs in mine:
+                assert len(segs) <= BLOCKS_PER_RANK
+                for seg in segs:  # a block is a run of consecutive steps
+                    i = todo.index(seg[0])
+                    assert todo[i:i + len(seg)] == seg
+                    assert len(seg) >= min(MIN_BLOCK_STEPS, n // world)
+            sizes = [sum(map(len, segs)) for segs in mine]
+            assert max(sizes) - min(sizes) <= BLOCKS_PER_RANK, "blocks differ by at most one step"
+            assert segments(todo, Layout(0, world, data_parallel=True)) == ([todo] if todo else [])
+    rank_1 = segments(list(range(88)), Layout(1, 2))
+    assert [seg[0] for seg in rank_1] == [9, 27, 45, 63, 80], "10 blocks of 8-9 steps, dealt in turn"
     batches = [(0, 256, 0), (256, 300, 0), (300, 556, 1), (556, 700, 2)]
     for world in (2, 3, 7):
         cut = [shard_batches(batches, Layout(r, world, data_parallel=True), False) for r in range(world)]
@@ -183,13 +193,15 @@ def test_torchrun_resumes_after_a_rank_dies(ddp_run, tmp_path):
             "per_class": ["train"], "flush_every": 4}]
     (tmp_path / "jobs.json").write_text(json.dumps(job))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "REPLAY_TEST_DIE_AFTER": "150"}
+           "OMP_NUM_THREADS": "1", "REPLAY_TEST_DIE_AFTER": "300"}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                         str(TESTS / "dist_compute.py"), str(tmp_path / "jobs.json")],
                        capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode != 0 and "rank 1 dies here" in p.stderr
     left = json.loads((out / "progress-r001.json").read_text())
-    assert 15 < left["next_step"] < 30, "rank 1 flushed part of its block (steps 15..29) before dying"
+    # rank 1's blocks are steps 10..19 and 30..39 (4 blocks of 10, dealt in turn)
+    assert [seg[0] for seg in segments(list(range(40)), Layout(1, 2))] == [10, 30]
+    assert 30 < left["next_step"] < 40, "rank 1 did its first block and flushed part of its second before dying"
     assert not (out / "meta.json").exists()
     torchrun(str(TESTS / "dist_compute.py"), str(tmp_path / "jobs.json"))
     got = replay.load(out)

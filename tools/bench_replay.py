@@ -8,14 +8,24 @@
 
 Both on a digits MLP or CNN run recorded here (train + val + per-class train: 12 losses).
 
-    python tools/bench_replay.py [--hidden 256] [--epochs 1] [--device cpu] [--repeat 3]
+(c) with --nproc N: scaling efficiency of torchrun = N-process throughput / (N × 1-process
+    throughput), both launched by torchrun with the same threads per process (cores / N), timed
+    inside the processes from a barrier after start-up to the end of compute. Also the speed-up
+    over one plain process using every core, which is what a user compares against.
+
+    python tools/bench_replay.py [--model mlp|cnn] [--hidden 256] [--epochs 1] [--device cpu] [--repeat 3]
+    python tools/bench_replay.py --nproc 2 [--data-parallel] [--model cnn] [--epochs 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -87,6 +97,59 @@ def naive(run_dir: Path, model: nn.Module, data: dict, device: str) -> float:
     return time.perf_counter() - t0
 
 
+LOSSES = {"losses": ["train", "val"], "per_class": ["train"]}
+
+
+def worker(a) -> None:
+    """One torchrun process: time compute from a barrier after start-up to a barrier at the end."""
+    import torch.distributed as dist
+
+    run, out, timing = a.worker
+    dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
+    task = task_obj()
+    dist.barrier()
+    t0 = time.perf_counter()
+    fr = replay.compute(run, **LOSSES, task=task, device=a.device, out=out, data_parallel=a.data_parallel)
+    dist.barrier()
+    seconds = time.perf_counter() - t0
+    if dist.get_rank() == 0:
+        Path(timing).write_text(json.dumps({"seconds": seconds, "grad_evals": fr.meta["grad_evals"]}))
+    dist.destroy_process_group()
+
+
+def scaling(a, tmp: Path) -> None:
+    """(c): torchrun with 1 and with N processes, interleaved rounds, medians."""
+    threads = max(1, (os.cpu_count() or 1) // a.nproc)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    n_steps = len(replay.open_run(tmp / "run").steps) - 1
+
+    def launch(n: int, r: int) -> dict:
+        out, timing = tmp / f"lca-n{n}-r{r}", tmp / f"time-n{n}-r{r}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), __file__,
+               "--worker", str(tmp / "run"), str(out), str(timing), "--model", a.model, "--hidden", str(a.hidden),
+               "--device", a.device] + (["--data-parallel"] if a.data_parallel else [])
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return json.loads(timing.read_text())
+
+    one, many, plain = [], [], []
+    for r in range(a.repeat):
+        one.append(launch(1, r))
+        many.append(launch(a.nproc, r))
+        t0 = time.perf_counter()  # one process, every core: no torchrun
+        replay.compute(tmp / "run", **LOSSES, task=task_obj(), device=a.device, out=tmp / f"plain{r}")
+        plain.append(time.perf_counter() - t0)
+        print(f"round {r}: 1 process {one[-1]['seconds']:.2f}s  {a.nproc} processes {many[-1]['seconds']:.2f}s  "
+              f"1 process on all {os.cpu_count()} cores {plain[-1]:.2f}s")
+    t1 = statistics.median(x["seconds"] for x in one)
+    tn = statistics.median(x["seconds"] for x in many)
+    mode = "data-parallel (each rank a shard of every step's data)" if a.data_parallel else "steps (a block each)"
+    print(f"\ntorchrun, mode {mode}, device {a.device}, {threads} thread(s) per process, {n_steps} steps, 12 losses")
+    print(f"1 process: {n_steps / t1:.1f} steps/s ({one[0]['grad_evals']} evals); "
+          f"{a.nproc} processes: {n_steps / tn:.1f} steps/s ({many[0]['grad_evals']} evals)")
+    print(f"(c) scaling efficiency: {t1 / (a.nproc * tn):.3f}  (target >= 0.85)")
+    print(f"    speed-up over one process using all {os.cpu_count()} cores: {statistics.median(plain) / tn:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
@@ -94,12 +157,19 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--nproc", type=int, default=0, help="measure torchrun scaling with this many processes")
+    ap.add_argument("--data-parallel", action="store_true", help="with --nproc: shard each step's data instead")
+    ap.add_argument("--worker", nargs=3, metavar=("RUN", "OUT", "TIMING"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    globals()["HIDDEN"], globals()["MODEL"] = a.hidden, a.model
+    if a.worker:
+        return worker(a)
     tmp = Path(tempfile.mkdtemp(prefix="bench_replay_"))
     try:
         task = "bench_replay:task_obj"  # stored in the run; compute below passes the Task itself
-        globals()["HIDDEN"], globals()["MODEL"] = a.hidden, a.model
         train_digits(make_model(), str(tmp / "run"), epochs=a.epochs, task=task)
+        if a.nproc:
+            return scaling(a, tmp)
         data = {k: (x.to(a.device), y.to(a.device)) for k, (x, y) in load_digits_tensors().items()}
         print("replay: 2 gradient evaluations per step + refinement; naive: 3 per step per loss")
         n_steps = len(replay.open_run(tmp / "run").steps) - 1

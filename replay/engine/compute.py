@@ -102,7 +102,7 @@ def compute(
         parallel.barrier(layout)  # every rank has read the dir before any writes to it
         if state.complete:
             return load(out)
-        return _Replay(run, ev, parallel.block(todo, layout), out, state, layout, tol, rtol, max_splits,
+        return _Replay(run, ev, parallel.segments(todo, layout), out, state, layout, tol, rtol, max_splits,
                        first_order, dense, flush_every, progress).execute()
     finally:
         parallel.leave(layout)
@@ -196,16 +196,19 @@ class _Checkpoint:
 
 
 class _Replay:
-    """The step loop of one process over its steps `todo` (all of them, or its block under torchrun)."""
+    """The step loop of one process over its segments of steps (all steps, or its blocks under torchrun)."""
 
-    def __init__(self, run: Run, ev: LossEvaluator, todo: list[int], out: Path, ckpt: _Checkpoint, layout: Layout,
+    def __init__(self, run: Run, ev: LossEvaluator, segments: list[list[int]], out: Path, ckpt: _Checkpoint,
+                 layout: Layout,
                  tol: float, rtol: float, max_splits: int, first_order: bool, dense: bool, flush_every: int,
                  progress: bool):
         self.run, self.ev, self.out, self.ckpt, self.layout = run, ev, out, ckpt, layout
         self.tol, self.rtol, self.max_splits, self.first_order = tol, rtol, max_splits, first_order
         self.dense, self.flush_every, self.progress = dense, flush_every, progress and layout.rank == 0
         self.dev = ev.device
-        self.todo = [s for s in todo if ckpt.next_step is None or s >= ckpt.next_step]
+        left = [[s for s in seg if ckpt.next_step is None or s >= ckpt.next_step] for seg in segments]
+        self.segments = [seg for seg in left if seg]
+        self.todo = [s for seg in self.segments for s in seg]
         names = [s.name for s in run.manifest.params]
         self.sizes = sizes = [s.numel for s in run.manifest.params]
         self.writer = FrameWriter(out, ev.loss_names, names, sizes, prefix=f"part{layout.tag}")
@@ -221,8 +224,8 @@ class _Replay:
                     for k in ("g_a", "g_b", "odd", "mid", "tmp", "lca")}
         self.evals = ckpt.evals  # gradient evaluations, including those before a resume
 
-    def _states(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """Flat float64 states [P] on the device, in order.
+    def _states(self, first: int, last: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Flat float64 states [P] on the device, in order: steps first..last and the state after last.
 
         CUDA: decoded one step ahead on a background thread into pinned memory, copied
         non-blocking, so reading overlaps the GPU's work. CPU: decoded inline — there is
@@ -230,7 +233,7 @@ class _Replay:
         competes with the gradients (measured: 2x slower replay on 2 cores).
         """
         flat_states = ((t, torch.cat([v.reshape(-1).double() for v in st.values()]))
-                       for t, st in self.run.states(self.todo[0], self.todo[-1] + 1 + self.run.manifest.every))
+                       for t, st in self.run.states(first, last + 1 + self.run.manifest.every))
         if self.dev.type != "cuda":
             yield from flat_states
             return
@@ -290,31 +293,32 @@ class _Replay:
             n *= 2
 
     def execute(self) -> Frames:
-        if not self.todo:  # everything was computed before an interruption at the very end
-            return self._finish()
-        it = self._states()
+        self._done, self._started, self._last_print = 0, time.perf_counter(), 0.0
+        for seg in self.segments:
+            self._segment(seg)
+        if self.progress and self.todo:
+            sys.stderr.write("\n")
+        return self._finish()
+
+    def _segment(self, seg: list[int]) -> None:
+        """Consecutive steps: the first state is evaluated, then each step's end is the next one's start."""
+        it = self._states(seg[0], seg[-1])
         t0, th0 = next(it)
         v0, g0 = self._eval(th0, self.buf["g_a"])
-        done, started = 0, time.perf_counter()
-        last_print = 0.0
         for t1, th1 in it:
             d = th1 - th0
             v1, g1 = self._eval(th1, self.buf["g_b" if g0 is self.buf["g_a"] else "g_a"])
             lca, splits, ok = self._allocate(th0, d, v0, g0, v1, g1)
+            last = t0 == self.todo[-1]
             if self.layout.writes:  # data mode: ranks other than 0 only help with the gradients
                 self._record(t0, t1, v0, v1, lca, splits, ok)
-            done += 1
-            if self.layout.writes and (len(self.writer) >= self.flush_every or t1 > self.todo[-1]):
-                self._flush(t1)
-            if self.progress and (time.perf_counter() - last_print > 0.5 or t1 > self.todo[-1]):
-                last_print = time.perf_counter()
-                _print_progress(done, len(self.todo), last_print - started)
-            if t1 > self.todo[-1]:
-                break
+                if len(self.writer) >= self.flush_every or last:
+                    self._flush(t1)
+            self._done += 1
+            if self.progress and (time.perf_counter() - self._last_print > 0.5 or last):
+                self._last_print = time.perf_counter()
+                _print_progress(self._done, len(self.todo), self._last_print - self._started)
             t0, th0, v0, g0 = t1, th1, v1, g1
-        if self.progress:
-            sys.stderr.write("\n")
-        return self._finish()
 
     def _record(self, t0: int, t1: int, v0: torch.Tensor, v1: torch.Tensor, lca: torch.Tensor, splits: int,
                 ok: torch.Tensor) -> None:
