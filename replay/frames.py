@@ -125,16 +125,19 @@ class FrameWriter:
         self._steps, self._tensors = [], []
         return files
 
-    def write_params(self, lca: np.ndarray, helped: np.ndarray, n_steps: int) -> str:
-        """Totals over steps: lca [L, P] float64, helped [L, P] counts (P in tensor order)."""
-        L, P = lca.shape
-        tensor_ids = np.repeat(np.arange(len(self.tensor_sizes)), self.tensor_sizes)  # [P]
-        index = np.concatenate([np.arange(n) for n in self.tensor_sizes])  # flat index within its tensor
+    def write_params(self, lca: np.ndarray, helped: np.ndarray, n_steps: int, start: int = 0) -> str:
+        """Totals over steps: lca [L, k] float64, helped [L, k] counts, for the flat parameters start..start+k
+        (in tensor order; a data-parallel rank writes its own slice)."""
+        L, k = lca.shape
+        ends = np.cumsum(self.tensor_sizes)
+        flat = np.arange(start, start + k)
+        tensor_ids = np.searchsorted(ends, flat, side="right")  # [k]
+        index = flat - (ends - self.tensor_sizes)[tensor_ids]  # flat index within its tensor
         df = pl.DataFrame({
-            "loss": np.repeat(np.array(self.loss_names, dtype=object), P),
+            "loss": np.repeat(np.array(self.loss_names, dtype=object), k),
             "tensor": np.tile(np.array(self.tensor_names, dtype=object)[tensor_ids], L),
             "index": np.tile(index, L), "lca": lca.reshape(-1),
-            "n_helped": helped.reshape(-1).astype(np.int64), "n_steps": np.full(L * P, n_steps, dtype=np.int64),
+            "n_helped": helped.reshape(-1).astype(np.int64), "n_steps": np.full(L * k, n_steps, dtype=np.int64),
         }, schema=PARAMS_SCHEMA)
         rel = f"params/{self.prefix}.parquet"
         _write_parquet(df, self.out / rel)

@@ -61,6 +61,21 @@ def _check_arguments(model: nn.Module, every: int, task: str | None, chunk_bytes
         raise ValueError(f"chunk_bytes and queue_size must be ≥ 1, got {chunk_bytes}, {queue_size}")
 
 
+def _refuse_sharded(model: nn.Module) -> None:
+    """FSDP and tensor parallelism hold a shard of each parameter per rank: one rank's copy is not the state."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return  # sharding needs a process group
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    sharded = isinstance(model, FullyShardedDataParallel) or any(
+        isinstance(p, DTensor) or isinstance(m, FullyShardedDataParallel)
+        for m in model.modules() for p in m.parameters(recurse=False))
+    if sharded:
+        raise RecordError("the model's parameters are sharded across ranks (FSDP or DTensor); replay records "
+                          "whole parameters only — record a DistributedDataParallel or single-process model")
+
+
 class Recorder:
     """Record `model`'s trainable parameters into the run directory `path`.
 
@@ -88,6 +103,7 @@ class Recorder:
         _check_arguments(model, every, task, chunk_bytes, queue_size)
         if isinstance(model, DistributedDataParallel):
             model = model.module  # same tensors; names without the wrapper's "module." prefix
+        _refuse_sharded(model)
         self.path, self.model, self.every, self.step = Path(path), model, every, 0
         self._closed, self._hooks = False, []
         self._error: BaseException | None = None

@@ -208,6 +208,9 @@ def test_parameter_set_change_is_an_error_and_keeps_data(tmp_path):
         opt.zero_grad()
         nn.functional.mse_loss(model(torch.randn(4, 8)), torch.randn(4, 3)).backward()
         opt.step()
+    # the encoder checks the parameter set after encoding each state: wait until it has copied
+    # state 3 (so it has checked state 2), or a lagging encoder would see the change at state 2
+    rec._wait_fence()
     model[2] = nn.Linear(16, 5)  # the architecture changed mid-run
     with pytest.raises(RecordError, match=r"trainable parameters changed.*start a new Recorder"):
         for _ in range(3):

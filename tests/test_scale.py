@@ -16,7 +16,7 @@ from polars.testing import assert_frame_equal
 
 import replay
 from replay.digits import train_digits
-from replay.engine.compute import _Checkpoint
+from replay.engine.checkpoint import Checkpoint
 from replay.engine.parallel import BLOCKS_PER_RANK, MIN_BLOCK_STEPS, Layout, segments, shard_batches
 from replay.errors import ReplayError
 
@@ -108,7 +108,10 @@ def test_torchrun_data_parallel_equals_one_process(ddp_run, tmp_path):
         got = replay.load(job["out"])
         assert got.meta["processes"] == 2 and got.meta["parallel"] == "data"
         assert got.meta["grad_evals"] == ref.meta["grad_evals"]
-        assert sorted(f.name for f in (Path(job["out"]) / "steps").iterdir()) == ["part-000000.parquet"]
+        assert sorted(f.name for f in (Path(job["out"]) / "steps").iterdir()) == ["part-r000-000000.parquet"]
+        # each rank wrote the params rows of its own slice of the parameters
+        assert sorted(f.name for f in (Path(job["out"]) / "params").iterdir()) == \
+            ["part-r000.parquet", "part-r001.parquet"]
         noise += assert_close_up_to_summation_order(frames(ref), frames(got), job["task"])
     assert noise == ["net.0.bias"], "the noise exemption must not hide a real difference"
 
@@ -170,19 +173,20 @@ def test_resume_with_another_process_layout_is_refused(tmp_path):
     out.mkdir()
     totals = {"n_steps": torch.zeros(1, dtype=torch.int64)}
     for r in (0, 1):
-        _Checkpoint(out, config, Layout(r, 2)).save(7, totals, 3)
-    assert _Checkpoint(out, config, Layout(1, 2)).next_step == 7, "the same layout resumes"
-    with pytest.raises(ReplayError, match=r"unfinished compute started by torchrun .* same processes"):
-        _Checkpoint(out, config, Layout())  # one process
-    with pytest.raises(ReplayError, match="same processes"):
-        _Checkpoint(out, config, Layout(0, 3))  # blocks of 3 are other steps than blocks of 2
+        Checkpoint(out, config, Layout(r, 2)).save(7, totals, 3)
+    assert Checkpoint(out, config, Layout(1, 2)).next_step == 7, "the same layout resumes"
+    with pytest.raises(ReplayError, match=r"unfinished compute started by 2 processes in steps mode .* same proc"):
+        Checkpoint(out, config, Layout())  # one process
+    with pytest.raises(ReplayError, match="started by 2 processes in steps mode"):
+        Checkpoint(out, config, Layout(0, 3))  # blocks of 3 are other steps than blocks of 2
+    with pytest.raises(ReplayError, match="started by 2 processes in steps mode"):
+        Checkpoint(out, config, Layout(0, 2, data_parallel=True))  # slices of parameters, not blocks of steps
     one = tmp_path / "one"
     one.mkdir()
-    _Checkpoint(one, config, Layout()).save(5, totals, 2)
-    # a data-parallel compute cuts no steps: it resumes a one-process compute, and vice versa
-    assert _Checkpoint(one, config, Layout(1, 2, data_parallel=True)).next_step == 5
+    Checkpoint(one, config, Layout()).save(5, totals, 2)
+    assert Checkpoint(one, config, Layout()).next_step == 5
     with pytest.raises(ReplayError, match="started by one process"):
-        _Checkpoint(one, config, Layout(0, 2))
+        Checkpoint(one, config, Layout(0, 2))
 
 
 def test_torchrun_resumes_after_a_rank_dies(ddp_run, tmp_path):
@@ -209,3 +213,27 @@ def test_torchrun_resumes_after_a_rank_dies(ddp_run, tmp_path):
     assert_frame_equal(a["steps"], b["steps"], check_exact=True)
     assert_frame_equal(a["tensors"], b["tensors"], check_exact=True)
     assert_frame_equal(a["params"], b["params"], check_exact=False, rel_tol=1e-12, abs_tol=1e-15)
+
+
+def test_parameter_slices_cover_every_column_once():
+    from replay.engine.compute import _cuts
+    from replay.engine.evaluate import _pieces
+
+    sizes = [6, 1, 10, 3]  # P = 20
+    for world in (1, 2, 3, 7, 25):
+        S = -(-20 // world)
+        flat = []
+        for i, pieces in enumerate(_pieces(sizes, S)):
+            for r, a, b, sa, sb in pieces:
+                assert 0 <= a < b <= S and b - a == sb - sa
+                flat += [(r * S + a + k, sum(sizes[:i]) + sa + k) for k in range(b - a)]
+        assert all(dst == src for dst, src in flat) and sorted(d for d, _ in flat) == list(range(20))
+        for r in range(world):  # a slice's columns, cut at tensor edges (id 4 = the padding after P)
+            cuts, ids = _cuts(sizes, r * S, (r + 1) * S, torch.device("cpu"))
+            assert sum(cuts) == S
+            if world == 1:
+                assert ids is None
+    cuts, ids = _cuts(sizes, 7, 14, torch.device("cpu"))
+    assert cuts == [7] and ids.tolist() == [2]
+    cuts, ids = _cuts(sizes, 14, 21, torch.device("cpu"))
+    assert cuts == [3, 3, 1] and ids.tolist() == [2, 3, 4]

@@ -142,7 +142,7 @@ def scaling(a, tmp: Path) -> None:
               f"1 process on all {os.cpu_count()} cores {plain[-1]:.2f}s")
     t1 = statistics.median(x["seconds"] for x in one)
     tn = statistics.median(x["seconds"] for x in many)
-    mode = "data-parallel (each rank a shard of every step's data)" if a.data_parallel else "steps (a block each)"
+    mode = "data (a shard of every step's data each)" if a.data_parallel else "steps (blocks dealt in turn)"
     print(f"\ntorchrun, mode {mode}, device {a.device}, {threads} thread(s) per process, {n_steps} steps, 12 losses")
     print(f"1 process: {n_steps / t1:.1f} steps/s ({one[0]['grad_evals']} evals); "
           f"{a.nproc} processes: {n_steps / tn:.1f} steps/s ({many[0]['grad_evals']} evals)")

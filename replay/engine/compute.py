@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import queue
-import re
 import sys
 import threading
 import time
@@ -26,16 +25,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from replay.engine import parallel
+from replay.engine.checkpoint import Checkpoint
 from replay.engine.evaluate import LossEvaluator
 from replay.engine.parallel import Layout
 from replay.engine.simpson import is_grounded, refine_points, simpson_integral
-from replay.errors import ReplayError, RunError, TaskError
+from replay.errors import RunError, TaskError
 from replay.frames import Frames, FrameWriter, load, write_meta
 from replay.store import Run, open_run
-from replay.store.manifest import write_atomic
 from replay.task import Task, load_task
 
 
@@ -98,7 +97,7 @@ def compute(
                   "losses": ev.loss_names, "tol": tol, "rtol": rtol, "max_splits": max_splits,
                   "first_order": first_order, "steps": [todo[0], todo[-1]], "batchnorm": t.batchnorm,
                   "batch_size": t.batch_size, "dense": dense}
-        state = _Checkpoint(out, config, layout)
+        state = Checkpoint(out, config, layout)
         parallel.barrier(layout)  # every rank has read the dir before any writes to it
         if state.complete:
             return load(out)
@@ -120,88 +119,16 @@ def _check_model(task: Task, run: Run) -> None:
                             f"the run recorded {s.shape}; is --task the model that was trained?")
 
 
-class _Checkpoint:
-    """progress{tag}.json + totals{tag}-{next}.safetensors in the lca dir: what a resume needs.
+class _Replay:
+    """The step loop of one process over its segments of steps (all steps, or its blocks under torchrun).
 
-    One set per writing rank (tag '-r001' in steps mode, '' otherwise); a resume must use
-    the layout that wrote them, since the blocks of steps depend on the number of processes.
+    Its [L, S] buffers and totals cover the columns `ev.own` of the flat parameter vector:
+    all of them, except in data mode, where each rank owns a slice.
     """
 
-    def __init__(self, out: Path, config: dict, layout: Layout):
-        self.out, self.config, self.layout, self.tag = out, config, layout, layout.tag
-        self.parts: list[str] = []
-        self.next_step: int | None = None
-        self.seq = self.evals = 0
-        self.complete = False
-        self.totals: dict[str, torch.Tensor] | None = None
-        meta, prog = out / "meta.json", out / f"progress{self.tag}.json"
-        found = sorted(out.glob("progress*.json")) if out.is_dir() else []
-        if meta.is_file():
-            m = json.loads(meta.read_text())
-            if m.get("config") != config:
-                raise ReplayError(f"{out}: holds LCA computed with other settings; choose another --out or delete it")
-            self.complete = bool(m.get("complete"))
-        elif out.exists() and any(out.iterdir()) and not found:
-            raise ReplayError(f"{out}: exists and is not an lca dir; choose another --out")
-        if self.complete:
-            return
-        self._check_layout(found)
-        if prog.is_file():
-            p = json.loads(prog.read_text())
-            if p["config"] != config:
-                raise ReplayError(f"{out}: holds an unfinished compute with other settings; "
-                                  f"choose another --out or delete it")
-            self.parts, self.next_step, self.seq, self.evals = p["parts"], p["next_step"], p["seq"], p["evals"]
-            if layout.writes:
-                self.totals = load_file(out / p["totals"])
-                keep = set(self.parts)
-                for f in (self.own_files("steps/part", ".parquet") + self.own_files("tensors/part", ".parquet")
-                          + self.own_files("dense/part", ".safetensors")):
-                    if str(f.relative_to(out)) not in keep:
-                        f.unlink()  # written after the last checkpoint: will be recomputed
-
-    def _check_layout(self, found: list[Path]) -> None:
-        expected = {f"progress{t}.json" for t in self.layout.tags()}
-        blocks = self.layout.world if self.layout.shards_steps else None
-        stray = [f.name for f in found if f.name not in expected]
-        if not stray and all(json.loads(f.read_text()).get("blocks") == blocks for f in found):
-            return
-        was = ("torchrun with one block of steps per process" if any("-r" in f.name for f in found)
-               else "one process (or --data-parallel)")
-        raise ReplayError(f"{self.out}: holds an unfinished compute started by {was} "
-                          f"({', '.join(f.name for f in found)}); resume it with the same processes and mode, "
-                          f"or delete {self.out}")
-
-    def own_files(self, stem: str, suffix: str) -> list[Path]:
-        """This rank's files `{stem}{tag}-NNN{suffix}` (the '' tag must not match '-r001' files)."""
-        d, name = (self.out / stem).parent, Path(stem).name
-        pat = re.compile(rf"{re.escape(name + self.tag)}-\d+{re.escape(suffix)}")
-        return [f for f in d.glob(f"{name}*{suffix}") if pat.fullmatch(f.name)] if d.is_dir() else []
-
-    def save(self, next_step: int, totals: dict[str, torch.Tensor], evals: int) -> None:
-        name = f"totals{self.tag}-{next_step:010d}.safetensors"
-        save_file({k: v.cpu().contiguous() for k, v in totals.items()}, self.out / name)
-        prog = {"config": self.config, "parts": self.parts, "next_step": next_step, "seq": self.seq, "totals": name,
-                "evals": evals, "blocks": self.layout.world if self.layout.shards_steps else None}
-        write_atomic(self.out / f"progress{self.tag}.json", json.dumps(prog).encode())
-        for old in self.own_files("totals", ".safetensors"):
-            if old.name != name:
-                old.unlink()
-
-    def remove(self) -> None:
-        """The compute is complete (meta.json written): the resume state goes."""
-        for f in self.own_files("totals", ".safetensors"):
-            f.unlink()
-        (self.out / f"progress{self.tag}.json").unlink(missing_ok=True)
-
-
-class _Replay:
-    """The step loop of one process over its segments of steps (all steps, or its blocks under torchrun)."""
-
-    def __init__(self, run: Run, ev: LossEvaluator, segments: list[list[int]], out: Path, ckpt: _Checkpoint,
-                 layout: Layout,
-                 tol: float, rtol: float, max_splits: int, first_order: bool, dense: bool, flush_every: int,
-                 progress: bool):
+    def __init__(self, run: Run, ev: LossEvaluator, segments: list[list[int]], out: Path, ckpt: Checkpoint,
+                 layout: Layout, tol: float, rtol: float, max_splits: int, first_order: bool, dense: bool,
+                 flush_every: int, progress: bool):
         self.run, self.ev, self.out, self.ckpt, self.layout = run, ev, out, ckpt, layout
         self.tol, self.rtol, self.max_splits, self.first_order = tol, rtol, max_splits, first_order
         self.dense, self.flush_every, self.progress = dense, flush_every, progress and layout.rank == 0
@@ -210,29 +137,34 @@ class _Replay:
         self.segments = [seg for seg in left if seg]
         self.todo = [s for seg in self.segments for s in seg]
         names = [s.name for s in run.manifest.params]
-        self.sizes = sizes = [s.numel for s in run.manifest.params]
+        sizes = [s.numel for s in run.manifest.params]
         self.writer = FrameWriter(out, ev.loss_names, names, sizes, prefix=f"part{layout.tag}")
-        L, P = len(ev.loss_names), sum(sizes)
-        self.totals = ckpt.totals or {"lca": torch.zeros(L, P, dtype=torch.float64),
-                                      "helped": torch.zeros(L, P, dtype=torch.int32),
+        self.lo, self.hi = ev.own
+        self.P, self.T = sum(sizes), len(sizes)
+        self.cut_sizes, self.cut_ids = _cuts(sizes, self.lo, self.hi, self.dev)
+        L, S = len(ev.loss_names), self.hi - self.lo
+        self.totals = ckpt.totals or {"lca": torch.zeros(L, S, dtype=torch.float64),
+                                      "helped": torch.zeros(L, S, dtype=torch.int32),
                                       "n_steps": torch.zeros(1, dtype=torch.int64)}
         self.totals = {k: v.to(self.dev) for k, v in self.totals.items()}
         self.dense_buf: dict[str, torch.Tensor] = {}
-        # [L,P] work buffers in the model's dtype (totals are float64): the two endpoint gradients
+        # [L,S] work buffers in the model's dtype (totals are float64): the two endpoint gradients
         # (swapped each step), Simpson's odd and interior-even sums, a refinement scratch, the allocation
-        self.buf = {k: torch.empty(L, P, dtype=ev.grad_dtype, device=self.dev)
+        self.buf = {k: torch.empty(L, S, dtype=ev.grad_dtype, device=self.dev)
                     for k in ("g_a", "g_b", "odd", "mid", "tmp", "lca")}
         self.evals = ckpt.evals  # gradient evaluations, including those before a resume
+        self._since_flush = 0
 
     def _states(self, first: int, last: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """Flat float64 states [P] on the device, in order: steps first..last and the state after last.
+        """Flat float64 states [padded] on the device, in order: steps first..last and the state after last.
 
         CUDA: decoded one step ahead on a background thread into pinned memory, copied
         non-blocking, so reading overlaps the GPU's work. CPU: decoded inline — there is
         nothing to overlap, and torch ops on a second thread start a second OpenMP team that
         competes with the gradients (measured: 2x slower replay on 2 cores).
         """
-        flat_states = ((t, torch.cat([v.reshape(-1).double() for v in st.values()]))
+        pad = [torch.zeros(self.ev.padded - self.P, dtype=torch.float64)] if self.ev.padded > self.P else []
+        flat_states = ((t, torch.cat([v.reshape(-1).double() for v in st.values()] + pad))
                        for t, st in self.run.states(first, last + 1 + self.run.manifest.every))
         if self.dev.type != "cuda":
             yield from flat_states
@@ -258,38 +190,51 @@ class _Replay:
         self.evals += 1
         return self.ev(theta, out)
 
+    def _proj(self, dw: torch.Tensor, *gs: torch.Tensor) -> torch.Tensor:
+        """[len(gs), L] float64: each gradient's projection on Δθ (summed over the ranks' slices in data mode)."""
+        p = torch.stack([g @ dw for g in gs]).double()
+        if self.layout.shards_data:
+            parallel.all_reduce(p)
+        return p
+
     def _allocate(self, th0: torch.Tensor, d: torch.Tensor, v0: torch.Tensor, g0: torch.Tensor, v1: torch.Tensor,
                   g1: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
-        """Simpson (refined until grounded) → (lca [L,P], splits, grounded [L]).
+        """Simpson (refined until grounded) → (lca [L,S], splits, grounded [L]).
 
         The refinement test needs only ΣLCA = (E·Δθ + 4·O·Δθ + 2·M·Δθ)/(3n): projections
-        [L] of each gradient on Δθ, so the [L,P] allocation is formed once, at the end, in a
-        preallocated buffer (like every [L,P] here: fresh ones cost page faults).
+        [L] of each gradient on Δθ, so the [L,S] allocation is formed once, at the end, in a
+        preallocated buffer (like every [L,S] here: fresh ones cost page faults).
         """
         dl = v1 - v0
         lca = self.buf["lca"]
-        d = d.to(lca.dtype)  # Δθ is exact in float64; the products run in the gradients' dtype
+        # Δθ of the own columns, in the gradients' dtype (the evaluation points use the float64 d)
+        dw = d[self.lo:self.hi].to(lca.dtype)
         if self.first_order:
-            torch.mul(g0, d, out=lca)
-            return lca, 1, is_grounded(dl - lca.sum(1, dtype=torch.float64), dl, self.tol, self.rtol)
+            (p0,) = self._proj(dw, g0)
+            return torch.mul(g0, dw, out=lca), 1, is_grounded(dl - p0, dl, self.tol, self.rtol)
         n = 2
-        odd, mid, tmp = self.buf["odd"], self.buf["mid"].zero_(), self.buf["tmp"]
+        odd, mid, tmp = self.buf["odd"], self.buf["mid"], self.buf["tmp"]
         self._eval(th0 + 0.5 * d, odd)
-        proj = lambda g: (g @ d).double()  # noqa: E731  [L]: a gradient's projection on Δθ
-        ends_d, odd_d, mid_d = proj(g0) + proj(g1), proj(odd), torch.zeros_like(dl)
+        p0, p1, odd_d = self._proj(dw, g0, g1, odd)
+        ends_d, mid_d = p0 + p1, torch.zeros_like(dl)
         while True:
             ok = is_grounded(dl - simpson_integral(ends_d, odd_d, mid_d, n), dl, self.tol, self.rtol)
             # host sync: the refinement decision (rank 0's in data mode, where every rank must agree)
             if n >= self.max_splits or parallel.agree(bool(ok.all()), self.layout, self.dev):
-                torch.add(g0, g1, out=lca).add_(odd, alpha=4.0).add_(mid, alpha=2.0)  # E + 4·O + 2·M
-                return lca.mul_(d).div_(3.0 * n), n, ok
-            mid += odd
+                torch.add(g0, g1, out=lca).add_(odd, alpha=4.0)  # E + 4·O + 2·M, M = 0 while n = 2
+                if n > 2:
+                    lca.add_(mid, alpha=2.0)
+                return lca.mul_(dw / (3.0 * n)), n, ok
+            if n == 2:
+                mid.copy_(odd)
+            else:
+                mid += odd
             mid_d += odd_d
             for j, s in enumerate(refine_points(n)):
                 self._eval(th0 + s * d, odd if j == 0 else tmp)
                 if j:
                     odd += tmp
-            odd_d = proj(odd)
+            (odd_d,) = self._proj(dw, odd)
             n *= 2
 
     def execute(self) -> Frames:
@@ -309,30 +254,40 @@ class _Replay:
             d = th1 - th0
             v1, g1 = self._eval(th1, self.buf["g_b" if g0 is self.buf["g_a"] else "g_a"])
             lca, splits, ok = self._allocate(th0, d, v0, g0, v1, g1)
+            self._record(t0, t1, v0, v1, lca, splits, ok)
             last = t0 == self.todo[-1]
-            if self.layout.writes:  # data mode: ranks other than 0 only help with the gradients
-                self._record(t0, t1, v0, v1, lca, splits, ok)
-                if len(self.writer) >= self.flush_every or last:
-                    self._flush(t1)
+            self._since_flush += 1
+            if self._since_flush >= self.flush_every or last:
+                self._flush(t1)
             self._done += 1
             if self.progress and (time.perf_counter() - self._last_print > 0.5 or last):
                 self._last_print = time.perf_counter()
                 _print_progress(self._done, len(self.todo), self._last_print - self._started)
             t0, th0, v0, g0 = t1, th1, v1, g1
 
+    def _per_tensor(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[L, T] sums of x [L, S] over each tensor's columns (zeros for tensors outside the own slice)."""
+        sums = torch.stack([c.sum(1, dtype=dtype) for c in x.split(self.cut_sizes, 1)], 1)
+        if self.cut_ids is None:  # the own columns are all the tensors, in order
+            return sums
+        out = torch.zeros(x.shape[0], self.T + 1, dtype=dtype, device=x.device)  # T: the padding
+        return out.index_copy_(1, self.cut_ids, sums)[:, :self.T].contiguous()  # collectives need contiguous
+
     def _record(self, t0: int, t1: int, v0: torch.Tensor, v1: torch.Tensor, lca: torch.Tensor, splits: int,
                 ok: torch.Tensor) -> None:
         """Add the step to the totals and its per-loss and per-tensor sums to the frames."""
         helped = lca < 0
-        tl = torch.stack([c.sum(1, dtype=torch.float64) for c in lca.split(self.sizes, 1)], 1)  # [L,T]
-        th = torch.stack([c.sum(1) for c in helped.split(self.sizes, 1)], 1)
+        tl, th = self._per_tensor(lca, torch.float64), self._per_tensor(helped, torch.int64)  # [L,T]
         self.totals["lca"] += lca
         self.totals["helped"] += helped
         self.totals["n_steps"] += 1
-        if self.dense:
-            self.dense_buf[str(t0)] = lca.to("cpu", torch.float64, copy=True)
-        host = [x.cpu().numpy() for x in (v0, v1, tl.sum(1), ok, tl, th)]  # one sync per step
-        self.writer.add(t0, t1, host[0], host[1], host[2], splits, host[3], host[4], host[5])
+        if self.layout.shards_data:  # each rank summed its slice: rank 0 writes the step
+            parallel.reduce_to_first(tl, th)
+        if self.dense and (full := parallel.gather_columns(lca, self.layout)) is not None:
+            self.dense_buf[str(t0)] = full[:, :self.P].to("cpu", torch.float64, copy=True)
+        if self.layout.writes_steps:
+            host = [x.cpu().numpy() for x in (v0, v1, tl.sum(1), ok, tl, th)]  # one sync per step
+            self.writer.add(t0, t1, host[0], host[1], host[2], splits, host[3], host[4], host[5])
 
     def _flush(self, next_step: int) -> None:
         ck = self.ckpt
@@ -345,25 +300,48 @@ class _Replay:
             self.dense_buf = {}
         ck.seq += 1
         ck.save(next_step, self.totals, self.evals)
+        self._since_flush = 0
 
     def _finish(self) -> Frames:
-        """Totals (summed onto rank 0 in steps mode) → params and meta.json; then the resume state goes."""
+        """params rows (own slice, or the totals summed onto rank 0 in steps mode), meta.json, then the
+        resume state goes."""
         lay = self.layout
         totals = {**self.totals, "evals": torch.tensor([self.evals], dtype=torch.int64, device=self.dev)}
-        parallel.reduce_to_first(totals, lay)
-        if lay.rank == 0:
+        if lay.shards_steps:
+            parallel.reduce_to_first(*(totals[k] for k in sorted(totals)))
+        if lay.rank == 0 or lay.shards_data:
             tot = {k: v.cpu() for k, v in totals.items()}
+            own = max(0, min(self.hi, self.P) - self.lo)  # the last slice may end in padding
+            self.writer.write_params(tot["lca"][:, :own].numpy(), tot["helped"][:, :own].numpy(),
+                                     int(tot["n_steps"].item()), start=self.lo)
+        parallel.barrier(lay)  # every params part is written
+        if lay.rank == 0:
             n_steps = int(tot["n_steps"].item())
-            self.writer.write_params(tot["lca"].numpy(), tot["helped"].numpy(), n_steps)
             write_meta(self.out, {"complete": True, "config": self.ckpt.config, "losses": self.ev.loss_names,
                                   "loss_sizes": self.ev.loss_sizes, "n_steps": n_steps,
                                   "tensors": self.writer.tensor_names, "run": str(self.run.path.resolve()),
                                   "grad_evals": int(tot["evals"].item()), "processes": lay.world,
                                   "parallel": lay.mode})
         parallel.barrier(lay)  # meta.json is written: every rank may load, and drop its resume state
-        if lay.writes:
-            self.ckpt.remove()
+        self.ckpt.remove()
         return load(self.out)
+
+
+def _cuts(sizes: list[int], lo: int, hi: int, device: torch.device) -> tuple[list[int], torch.Tensor | None]:
+    """The columns lo..hi cut at tensor edges: piece sizes, and each piece's tensor id (len(sizes) = padding).
+
+    Ids are None when the columns are exactly all tensors (one process, or steps mode).
+    """
+    if lo == 0 and hi == sum(sizes):
+        return sizes, None
+    cuts, ids, base = [], [], 0
+    for i, n in enumerate([*sizes, hi]):  # a last pseudo-tensor covers the padding
+        a, b = max(lo, base), min(hi, base + n)
+        if a < b:
+            cuts.append(b - a)
+            ids.append(i)
+        base += n
+    return cuts, torch.tensor(ids, device=device)
 
 
 def _print_progress(done: int, total: int, elapsed: float) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from replay.engine.parallel import Layout, all_reduce, shard_batches
+from replay.engine.parallel import Layout, all_reduce, reduce_scatter, shard_batches
 from replay.errors import TaskError
 from replay.task import Task
 
@@ -31,7 +31,9 @@ class LossEvaluator:
     """Evaluates `loss_names` (float64) and their gradients (model dtype, flat over `param_names`).
 
     With a data-parallel `layout`, this process evaluates only its shard of each data set's
-    examples and the sums are all-reduced, so every process returns the whole gradients.
+    examples; the loss sums are all-reduced and the gradients reduce-scattered, so it returns
+    every loss and the whole gradients of its own columns `own` of the flat parameter vector
+    (padded to `padded` = world × slice, so that every rank's slice has one size).
     """
 
     def __init__(self, task: Task, param_names: list[str], datasets: list[str], per_class: list[str],
@@ -48,10 +50,18 @@ class LossEvaluator:
         self.loss_sizes: list[int] = []
         self.plans = [self._plan(d, d in per_class) for d in datasets]
         self.n_examples = torch.tensor(self.loss_sizes, dtype=torch.float64, device=device)
+        P, N = sum(self.numels), self.layout.world if self.layout.shards_data else 1
+        S = -(-P // N)
+        r = self.layout.rank if N > 1 else 0
+        self.own, self.padded = (r * S, (r + 1) * S), N * S
+        self._pieces = _pieces(self.numels, S)
         self.inv_sizes = [1.0 / n for n in self.loss_sizes]
         # gradients are computed in the model's dtype and kept in it (the widest, if mixed);
         # loss values and LCA totals are accumulated in float64 by the caller
         self.grad_dtype = max((p.dtype for p in self.params), key=lambda d: d.itemsize)
+        # data mode: this process's partial sums for every rank's slice, [world, L, slice], reduce-scattered
+        self._send = (torch.empty(N, len(self.loss_names), S, dtype=self.grad_dtype, device=device)
+                      if N > 1 else None)
         _set_deterministic_mode(self.model, task.batchnorm)
 
     def _add_loss(self, name: str, size: int) -> int:
@@ -96,22 +106,24 @@ class LossEvaluator:
         return _DataPlan(x[lo:hi].to(self.device), y[lo:hi].to(self.device), batches, cell_losses)
 
     def load(self, theta: torch.Tensor) -> None:
-        """Write the flat float64 θ [P] into the model's parameters (cast to their dtypes)."""
+        """Write the flat float64 θ [P] (or padded [≥P]) into the model's parameters (cast to their dtypes)."""
         with torch.no_grad():
-            for p, v in zip(self.params, torch.split(theta, self.numels), strict=True):
+            for p, v in zip(self.params, torch.split(theta[:sum(self.numels)], self.numels), strict=True):
                 p.copy_(v.view(p.shape))
 
     def __call__(self, theta: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Losses [L] (float64) and gradients [L, P] (model dtype) of every loss at θ: one pass per data set.
+        """Losses [L] (float64) and gradients [L, own columns] (model dtype) of every loss at θ.
 
-        `out` [L, P] is overwritten when given: preallocated buffers spare the page faults of
-        a fresh multi-megabyte tensor per evaluation.
+        One pass per data set. `out` is overwritten when given: preallocated buffers spare
+        the page faults of a fresh multi-megabyte tensor per evaluation.
         """
         self.load(theta)
-        L, P = len(self.loss_names), sum(self.numels)
+        L, S = len(self.loss_names), self.own[1] - self.own[0]
         sums = torch.zeros(L, dtype=torch.float64, device=self.device)
-        grads = out.zero_() if out is not None else torch.zeros(L, P, dtype=self.grad_dtype, device=self.device)
-        blocks = grads.split(self.numels, 1)  # views [L, n_i], one per parameter
+        grads = out if out is not None else torch.empty(L, S, dtype=self.grad_dtype, device=self.device)
+        target = (self._send if self._send is not None else grads.view(1, L, S)).zero_()
+        # views [L, n] of the target, per parameter: where its flat gradient's pieces go
+        blocks = [[(target[r, :, a:b], sa, sb) for r, a, b, sa, sb in pieces] for pieces in self._pieces]
         loss_fn = self.task.loss_fn
         for plan in self.plans:
             for p in self.params:
@@ -125,15 +137,32 @@ class LossEvaluator:
                 if i + 1 == len(plan.batches) or plan.batches[i + 1][2] != c:  # end of cell
                     for li in plan.cell_losses[c]:
                         sums[li] += cell_sum
-                        for blk, p in zip(blocks, self.params, strict=True):
+                        for views, p in zip(blocks, self.params, strict=True):
                             if p.grad is not None:  # scaled to a mean
-                                blk[li].add_(p.grad.reshape(-1), alpha=self.inv_sizes[li])
+                                g = p.grad.reshape(-1)
+                                for v, sa, sb in views:
+                                    v[li].add_(g[sa:sb], alpha=self.inv_sizes[li])
                     for p in self.params:
                         p.grad = None
                     cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        if self.layout.shards_data:  # each rank holds its shard's share of every sum
-            all_reduce(sums, grads)
+        if self._send is not None:  # each rank holds its shard's share of every sum
+            all_reduce(sums)
+            reduce_scatter(grads, self._send)
         return sums / self.n_examples, grads
+
+
+def _pieces(numels: list[int], slice_size: int) -> list[list[tuple[int, int, int, int, int]]]:
+    """Per parameter, its flat range cut at slice edges: (rank, start, stop in that slice, start, stop in it)."""
+    out, base = [], 0
+    for n in numels:
+        pieces, a = [], base
+        while a < base + n:
+            r, b = a // slice_size, min(base + n, (a // slice_size + 1) * slice_size)
+            pieces.append((r, a - r * slice_size, b - r * slice_size, a - base, b - base))
+            a = b
+        out.append(pieces)
+        base += n
+    return out
 
 
 def _set_deterministic_mode(model: nn.Module, batchnorm: str) -> None:

@@ -12,8 +12,12 @@ Two modes, chosen by the caller:
   summed on rank 0 (`reduce`). A step's numbers are those of a single process; only the
   totals' float64 sums are associated differently (per rank, then across ranks).
 - **data** (`data_parallel=True`): for a step too big for one device's data, every rank
-  evaluates every step on its shard of each data set and the losses and gradients are
-  summed (`all_reduce`); rank 0 writes everything. The gradients' sums are associated
+  evaluates every step on its shard of each data set. Each rank also owns a contiguous slice
+  of the flat parameter vector: the per-loss gradients are reduce-scattered, so a rank
+  receives the whole sums for its slice only, and does Simpson's [losses × parameters]
+  bookkeeping for that slice. Only [losses]-sized projections (the refinement test) and
+  [losses × tensors] step sums cross between ranks after that. Every rank writes the `params`
+  rows of its slice; rank 0 writes the step frames. The gradients' sums are associated
   differently from one process (per shard, then across shards).
 
 With one process (no torchrun, or `--nproc-per-node 1`) both modes are the plain path.
@@ -48,18 +52,18 @@ class Layout:
         return self.world > 1 and self.data_parallel
 
     @property
-    def writes(self) -> bool:
-        """Whether this rank writes frames and checkpoints (all in steps mode; rank 0 in data mode)."""
+    def writes_steps(self) -> bool:
+        """Whether this rank writes step and tensor frames (every rank in steps mode; rank 0 in data mode)."""
         return self.rank == 0 or self.shards_steps
 
     @property
     def tag(self) -> str:
-        """Suffix of this rank's files in steps mode ('-r001'); '' when one writer owns the dir."""
-        return f"-r{self.rank:03d}" if self.shards_steps else ""
+        """Suffix of this rank's files ('-r001'); '' for a single process."""
+        return f"-r{self.rank:03d}" if self.world > 1 else ""
 
     def tags(self) -> list[str]:
         """The file suffixes of every rank of this layout."""
-        return [f"-r{r:03d}" for r in range(self.world)] if self.shards_steps else [""]
+        return [f"-r{r:03d}" for r in range(self.world)] if self.world > 1 else [""]
 
     @property
     def mode(self) -> str:
@@ -145,6 +149,21 @@ def all_reduce(*tensors: torch.Tensor) -> None:
         dist.all_reduce(t)
 
 
+def reduce_scatter(out: torch.Tensor, chunks: torch.Tensor) -> None:
+    """out = Σ over ranks of chunks[rank]; `chunks` is [world, *out.shape], contiguous."""
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.14
+    fn(out.view(-1), chunks.view(-1))  # flat: gloo wants input.shape[0] == world × output.shape[0]
+
+
+def gather_columns(x: torch.Tensor, layout: Layout) -> torch.Tensor | None:
+    """Data mode: every rank's column slice of x, side by side, on rank 0 (None elsewhere)."""
+    if not layout.shards_data:
+        return x
+    parts = [torch.empty_like(x) for _ in range(layout.world)] if layout.rank == 0 else None
+    dist.gather(x, parts, 0)
+    return torch.cat(parts, 1) if parts is not None else None
+
+
 def agree(flag: bool, layout: Layout, device: torch.device) -> bool:
     """Rank 0's decision, on every rank: a refinement loop that diverged would deadlock."""
     if not layout.shards_data:
@@ -154,11 +173,10 @@ def agree(flag: bool, layout: Layout, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def reduce_to_first(tensors: dict[str, torch.Tensor], layout: Layout) -> None:
-    """Sum the steps-mode totals onto rank 0, in place (other ranks' values become undefined)."""
-    if layout.shards_steps:
-        for k in sorted(tensors):
-            dist.reduce(tensors[k], 0)
+def reduce_to_first(*tensors: torch.Tensor) -> None:
+    """Sum onto rank 0, in place (other ranks' values become undefined)."""
+    for t in tensors:
+        dist.reduce(t, 0)
 
 
 def barrier(layout: Layout) -> None:
