@@ -237,3 +237,25 @@ def test_parameter_slices_cover_every_column_once():
     assert cuts == [7] and ids.tolist() == [2]
     cuts, ids = _cuts(sizes, 14, 21, torch.device("cpu"))
     assert cuts == [3, 3, 1] and ids.tolist() == [2, 3, 4]
+
+
+def test_sharded_parameters_are_refused(tmp_path):
+    """FSDP2 and tensor parallelism hold DTensor shards: one rank's copy is not the state, so no recording."""
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from replay.digits import digits_mlp
+    from replay.errors import RecordError
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = digits_mlp()
+        mesh = init_device_mesh("cpu", (1,))
+        model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Shard(0)]))
+        with pytest.raises(RecordError, match="sharded across ranks .* record a DistributedDataParallel"):
+            replay.Recorder(model, tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+    finally:
+        dist.destroy_process_group()

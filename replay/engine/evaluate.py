@@ -111,11 +111,13 @@ class LossEvaluator:
             for p, v in zip(self.params, torch.split(theta[:sum(self.numels)], self.numels), strict=True):
                 p.copy_(v.view(p.shape))
 
-    def __call__(self, theta: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, theta: torch.Tensor, out: torch.Tensor | None = None,
+                 partial: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Losses [L] (float64) and gradients [L, own columns] (model dtype) of every loss at θ.
 
         One pass per data set. `out` is overwritten when given: preallocated buffers spare
-        the page faults of a fresh multi-megabyte tensor per evaluation.
+        the page faults of a fresh multi-megabyte tensor per evaluation. `partial` (data
+        mode): return this rank's part of the losses, for the caller to sum with others.
         """
         self.load(theta)
         L, S = len(self.loss_names), self.own[1] - self.own[0]
@@ -146,7 +148,8 @@ class LossEvaluator:
                         p.grad = None
                     cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         if self._send is not None:  # each rank holds its shard's share of every sum
-            all_reduce(sums)
+            if not partial:
+                all_reduce(sums)
             reduce_scatter(grads, self._send)
         return sums / self.n_examples, grads
 

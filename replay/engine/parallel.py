@@ -150,9 +150,15 @@ def all_reduce(*tensors: torch.Tensor) -> None:
 
 
 def reduce_scatter(out: torch.Tensor, chunks: torch.Tensor) -> None:
-    """out = Σ over ranks of chunks[rank]; `chunks` is [world, *out.shape], contiguous."""
+    """out = Σ over ranks of chunks[rank]; `chunks` is [world, *out.shape], contiguous (and overwritten)."""
+    if dist.get_backend() == "gloo":
+        # gloo's reduce-scatter is slower than its all-reduce of the whole buffer (measured, 4 MB,
+        # 2 processes: 5.6 vs 4.0 ms); NCCL's moves half the data of an all-reduce
+        dist.all_reduce(chunks)
+        out.copy_(chunks[dist.get_rank()])
+        return
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.14
-    fn(out.view(-1), chunks.view(-1))  # flat: gloo wants input.shape[0] == world × output.shape[0]
+    fn(out.view(-1), chunks.view(-1))
 
 
 def gather_columns(x: torch.Tensor, layout: Layout) -> torch.Tensor | None:
@@ -162,15 +168,6 @@ def gather_columns(x: torch.Tensor, layout: Layout) -> torch.Tensor | None:
     parts = [torch.empty_like(x) for _ in range(layout.world)] if layout.rank == 0 else None
     dist.gather(x, parts, 0)
     return torch.cat(parts, 1) if parts is not None else None
-
-
-def agree(flag: bool, layout: Layout, device: torch.device) -> bool:
-    """Rank 0's decision, on every rank: a refinement loop that diverged would deadlock."""
-    if not layout.shards_data:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.broadcast(t, 0)
-    return bool(t.item())
 
 
 def reduce_to_first(*tensors: torch.Tensor) -> None:
