@@ -62,10 +62,10 @@ def compute(
     by composite Simpson up to `max_splits` sub-intervals, and flagged if still not grounded.
     Writes frames to `out` (default RUN/lca) and returns them (see `replay.load`).
 
-    Under torchrun (or in an initialized process group) each process computes a contiguous
-    block of the steps; with `data_parallel`, every process computes every step on its shard
-    of the data instead. Either way the frames equal a single process's, up to the order of
-    float summation.
+    Under torchrun (or in an initialized process group) each process computes blocks of
+    consecutive steps; with `data_parallel`, every process computes every step on its shard
+    of the data and its slice of the parameters instead. Either way the frames equal a
+    single process's, up to the order of float summation (see `engine.parallel`).
     """
     run = run if isinstance(run, Run) else open_run(run)
     if max_splits < 2 or max_splits & (max_splits - 1):
