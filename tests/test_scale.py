@@ -216,26 +216,25 @@ def test_torchrun_resumes_after_a_rank_dies(ddp_run, tmp_path):
 
 
 def test_parameter_slices_cover_every_column_once():
-    from replay.engine.compute import _cuts
-    from replay.engine.evaluate import _pieces
+    from replay.engine.parallel import param_pieces, slice_cuts
 
     sizes = [6, 1, 10, 3]  # P = 20
     for world in (1, 2, 3, 7, 25):
         S = -(-20 // world)
         flat = []
-        for i, pieces in enumerate(_pieces(sizes, S)):
+        for i, pieces in enumerate(param_pieces(sizes, S)):
             for r, a, b, sa, sb in pieces:
                 assert 0 <= a < b <= S and b - a == sb - sa
                 flat += [(r * S + a + k, sum(sizes[:i]) + sa + k) for k in range(b - a)]
         assert all(dst == src for dst, src in flat) and sorted(d for d, _ in flat) == list(range(20))
         for r in range(world):  # a slice's columns, cut at tensor edges (id 4 = the padding after P)
-            cuts, ids = _cuts(sizes, r * S, (r + 1) * S, torch.device("cpu"))
+            cuts, ids = slice_cuts(sizes, r * S, (r + 1) * S, torch.device("cpu"))
             assert sum(cuts) == S
             if world == 1:
                 assert ids is None
-    cuts, ids = _cuts(sizes, 7, 14, torch.device("cpu"))
+    cuts, ids = slice_cuts(sizes, 7, 14, torch.device("cpu"))
     assert cuts == [7] and ids.tolist() == [2]
-    cuts, ids = _cuts(sizes, 14, 21, torch.device("cpu"))
+    cuts, ids = slice_cuts(sizes, 14, 21, torch.device("cpu"))
     assert cuts == [3, 3, 1] and ids.tolist() == [2, 3, 4]
 
 

@@ -141,7 +141,7 @@ class _Replay:
         self.writer = FrameWriter(out, ev.loss_names, names, sizes, prefix=f"part{layout.tag}")
         self.lo, self.hi = ev.own
         self.P, self.T = sum(sizes), len(sizes)
-        self.cut_sizes, self.cut_ids = _cuts(sizes, self.lo, self.hi, self.dev)
+        self.cut_sizes, self.cut_ids = parallel.slice_cuts(sizes, self.lo, self.hi, self.dev)
         L, S = len(ev.loss_names), self.hi - self.lo
         self.totals = ckpt.totals or {"lca": torch.zeros(L, S, dtype=torch.float64),
                                       "helped": torch.zeros(L, S, dtype=torch.int32),
@@ -321,14 +321,14 @@ class _Replay:
         totals = {**self.totals, "evals": torch.tensor([self.evals], dtype=torch.int64, device=self.dev)}
         if lay.shards_steps:
             parallel.reduce_to_first(*(totals[k] for k in sorted(totals)))
+        tot = {k: v.cpu() for k, v in totals.items()}
+        n_steps = int(tot["n_steps"].item())
         if lay.rank == 0 or lay.shards_data:
-            tot = {k: v.cpu() for k, v in totals.items()}
             own = max(0, min(self.hi, self.P) - self.lo)  # the last slice may end in padding
-            self.writer.write_params(tot["lca"][:, :own].numpy(), tot["helped"][:, :own].numpy(),
-                                     int(tot["n_steps"].item()), start=self.lo)
+            self.writer.write_params(tot["lca"][:, :own].numpy(), tot["helped"][:, :own].numpy(), n_steps,
+                                     start=self.lo)
         parallel.barrier(lay)  # every params part is written
         if lay.rank == 0:
-            n_steps = int(tot["n_steps"].item())
             write_meta(self.out, {"complete": True, "config": self.ckpt.config, "losses": self.ev.loss_names,
                                   "loss_sizes": self.ev.loss_sizes, "n_steps": n_steps,
                                   "tensors": self.writer.tensor_names, "run": str(self.run.path.resolve()),
@@ -337,23 +337,6 @@ class _Replay:
         parallel.barrier(lay)  # meta.json is written: every rank may load, and drop its resume state
         self.ckpt.remove()
         return load(self.out)
-
-
-def _cuts(sizes: list[int], lo: int, hi: int, device: torch.device) -> tuple[list[int], torch.Tensor | None]:
-    """The columns lo..hi cut at tensor edges: piece sizes, and each piece's tensor id (len(sizes) = padding).
-
-    Ids are None when the columns are exactly all tensors (one process, or steps mode).
-    """
-    if lo == 0 and hi == sum(sizes):
-        return sizes, None
-    cuts, ids, base = [], [], 0
-    for i, n in enumerate([*sizes, hi]):  # a last pseudo-tensor covers the padding
-        a, b = max(lo, base), min(hi, base + n)
-        if a < b:
-            cuts.append(b - a)
-            ids.append(i)
-        base += n
-    return cuts, torch.tensor(ids, device=device)
 
 
 def _print_progress(done: int, total: int, elapsed: float) -> None:

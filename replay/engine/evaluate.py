@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from replay.engine.parallel import Layout, all_reduce, reduce_scatter, shard_batches
+from replay.engine.parallel import Layout, all_reduce, param_pieces, reduce_scatter, shard_batches
 from replay.errors import TaskError
 from replay.task import Task
 
@@ -54,7 +54,7 @@ class LossEvaluator:
         S = -(-P // N)
         r = self.layout.rank if N > 1 else 0
         self.own, self.padded = (r * S, (r + 1) * S), N * S
-        self._pieces = _pieces(self.numels, S)
+        self._pieces = param_pieces(self.numels, S)
         self.inv_sizes = [1.0 / n for n in self.loss_sizes]
         # gradients are computed in the model's dtype and kept in it (the widest, if mixed);
         # loss values and LCA totals are accumulated in float64 by the caller
@@ -152,20 +152,6 @@ class LossEvaluator:
                 all_reduce(sums)
             reduce_scatter(grads, self._send)
         return sums / self.n_examples, grads
-
-
-def _pieces(numels: list[int], slice_size: int) -> list[list[tuple[int, int, int, int, int]]]:
-    """Per parameter, its flat range cut at slice edges: (rank, start, stop in that slice, start, stop in it)."""
-    out, base = [], 0
-    for n in numels:
-        pieces, a = [], base
-        while a < base + n:
-            r, b = a // slice_size, min(base + n, (a // slice_size + 1) * slice_size)
-            pieces.append((r, a - r * slice_size, b - r * slice_size, a - base, b - base))
-            a = b
-        out.append(pieces)
-        base += n
-    return out
 
 
 def _set_deterministic_mode(model: nn.Module, batchnorm: str) -> None:

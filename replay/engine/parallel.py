@@ -79,29 +79,26 @@ def join(device: str, data_parallel: bool) -> tuple[Layout, torch.device]:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ReplayError("--device cuda: no CUDA device is available here; use --device cpu")
-    owns = False
-    if not (dist.is_available() and dist.is_initialized()):
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return Layout(data_parallel=data_parallel), dev
-        if not dist.is_available():
-            raise ReplayError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        if dev.type == "cuda":
-            if dev.index >= torch.cuda.device_count():
-                raise ReplayError(f"--device {device}: this process would use cuda:{dev.index} but this machine has "
-                                  f"{torch.cuda.device_count()} GPU(s); start one process per GPU "
-                                  f"(torchrun --nproc-per-node {torch.cuda.device_count()})")
-            torch.cuda.set_device(dev)
+    joined = dist.is_available() and dist.is_initialized()
+    if not joined and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Layout(data_parallel=data_parallel), dev
+    if not dist.is_available():
+        raise ReplayError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count()
+        if dev.index is None:  # one GPU per process
+            local = os.environ.get("LOCAL_RANK")
+            dev = torch.device("cuda", int(local) if local is not None else dist.get_rank() % count if joined else 0)
+        if dev.index >= count:
+            raise ReplayError(f"--device {device}: this process would use cuda:{dev.index} but this machine has "
+                              f"{count} GPU(s); start one process per GPU (torchrun --nproc-per-node {count})")
+        torch.cuda.set_device(dev)
+    if not joined:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        owns = True
-    elif dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
-    backend = dist.get_backend()
-    if backend == "nccl" and dev.type != "cuda":
+    if dist.get_backend() == "nccl" and dev.type != "cuda":
         raise ReplayError(f"--device {device} under an nccl process group: nccl reduces CUDA tensors only; "
                           f"use --device cuda, or a gloo group for the CPU")
-    return Layout(dist.get_rank(), dist.get_world_size(), data_parallel, owns), dev
+    return Layout(dist.get_rank(), dist.get_world_size(), data_parallel, owns_group=not joined), dev
 
 
 def leave(layout: Layout) -> None:
@@ -141,6 +138,41 @@ def shard_batches(batches: list[tuple[int, int, int]], layout: Layout,
     if keep_whole:
         return [b for b in batches if lo <= b[0] < hi]
     return [(max(a, lo), min(b, hi), c) for a, b, c in batches if a < hi and b > lo]
+
+
+# How the flat parameter vector meets the ranks' slices in data mode, seen from both sides:
+# a parameter's range cut at slice edges (where its gradient goes), and a slice cut at
+# parameter edges (what it sums per tensor).
+
+def param_pieces(numels: list[int], slice_size: int) -> list[list[tuple[int, int, int, int, int]]]:
+    """Per parameter, its flat range cut at slice edges: (rank, start, stop in that slice, start, stop in it)."""
+    out, base = [], 0
+    for n in numels:
+        pieces, a = [], base
+        while a < base + n:
+            r, b = a // slice_size, min(base + n, (a // slice_size + 1) * slice_size)
+            pieces.append((r, a - r * slice_size, b - r * slice_size, a - base, b - base))
+            a = b
+        out.append(pieces)
+        base += n
+    return out
+
+
+def slice_cuts(sizes: list[int], lo: int, hi: int, device: torch.device) -> tuple[list[int], torch.Tensor | None]:
+    """The columns lo..hi cut at tensor edges: piece sizes, and each piece's tensor id (len(sizes) = padding).
+
+    Ids are None when the columns are exactly all tensors (one process, or steps mode).
+    """
+    if lo == 0 and hi == sum(sizes):
+        return sizes, None
+    cuts, ids, base = [], [], 0
+    for i, n in enumerate([*sizes, hi]):  # a last pseudo-tensor covers the padding
+        a, b = max(lo, base), min(hi, base + n)
+        if a < b:
+            cuts.append(b - a)
+            ids.append(i)
+        base += n
+    return cuts, torch.tensor(ids, device=device)
 
 
 def all_reduce(*tensors: torch.Tensor) -> None:
