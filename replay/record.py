@@ -1,16 +1,24 @@
 """Recorder: capture trainable parameters after every optimizer step, off the training thread.
 
+What state t is: the parameters as the forward of update t sees them. That is the value
+right after the previous `optimizer.step()` plus any in-place change made before the next
+step begins (weight clipping, projections, max-norm: `p.clamp_()` after `opt.step()`).
+
 Threads and buffers (S = bytes of one flat state, see `store.layout`):
 
     training thread ──post-hook──> staging buffer from a bounded pool (blocks = backpressure)
-        CPU:  parameters are read-only until the next optimizer.step(), so only a *request*
-              is queued; the encoder thread copies them while forward/backward runs, and a
-              step *pre*-hook waits for that copy before the parameters change again.
+        CPU:  parameters are not updated until the next optimizer.step(), so only a *request*
+              is queued; the encoder thread copies them while forward/backward runs.
         CUDA: a non-blocking copy into pinned memory on a side stream, fenced by an event
               that the next step's stream waits on (no host sync on the training thread).
         buffers (BN statistics) change during forward, so they are copied in the hook itself.
-    encoder thread: XOR of the new state with the previous one into the chunk buffer
-    flusher thread: CRC-32, write to a temp name, fsync, rename (store.chunk.write_chunk)
+    training thread ──next step's pre-hook (or close)──> seal: wait for the copy, then compare
+        every parameter's version counter (`p._version`) with its value at the post-hook and
+        copy again those changed in place since; only then may the encoder use the state.
+    encoder thread: XOR of the sealed state with the previous one into the chunk buffer; a
+        chunk is closed when full, or once its oldest state is `flush_secs` old
+    flusher thread: CRC-32, write to a temp name, rename (store.chunk.write_chunk); fsync of
+        the files not yet synced on the `flush_secs` clock and at close
 
 Memory is bounded: `queue` staging states plus three chunk buffers of ≤ `chunk_bytes`.
 
@@ -22,35 +30,46 @@ files — and so can never make them wait.
 from __future__ import annotations
 
 import atexit
+import errno
+import fcntl
+import math
 import os
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from replay.errors import RecordError
+from replay.store.atomic import fsync_dir, fsync_file
 from replay.store.chunk import write_chunk
 from replay.store.layout import StateLayout, spec_of
 from replay.store.manifest import MANIFEST, Manifest
+from replay.store.run import LOCK
+from replay.wrappers import torch_optimizer, unwrap_model
 
 # Chosen by tools/bench_chunks.py (2.4 MB states, this 2-core box): write throughput is the
 # disk's (350-790 MB/s, noise) from 4 MiB up at every size, while run.state(t) grows with the
 # chunk (1.7 ms at 4 MiB, 9.7 at 8, 14 at 16, 22 at 32): 8 MiB keeps random access cheap and
-# the file count moderate. Capped in states so that a tiny model does not keep thousands of
-# steps unflushed (what a SIGKILL would lose).
+# the file count moderate.
 DEFAULT_CHUNK_BYTES = 8 << 20
 MAX_CHUNK_STATES = 1024
+# A crash loses at most this much recording. 30 s: a killed job loses under a minute of
+# states, while a fast small model still writes few, large chunks (each closed chunk starts
+# the next with a keyframe, so flushing every second would multiply the bytes of tiny runs).
+DEFAULT_FLUSH_SECS = 30.0
 _STOP = object()
 
 
-def _check_arguments(model: nn.Module, every: int, task: str | None, chunk_bytes: int, queue_size: int) -> None:
+def _check_arguments(model: nn.Module, every: int, task: str | None, chunk_bytes: int, queue_size: int,
+                     flush_secs: float) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(every, int) or every < 1:
@@ -59,6 +78,8 @@ def _check_arguments(model: nn.Module, every: int, task: str | None, chunk_bytes
         raise ValueError(f"task: expected 'module:function', got {task!r}")
     if chunk_bytes < 1 or queue_size < 1:
         raise ValueError(f"chunk_bytes and queue_size must be ≥ 1, got {chunk_bytes}, {queue_size}")
+    if not (isinstance(flush_secs, int | float) and math.isfinite(flush_secs) and flush_secs > 0):
+        raise ValueError(f"flush_secs: expected a positive number of seconds, got {flush_secs!r}")
 
 
 def _refuse_sharded(model: nn.Module) -> None:
@@ -76,14 +97,84 @@ def _refuse_sharded(model: nn.Module) -> None:
                           "whole parameters only — record a DistributedDataParallel or single-process model")
 
 
+def trainable_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], dict[str, str], list[str]]:
+    """(recorded (name, parameter) pairs, {alias: recorded name} of tied ones, frozen names).
+
+    A tied tensor (one Parameter under two names) is recorded once, under its first name in
+    `named_parameters()` order; its other names are aliases.
+    """
+    first: dict[int, str] = {}
+    params, aliases, frozen = [], {}, []
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            if p.requires_grad:
+                aliases[n] = first[id(p)]
+            continue
+        first[id(p)] = n
+        if p.requires_grad:
+            params.append((n, p))
+        else:
+            frozen.append(n)
+    return params, aliases, frozen
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One state on its way from the training thread to the encoder."""
+
+    t: int
+    flat: torch.Tensor
+    views: dict[str, torch.Tensor]
+    copied: threading.Event | torch.cuda.Event | None  # CPU deferred copy done / CUDA side-stream copy
+    versions: list[int]
+    sealed: threading.Event = field(default_factory=threading.Event)
+    patched: torch.cuda.Event | None = None  # CUDA: the re-copy of parameters changed in place
+
+
+def _claim(path: Path) -> tuple[int, bool]:
+    """Create (if needed) and lock the run directory; refuse one that holds anything. → (lock fd, created)."""
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as e:
+        raise RecordError(f"{path}: cannot create the run directory ({e.strerror or e}); "
+                          f"pass a path to a new directory you can write") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RecordError(f"{path}: another Recorder is recording into it right now; "
+                          f"record into a new directory") from None
+    if any(p.name != LOCK for p in path.iterdir()):
+        os.close(fd)
+        what = "already holds a run" if (path / MANIFEST).exists() else "is not an empty directory"
+        raise RecordError(f"{path}: {what}; record into a new directory (runs are never overwritten)")
+    return fd, created
+
+
+def _write_failed(path: Path, steps: list[int], written: int, e: OSError) -> RecordError:
+    """One line for a failed chunk write that says what happened, not always 'free disk space'."""
+    remedy = {
+        errno.ENOSPC: "free disk space and record anew",
+        errno.EDQUOT: "the disk quota is exhausted; free space and record anew",
+        errno.ENOENT: "the run directory was deleted or moved while recording; record anew",
+        errno.EACCES: "write permission on the run directory was lost; record anew",
+        errno.EROFS: "the file system became read-only; record anew elsewhere",
+    }.get(e.errno, "record anew")
+    return RecordError(f"{path}: writing the chunk of steps {steps[0]}..{steps[-1]} failed ({e.strerror or e}); "
+                       f"the {written} chunks already written are intact — {remedy}")
+
+
 class Recorder:
     """Record `model`'s trainable parameters into the run directory `path`.
 
-    With `optimizer`, every `optimizer.step()` is captured automatically; without, call
-    `capture()` after each update. State 0 (the parameters now) is captured on creation.
-    Only states 0, every, 2·every, ... are stored. Use as a context manager or call `close()`.
-    A DistributedDataParallel model is recorded under its inner module's names, by process
-    `rank` only (with the same code on every process; `recording` says which one this is).
+    With `optimizer` (a torch optimizer, or a wrapper such as accelerate's), every
+    `optimizer.step()` is captured automatically; without, call `capture()` after each update.
+    State 0 (the parameters now) is captured on creation. Only states 0, every, 2·every, ... are
+    stored. A crash loses at most `flush_secs` of recording. Use as a context manager or call
+    `close()`. A DistributedDataParallel or torch.compile'd model is recorded under the plain
+    model's names; under DDP by process `rank` only (`recording` says which one this is).
     """
 
     def __init__(
@@ -91,42 +182,54 @@ class Recorder:
         model: nn.Module,
         path: str | os.PathLike,
         *,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: object | None = None,
         every: int = 1,
         task: str | None = None,
         metadata: dict | None = None,
         buffers: bool = False,
+        flush_secs: float = DEFAULT_FLUSH_SECS,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         queue_size: int = 4,
         rank: int = 0,
     ):
-        _check_arguments(model, every, task, chunk_bytes, queue_size)
-        if isinstance(model, DistributedDataParallel):
-            model = model.module  # same tensors; names without the wrapper's "module." prefix
+        _check_arguments(model, every, task, chunk_bytes, queue_size, flush_secs)
+        model = unwrap_model(model)
         _refuse_sharded(model)
+        opt = torch_optimizer(optimizer) if optimizer is not None else None
         self.path, self.model, self.every, self.step = Path(path), model, every, 0
+        self.flush_secs = float(flush_secs)
         self._closed, self._hooks = False, []
         self._error: BaseException | None = None
+        self._pending: _Pending | None = None
         self.chunks_written = 0
         self.recording = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == rank
         if not self.recording:  # another process records this run: only count the steps
-            if optimizer is not None:
-                self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.capture()))
+            if opt is not None:
+                self._hooks.append(opt.register_step_post_hook(lambda *_: self.capture()))
             return
-        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
-            what = "already holds a run" if (self.path / MANIFEST).exists() else "is not an empty directory"
-            raise RecordError(f"{self.path}: {what}; record into a new directory (runs are never overwritten)")
-        self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._params, aliases, frozen = trainable_parameters(model)
         self._buffers = list(model.named_buffers()) if buffers else []
         if not self._params:
             raise RecordError("model has no trainable parameters (requires_grad=True); nothing to record")
         specs = [spec_of(n, p) for n, p in self._params] + [spec_of(n, b, "buffer") for n, b in self._buffers]
         self.layout = StateLayout(specs)
         self._signature = self._param_signature()
-        self.path.mkdir(parents=True, exist_ok=True)
-        Manifest(specs, every=every, task=task, torch_version=torch.__version__,
-                 metadata=dict(metadata or {}), chunk_bytes=chunk_bytes).write(self.path)
+        self._manifest = Manifest(specs, every=every, task=task, torch_version=torch.__version__,
+                                  metadata=dict(metadata or {}), chunk_bytes=chunk_bytes, aliases=aliases,
+                                  frozen=frozen)
+        # everything above can fail without touching the disk; from here on a failure undoes what it made
+        self._lock, created = _claim(self.path)
+        try:
+            self._manifest.write(self.path)
+            self._start(opt, queue_size, chunk_bytes)
+        except BaseException:
+            self._abandon(created)
+            raise
+        ref = weakref.ref(self)
+        self._atexit = lambda: (r := ref()) is not None and r.close()
+        atexit.register(self._atexit)
 
+    def _start(self, opt: torch.optim.Optimizer | None, queue_size: int, chunk_bytes: int) -> None:
         device = self._params[0][1].device
         self._cuda = device.type == "cuda"
         self._side = torch.cuda.Stream(device) if self._cuda else None
@@ -141,19 +244,34 @@ class Recorder:
         self._free_chunks: queue.Queue = queue.Queue()
         for _ in range(3):
             self._free_chunks.put(np.empty(self._slots * self.layout.nbytes, dtype=np.uint8))
-        self._fence: threading.Event | torch.cuda.Event | None = None
-
+        self._deferred = opt is not None  # a pre-hook seals each state before the parameters change
         self._encoder = threading.Thread(target=self._guard(self._encode_loop), name="replay-encoder", daemon=True)
         self._flusher = threading.Thread(target=self._guard(self._flush_loop), name="replay-flusher", daemon=True)
         self._encoder.start()
         self._flusher.start()
-        if optimizer is not None:
-            self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self._wait_fence()))
-            self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.capture()))
-        self._snapshot(0, deferred=False)
-        ref = weakref.ref(self)
-        self._atexit = lambda: (r := ref()) is not None and r.close()
-        atexit.register(self._atexit)
+        if opt is not None:
+            self._hooks.append(opt.register_step_pre_hook(lambda *_: self._seal()))
+            self._hooks.append(opt.register_step_post_hook(lambda *_: self.capture()))
+        self._snapshot(0)
+
+    def _abandon(self, created: bool) -> None:
+        """The constructor failed: stop what started and remove what it wrote, so a retry can succeed."""
+        self._closed = True
+        for h in self._hooks:
+            h.remove()
+        if getattr(self, "_encoder", None) is not None and self._encoder.is_alive():
+            self._error = self._error or RecordError("abandoned")
+            self._encoder.join(timeout=5)
+            self._flusher.join(timeout=5)
+        for p in self.path.iterdir():
+            if p.name == MANIFEST or p.name.startswith("chunk-") or p.name.startswith("."):
+                p.unlink(missing_ok=True)
+        os.close(self._lock)
+        if created:
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass
 
     # ---- training thread -------------------------------------------------------------
 
@@ -162,46 +280,62 @@ class Recorder:
         self._raise_if_failed()
         self.step += 1
         if self.recording and self.step % self.every == 0:
-            # deferred only when a pre-hook guards the next update (optimizer given)
-            self._snapshot(self.step, deferred=bool(self._hooks))
+            self._snapshot(self.step)
 
-    def _snapshot(self, t: int, deferred: bool) -> None:
-        self._wait_fence()
+    def _snapshot(self, t: int) -> None:
+        self._seal()
         flat, views = self._get(self._pool)
+        versions = [p._version for _, p in self._params]
         with torch.no_grad():
             for n, b in self._buffers:  # buffers change in forward: copy now
                 views[n].copy_(b, non_blocking=self._cuda)
             if self._cuda:
-                # side stream: the copy overlaps the next forward; the event fences the next step
+                # side stream: the copy overlaps the next forward; the next step's stream waits for it
                 self._side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(self._side):
                     for n, p in self._params:
                         views[n].copy_(p.detach(), non_blocking=True)
-                    ev = torch.cuda.Event()
-                    ev.record()
-                self._fence = ev
-                self._put(self._work, (t, flat, views, ev))
-            elif deferred:
-                fence = threading.Event()
-                self._fence = fence
-                self._put(self._work, (t, flat, views, fence))
-            else:
+                    copied = torch.cuda.Event()
+                    copied.record()
+            elif self._deferred:
+                copied = threading.Event()  # the encoder copies while forward/backward runs
+            else:  # capture() after a manual update: nothing guards the next change, copy now
                 for n, p in self._params:
                     views[n].copy_(p.detach())
-                self._put(self._work, (t, flat, views, None))
-
-    def _wait_fence(self) -> None:
-        fence, self._fence = self._fence, None
-        if fence is None:
-            return
-        if isinstance(fence, threading.Event):
-            while not fence.wait(1.0):
-                self._raise_if_failed()
+                copied = None
+        item = _Pending(t, flat, views, copied, versions)
+        if copied is None:
+            item.sealed.set()
         else:
-            torch.cuda.current_stream().wait_event(fence)  # GPU-side wait, no host sync
+            self._pending = item
+        self._put(self._work, item)
+
+    def _seal(self) -> None:
+        """Before the parameters change again: finish the pending copy and re-copy what changed in place."""
+        item, self._pending = self._pending, None
+        if item is None:
+            return
+        if isinstance(item.copied, threading.Event):
+            while not item.copied.wait(1.0):
+                self._raise_if_failed()
+        elif item.copied is not None:
+            torch.cuda.current_stream().wait_event(item.copied)  # GPU-side wait, no host sync
+        changed = [(n, p) for (n, p), v in zip(self._params, item.versions, strict=True) if p._version != v]
+        if changed:
+            with torch.no_grad():
+                for n, p in changed:
+                    item.views[n].copy_(p.detach(), non_blocking=self._cuda)
+            if self._cuda:
+                item.patched = torch.cuda.Event()
+                item.patched.record()
+        item.sealed.set()
 
     def close(self) -> None:
-        """Flush the partial chunk, stop the threads, detach the hooks. Idempotent."""
+        """Seal the last state, flush the partial chunk, stop the threads, detach the hooks. Idempotent.
+
+        The last state includes in-place changes made up to now: close right after training
+        (before, say, loading a best checkpoint into the model).
+        """
         if self._closed:
             return
         self._closed = True
@@ -210,8 +344,19 @@ class Recorder:
         if not self.recording:
             return
         atexit.unregister(self._atexit)
-        if self._error is None:
-            self._wait_fence()
+        try:
+            if self._error is None:
+                self._seal()
+        finally:
+            self._stop_threads()
+            try:
+                (self.path / LOCK).unlink(missing_ok=True)
+            except OSError:
+                pass
+            os.close(self._lock)
+        self._raise_if_failed()
+
+    def _stop_threads(self) -> None:
         while self._encoder.is_alive():  # the encoder may be dead (error): don't block on a full queue
             try:
                 self._work.put(_STOP, timeout=0.1)
@@ -220,12 +365,11 @@ class Recorder:
                 continue
         self._encoder.join()
         self._flusher.join()
-        self._raise_if_failed()
 
     def __enter__(self) -> Recorder:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ---- background threads ----------------------------------------------------------
@@ -235,65 +379,114 @@ class Recorder:
             try:
                 fn()
             except BaseException as e:  # surfaced on the training thread by _raise_if_failed
-                self._error = e
-                if isinstance(self._fence, threading.Event):
-                    self._fence.set()
+                self._error = self._error or e
+                pending = self._pending
+                if pending is not None and isinstance(pending.copied, threading.Event):
+                    pending.copied.set()
         return run
+
+    def _wait(self, event: threading.Event, on_tick: Callable[[], None]) -> None:
+        while not event.wait(0.25):
+            on_tick()
+            if self._error is not None:
+                raise RecordError("stopped")
 
     def _encode_loop(self) -> None:
         nb = self.layout.nbytes
         prev = None  # (flat, views) of the previous state, kept for the next XOR
-        buf, steps, stored = None, [], []
+        chunk = {"buf": None, "steps": [], "stored": [], "since": 0.0}
+
+        def emit(sync: bool) -> None:
+            if chunk["steps"]:
+                self._put(self._chunks, (chunk["buf"], chunk["steps"], chunk["stored"], sync))
+                chunk.update(buf=None, steps=[], stored=[])
+
+        def tick() -> None:  # a chunk whose oldest state is flush_secs old is written now
+            if chunk["steps"] and time.monotonic() - chunk["since"] >= self.flush_secs:
+                emit(sync=True)
+
         try:
-            while (item := self._work.get()) is not _STOP:
-                t, flat, views, fence = item
-                if isinstance(fence, threading.Event):  # deferred copy: parameters frozen until set()
-                    # (a numpy copy here, or SCHED_IDLE for this thread, measured slower: tools/bench_record.py)
+            while True:
+                try:
+                    item = self._work.get(timeout=0.25)
+                except queue.Empty:
+                    if self._error is not None:  # the flusher died: nothing more can be written
+                        break
+                    tick()
+                    continue
+                if item is _STOP:
+                    break
+                if isinstance(item.copied, threading.Event):  # deferred copy: parameters not updated until sealed
                     with torch.no_grad():
                         for n, p in self._params:
-                            views[n].copy_(p.detach())
-                    fence.set()
-                elif fence is not None:
-                    fence.synchronize()  # CUDA: wait (here, not in training) for the side-stream copy
-                if buf is None:
-                    buf = self._get(self._free_chunks)
-                cur, i = flat.numpy(), len(stored)
+                            item.views[n].copy_(p.detach())
+                    item.copied.set()
+                self._wait(item.sealed, tick)
+                if self._cuda:  # wait (here, not in training) for the side-stream copies
+                    item.copied.synchronize()
+                    if item.patched is not None:
+                        item.patched.synchronize()
+                if chunk["buf"] is None:
+                    chunk["buf"] = self._get(self._free_chunks)
+                steps, stored, buf = chunk["steps"], chunk["stored"], chunk["buf"]
+                cur, i = item.flat.numpy(), len(stored)
                 slot = buf[i * nb:(i + 1) * nb]
                 if not steps:  # keyframe
                     np.copyto(slot, cur)
-                    stored.append(t)
+                    stored.append(item.t)
+                    chunk["since"] = time.monotonic()
                 else:
                     np.bitwise_xor(cur, prev[0].numpy(), out=slot)
                     if slot.view(np.uint64).any():  # an all-zero delta (skipped step) stores nothing
-                        stored.append(t)
-                steps.append(t)
+                        stored.append(item.t)
+                steps.append(item.t)
                 if prev is not None:
                     self._pool.put(prev)
-                prev = (flat, views)
+                prev = (item.flat, item.views)
                 if len(stored) == self._slots or len(steps) == MAX_CHUNK_STATES:
-                    self._put(self._chunks, (buf, steps, stored))
-                    buf, steps, stored = None, [], []
+                    emit(sync=False)
+                else:
+                    tick()
                 # state t came from the tensors step t updated, so it is kept; what follows is not
                 if self._param_signature() != self._signature:
                     raise RecordError(self._describe_change())
         finally:  # also on error: what was encoded is still written
-            if steps:
-                self._put(self._chunks, (buf, steps, stored))
-            self._put(self._chunks, _STOP)
+            emit(sync=True)
+            self._put(self._chunks, _STOP, force=True)
 
     def _flush_loop(self) -> None:
         nb = self.layout.nbytes
-        while (item := self._chunks.get()) is not _STOP:
-            buf, steps, stored = item
+        unsynced: list[tuple[float, Path]] = []  # written but not fsynced (a killed process keeps them anyway)
+
+        def sync_all() -> None:
+            for _, p in unsynced:
+                fsync_file(p)
+            if unsynced:
+                fsync_dir(self.path)
+            unsynced.clear()
+
+        while True:
             try:
-                write_chunk(self.path, self.layout, steps, stored, buf[: len(stored) * nb])
+                item = self._chunks.get(timeout=1.0)
+            except queue.Empty:
+                if unsynced and time.monotonic() - unsynced[0][0] >= self.flush_secs:
+                    sync_all()
+                continue
+            if item is _STOP:
+                break
+            buf, steps, stored, sync = item
+            try:
+                path = write_chunk(self.path, self.layout, steps, stored, buf[: len(stored) * nb],
+                                   self._manifest.run_id, sync=sync)
+                if sync:
+                    sync_all()
+                else:
+                    unsynced.append((time.monotonic(), path))
             except OSError as e:
-                raise RecordError(
-                    f"{self.path}: writing the chunk of steps {steps[0]}..{steps[-1]} failed ({e.strerror or e}); "
-                    f"the {self.chunks_written} chunks already written are intact — free disk space and record anew"
-                ) from None
+                raise _write_failed(self.path, steps, self.chunks_written, e) from None
             self.chunks_written += 1
             self._free_chunks.put(buf)
+        sync_all()
 
     # ---- helpers ---------------------------------------------------------------------
 
@@ -304,12 +497,15 @@ class Recorder:
             except queue.Empty:
                 self._raise_if_failed()
 
-    def _put(self, q: queue.Queue, item: object) -> None:
+    def _put(self, q: queue.Queue, item: object, force: bool = False) -> None:
         while True:
             try:
                 return q.put(item, timeout=1.0)
             except queue.Full:
-                self._raise_if_failed()
+                if not force:
+                    self._raise_if_failed()
+                elif not self._flusher.is_alive():
+                    return
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -327,4 +523,3 @@ class Recorder:
         diff = sorted(set(now) ^ set(was)) or [n for n in now if now[n] != was.get(n)] or ["(a tensor was replaced)"]
         return (f"{self.path}: the model's trainable parameters changed after recording began ({', '.join(diff[:3])}); "
                 f"a run records one fixed parameter set — start a new Recorder for the new model")
-

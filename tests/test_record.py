@@ -118,8 +118,8 @@ def test_unchanged_step_is_a_cheap_zero_delta(tmp_path):
     run = replay.open_run(tmp_path / "run")
     assert run.steps == list(range(7))
     assert_bit_equal(run.state(2), run.state(1))
-    meta = run.chunks[0].metadata()
-    assert meta["steps"] == list(range(7)) and meta["stored"] == [0, 1, 4, 6]
+    run.chunks[0].verify()
+    assert run.chunks[0].steps == list(range(7)) and run.chunks[0].stored == [0, 1, 4, 6]
 
 
 def test_grad_scaler_loop_with_manual_capture(tmp_path):
@@ -140,7 +140,8 @@ def test_grad_scaler_loop_with_manual_capture(tmp_path):
     assert 0 < len(changed) < 6, "the test needs both skipped and applied steps"
     run = replay.open_run(tmp_path / "run")
     assert run.steps == list(range(7))
-    assert run.chunks[0].metadata()["stored"] == [0] + changed
+    run.chunks[0].verify()
+    assert run.chunks[0].stored == [0] + changed
     for t, state in run.states():
         assert_bit_equal(state, ref[t], f"state {t}")
 
@@ -171,7 +172,7 @@ def test_chunks_are_plain_safetensors(tmp_path):
     run = replay.open_run(tmp_path / "run")
     with safe_open(run.chunks[0].path, framework="pt") as f:
         meta = f.metadata()
-        assert meta["format"] == "replay-chunk/1" and meta["encoding"] == "xor"
+        assert meta["format"] == "replay-chunk/2" and meta["encoding"] == "xor"
         assert meta["steps"] == "[0, 1, 2, 3]"
         assert f.get_tensor("0/0.weight").dtype == torch.float32
         assert f.get_tensor("1/0.weight").dtype == torch.int32
@@ -210,12 +211,12 @@ def test_parameter_set_change_is_an_error_and_keeps_data(tmp_path):
         opt.step()
     # the encoder checks the parameter set after encoding each state: wait until it has copied
     # state 3 (so it has checked state 2), or a lagging encoder would see the change at state 2
-    rec._wait_fence()
+    rec._seal()
     model[2] = nn.Linear(16, 5)  # the architecture changed mid-run
     with pytest.raises(RecordError, match=r"trainable parameters changed.*start a new Recorder"):
         for _ in range(3):
             rec.capture()
-            rec._wait_fence()
+            rec._seal()
     with pytest.raises(RecordError):
         rec.close()
     run = replay.open_run(tmp_path / "run")

@@ -5,18 +5,24 @@ A chunk `chunk-{first:010d}-{last:010d}.safetensors` holds states first..last (e
 each later state as the XOR of its bit pattern with the previous state's (same key, a
 signed integer dtype of the same width). XOR is exactly invertible, so decoding gives
 the recorded bits back; a state whose delta is all zeros (an optimizer step that changed
-nothing) stores no tensors at all and is listed only in the metadata. A CRC-32 of the
-data section sits in the metadata; the file is written whole under a temp name and
-renamed, so a visible chunk is always complete.
+nothing) stores no tensors at all and is listed only in the metadata.
+
+What a reader trusts is checked before any state is returned (`Chunk.verify`):
+- a CRC-32 over every byte of the file but its own 8 digits (header, length prefix, data);
+- the metadata's run id equals the manifest's (a chunk from another run is refused);
+- the header is byte-for-byte the one this manifest's layout gives for the chunk's steps
+  (names, dtypes, shapes, offsets): a manifest that lies about a dtype cannot decode;
+- the file's size is exactly header + data.
+The file is written whole under a temp name and renamed, so a visible chunk is complete.
 """
 
 from __future__ import annotations
 
 import json
 import mmap
+import os
 import re
 import struct
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,20 +31,28 @@ import torch
 from safetensors import safe_open
 
 from replay.errors import ChunkDamaged
+from replay.store.atomic import PLACEHOLDER, check_seal, crc_skipping, write_atomic
 from replay.store.layout import StateLayout
-from replay.store.manifest import write_atomic
 
-CHUNK_FORMAT = "replay-chunk/1"
+CHUNK_FORMAT = {1: "replay-chunk/1", 2: "replay-chunk/2"}
 CHUNK_RE = re.compile(r"^chunk-(\d{10})-(\d{10})\.safetensors$")
+_CRC_FIELD = re.compile(rb'"crc32":"([0-9a-f]{8})"\}\} *\Z')
+MAX_HEADER = 100_000_000  # safetensors' own limit
 
 
 def chunk_name(first: int, last: int) -> str:
     return f"chunk-{first:010d}-{last:010d}.safetensors"
 
 
-def write_chunk(run_dir: Path, layout: StateLayout, steps: list[int], stored: list[int], data: np.ndarray) -> Path:
-    """Write one chunk. `data` holds len(stored) flat states (keyframe, then deltas)."""
-    assert stored and stored[0] == steps[0] and data.nbytes == len(stored) * layout.nbytes
+def pad_key(t: int, version: int) -> str:
+    """The padding tensor's key. Format 2 uses an empty name, which no parameter can have
+    (`register_parameter` refuses it); format 1 used `__pad__`, which one could."""
+    return f"{t}/" if version >= 2 else f"{t}/__pad__"
+
+
+def chunk_header(layout: StateLayout, steps: list[int], stored: list[int], run_id: str, crc: str,
+                 version: int = 2) -> bytes:
+    """The exact header bytes (8-byte length prefix + JSON) of a chunk: the writer's and the verifier's."""
     header: dict = {}
     for i, t in enumerate(stored):
         base = i * layout.nbytes
@@ -48,99 +62,117 @@ def write_chunk(run_dir: Path, layout: StateLayout, steps: list[int], stored: li
             header[f"{t}/{s.name}"] = {"dtype": dtype, "shape": list(s.shape), "data_offsets": [o, o + s.nbytes]}
         if layout.pad:
             o = base + layout.data_bytes
-            header[f"{t}/__pad__"] = {"dtype": "U8", "shape": [layout.pad], "data_offsets": [o, o + layout.pad]}
-    header["__metadata__"] = {
-        "format": CHUNK_FORMAT,
-        "encoding": "xor",
-        "steps": json.dumps(steps),
-        "stored": json.dumps(stored),
-        "crc32": f"{zlib.crc32(data):08x}",
-    }
+            header[pad_key(t, version)] = {"dtype": "U8", "shape": [layout.pad], "data_offsets": [o, o + layout.pad]}
+    meta = {"format": CHUNK_FORMAT[version], "encoding": "xor"}
+    if version >= 2:
+        meta["run"] = run_id
+    meta.update({"steps": json.dumps(steps), "stored": json.dumps(stored), "crc32": crc})  # crc32 last: see _CRC_FIELD
+    header["__metadata__"] = meta
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * ((-len(raw)) % 8)  # safetensors pads its header to 8 bytes with spaces
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_chunk(run_dir: Path, layout: StateLayout, steps: list[int], stored: list[int], data: np.ndarray,
+                run_id: str, sync: bool = False) -> Path:
+    """Write one chunk. `data` holds len(stored) flat states (keyframe, then deltas)."""
+    assert stored and stored[0] == steps[0] and data.nbytes == len(stored) * layout.nbytes
+    head = chunk_header(layout, steps, stored, run_id, PLACEHOLDER.decode())
+    m = _CRC_FIELD.search(head, 8)
+    a, b = m.span(1)
+    crc = crc_skipping(memoryview(data).cast("B"), 0, 0, crc_skipping(head, a, b))
+    head = head[:a] + f"{crc:08x}".encode() + head[b:]
     path = run_dir / chunk_name(steps[0], steps[-1])
-    write_atomic(path, struct.pack("<Q", len(raw)) + raw, memoryview(data).cast("B"))
+    write_atomic(path, head, memoryview(data).cast("B"), sync=sync)
     return path
 
 
 class Chunk:
-    """One chunk file on disk; headers and checksums are read lazily and cached."""
+    """One chunk file on disk, verified once (on first use) against the run's manifest."""
 
-    def __init__(self, path: Path, every: int):
-        self.path = path
+    def __init__(self, path: Path, every: int, layout: StateLayout, run_id: str, version: int):
+        self.path, self.layout, self.run_id, self.version = path, layout, run_id, version
         m = CHUNK_RE.match(path.name)
         assert m, path
         self.first, self.last = int(m.group(1)), int(m.group(2))
         self.steps = list(range(self.first, self.last + 1, every))
-        self._meta: dict | None = None
-        self._verified = False
+        self.stored: list[int] | None = None  # set by verify()
 
     def _damaged(self, why: str) -> ChunkDamaged:
         run = self.path.parent
         return ChunkDamaged(f"{self.path}: {why} — the chunk is damaged (steps {self.first}..{self.last}); "
                             f"run `replay verify {run}`; other chunks are unaffected")
 
-    def metadata(self) -> dict:
-        """Parse the safetensors header ourselves: cheap, and a bad one gets a clear error."""
-        if self._meta is None:
-            try:
-                with open(self.path, "rb") as f:
-                    (n,) = struct.unpack("<Q", f.read(8))
-                    if n > 100_000_000:
-                        raise ValueError("header length out of range")
-                    header = json.loads(f.read(n))
-                meta = header["__metadata__"]
-                steps, stored = json.loads(meta["steps"]), json.loads(meta["stored"])
-            except (OSError, ValueError, KeyError, struct.error) as e:
-                raise self._damaged(f"unreadable header ({e})") from None
-            if meta.get("format") != CHUNK_FORMAT or steps != self.steps:
-                raise self._damaged("header does not match its file name")
-            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-            self._meta = {"steps": steps, "stored": stored, "crc32": meta["crc32"],
-                          "header_bytes": 8 + n, "data_bytes": max(ends, default=0)}
-        return self._meta
-
     def verify(self) -> None:
-        """Check size and CRC-32 of the data section; raises ChunkDamaged naming the file."""
-        if self._verified:
+        """Check checksum, identity, header and size; raises ChunkDamaged naming the file."""
+        if self.stored is not None:
             return
-        meta = self.metadata()
-        size = self.path.stat().st_size
-        expected = meta["header_bytes"] + meta["data_bytes"]
-        if size != expected:
-            raise self._damaged(f"size {size} bytes, expected {expected} (truncated?)")
-        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            crc = zlib.crc32(memoryview(mm)[meta["header_bytes"]:])
-        if f"{crc:08x}" != meta["crc32"]:
-            raise self._damaged(f"checksum mismatch (crc32 {crc:08x}, header says {meta['crc32']})")
-        self._verified = True
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < 16:
+                    raise self._damaged(f"{size} bytes, too short for a chunk (truncated?)")
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                    stored = self._check(mm, size)  # returns, never raises: no view of mm may outlive this
+        except OSError as e:
+            raise self._damaged(f"unreadable ({e.strerror or e})") from None
+        if isinstance(stored, str):
+            raise self._damaged(stored)
+        self.stored = stored
 
-    def states(self, layout: StateLayout, start: int | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    def _check(self, buf: mmap.mmap, size: int) -> list[int] | str:
+        """The stored states, or what is wrong with the chunk."""
+        (n,) = struct.unpack("<Q", buf[:8])
+        if n > min(MAX_HEADER, size - 8):
+            return f"header length {n} exceeds the file ({size} bytes; truncated?)"
+        if self.version >= 2 and (why := check_seal(buf, _CRC_FIELD, 8 + n)):
+            return why
+        raw = buf[:8 + n]
+        try:
+            meta = json.loads(raw[8:])["__metadata__"]
+            steps, stored, crc = json.loads(meta["steps"]), json.loads(meta["stored"]), meta["crc32"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            return f"unreadable header ({type(e).__name__}: {e})"
+        if self.version >= 2 and meta.get("run") != self.run_id:
+            return f"it belongs to another run (run id {meta.get('run')!r}, this run is {self.run_id})"
+        if steps != self.steps:
+            return "its steps do not match its file name"
+        if not (isinstance(stored, list) and stored and stored[0] == self.first
+                and all(isinstance(t, int) for t in stored) and stored == sorted(set(stored))
+                and set(stored) <= set(steps)):
+            return "its list of stored states is inconsistent"
+        if not isinstance(crc, str) or raw != chunk_header(self.layout, steps, stored, self.run_id, crc, self.version):
+            return ("its header does not match the run's manifest (tensor names, dtypes, shapes or offsets differ)")
+        expected = 8 + n + len(stored) * self.layout.nbytes
+        if size != expected:
+            return f"size {size} bytes, expected {expected} (truncated?)"
+        if self.version == 1:  # format 1: the checksum covered the data section only
+            got = f"{crc_skipping(buf, 0, 8 + n):08x}"
+            if got != crc:
+                return f"checksum mismatch (crc32 {got}, header says {crc})"
+        return stored
+
+    def states(self, start: int | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Yield (t, {name: int-view tensor}) for every state from `start` on.
 
         The yielded tensors are the decoder's working buffers (bit patterns as integers),
         overwritten by the next iteration: copy what you keep.
         """
         self.verify()
-        meta = self.metadata()
-        stored = set(meta["stored"])
-        names = [s.name for s in layout.specs]
+        stored = set(self.stored)
+        specs = self.layout.specs
         with safe_open(self.path, framework="pt") as f:
             cur: dict[str, torch.Tensor] = {}
             for i, t in enumerate(self.steps):
                 if i == 0:  # keyframe: own dtype, reinterpreted as integers for XOR
-                    for s in layout.specs:
+                    for s in specs:
                         cur[s.name] = f.get_tensor(f"{t}/{s.name}").view(getattr(torch, _int_name(s.itemsize)))
                 elif t in stored:
-                    for n in names:
-                        cur[n].bitwise_xor_(f.get_tensor(f"{t}/{n}"))
+                    for s in specs:
+                        cur[s.name].bitwise_xor_(f.get_tensor(f"{t}/{s.name}"))
                 if start is None or t >= start:
                     yield t, cur
 
 
 def _int_name(itemsize: int) -> str:
     return {8: "int64", 4: "int32", 2: "int16", 1: "int8"}[itemsize]
-
-
-def list_chunks(run_dir: Path, every: int) -> list[Chunk]:
-    return sorted((Chunk(p, every) for p in run_dir.iterdir() if CHUNK_RE.match(p.name)), key=lambda c: c.first)

@@ -2,21 +2,28 @@
 
 It names every recorded tensor (in `named_parameters()` order, then buffers) so that
 chunks can be decoded without the model, plus what replay needs later (task string,
-recording stride) and provenance (torch version, user metadata).
+recording stride, tied-parameter aliases) and provenance (torch version, user metadata).
+`run_id` is the run's identity: every chunk carries it, so a chunk copied in from another
+run is refused. The file is sealed by a CRC-32 of all its other bytes, and every field is
+validated before it is believed: a manifest is data from wherever the run came from.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from replay.errors import RunError
-from replay.store.layout import TensorSpec
+from replay.store.atomic import PLACEHOLDER, check_seal, seal, write_atomic
+from replay.store.layout import ST_DTYPES, TensorSpec
 
-FORMAT = "replay-run/1"
+FORMAT = "replay-run/2"
+LEGACY_FORMAT = "replay-run/1"  # 0.1.0: no checksum, no run id (still readable)
 MANIFEST = "manifest.json"
+_CRC_FIELD = re.compile(rb'"crc32": "([0-9a-f]{8})"\n\}\n\Z')
 
 
 @dataclass
@@ -27,6 +34,9 @@ class Manifest:
     torch_version: str = ""
     metadata: dict = field(default_factory=dict)
     chunk_bytes: int = 0
+    aliases: dict[str, str] = field(default_factory=dict)  # tied parameter's other name -> recorded name
+    frozen: list[str] = field(default_factory=list)  # parameters with requires_grad=False: not recorded
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     format: str = FORMAT
 
     @property
@@ -37,19 +47,31 @@ class Manifest:
     def buffers(self) -> list[TensorSpec]:
         return [s for s in self.tensors if s.kind == "buffer"]
 
+    @property
+    def version(self) -> int:
+        return 1 if self.format == LEGACY_FORMAT else 2
+
     def to_json(self) -> dict:
         return {
             "format": self.format,
+            "run_id": self.run_id,
             "every": self.every,
             "task": self.task,
             "torch_version": self.torch_version,
             "chunk_bytes": self.chunk_bytes,
             "metadata": self.metadata,
+            "aliases": self.aliases,
+            "frozen": self.frozen,
             "tensors": [s.to_json() for s in self.tensors],
         }
 
+    def encode(self) -> bytes:
+        body = json.dumps(self.to_json(), indent=1)
+        assert body.endswith("\n}")
+        return seal(f'{body[:-2]},\n "crc32": "{PLACEHOLDER.decode()}"\n}}\n'.encode(), _CRC_FIELD)
+
     def write(self, run_dir: Path) -> None:
-        write_atomic(run_dir / MANIFEST, json.dumps(self.to_json(), indent=1).encode())
+        write_atomic(run_dir / MANIFEST, self.encode())
 
     @staticmethod
     def read(run_dir: Path) -> Manifest:
@@ -57,37 +79,66 @@ class Manifest:
         if not path.is_file():
             raise RunError(f"{run_dir}: not a replay run (no {MANIFEST}); pass the directory given to Recorder")
         try:
-            d = json.loads(path.read_text())
-            if d.get("format") != FORMAT:
-                raise RunError(f"{path}: format {d.get('format')!r} is not {FORMAT!r}; upgrade replay to read it")
-            return Manifest(
-                tensors=[TensorSpec.from_json(t) for t in d["tensors"]],
-                every=int(d["every"]),
-                task=d.get("task"),
-                torch_version=d.get("torch_version", ""),
-                metadata=d.get("metadata", {}),
-                chunk_bytes=int(d.get("chunk_bytes", 0)),
-            )
-        except (ValueError, KeyError, TypeError) as e:
-            raise RunError(f"{path}: unreadable manifest ({e}); the run directory is damaged") from None
+            raw = path.read_bytes()
+        except OSError as e:
+            raise RunError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
+        try:
+            d = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise _damaged(path, f"not JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise _damaged(path, f"expected a JSON object, got {type(d).__name__}")
+        fmt = d.get("format")
+        if fmt not in (FORMAT, LEGACY_FORMAT):
+            if isinstance(fmt, str) and fmt.startswith("replay-run/"):
+                raise RunError(f"{path}: format {fmt!r} is newer than this replay reads ({FORMAT!r}); upgrade replay")
+            raise _damaged(path, f"format {fmt!r} is not a replay run format")
+        if fmt == FORMAT and (why := check_seal(raw, _CRC_FIELD)):
+            raise _damaged(path, why)
+        return _validated(d, path)
 
 
-def write_atomic(path: Path, data: bytes | memoryview, *parts: bytes | memoryview) -> None:
-    """Write to a hidden temp name, fsync, rename: readers see the whole file or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            for p in parts:
-                f.write(p)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+def _damaged(path: Path, why: str) -> RunError:
+    return RunError(f"{path}: damaged manifest ({why}); the run cannot be read without it — "
+                    f"restore it from a copy of the run")
+
+
+def _validated(d: dict, path: Path) -> Manifest:
+    """Every field checked for type and range: a hostile or damaged manifest is one clear line."""
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise _damaged(path, what)
+
+    every, tensors = d.get("every"), d.get("tensors")
+    need(type(every) is int and every >= 1, f"'every' must be an integer >= 1, got {every!r}")
+    need(isinstance(tensors, list) and len(tensors) > 0, "'tensors' must be a non-empty list")
+    specs, seen = [], set()
+    for i, t in enumerate(tensors):
+        need(isinstance(t, dict), f"tensors[{i}] is not an object")
+        name, shape, dtype, kind = t.get("name"), t.get("shape"), t.get("dtype"), t.get("kind", "param")
+        need(isinstance(name, str) and name != "" and name not in seen, f"tensors[{i}]: bad or repeated name {name!r}")
+        need(isinstance(shape, list) and all(type(s) is int and 0 <= s < 2**40 for s in shape),
+             f"tensor {name!r}: bad shape {shape!r}")
+        need(dtype in ST_DTYPES, f"tensor {name!r}: unknown dtype {dtype!r} (known: {sorted(ST_DTYPES)})")
+        need(kind in ("param", "buffer"), f"tensor {name!r}: kind {kind!r} is not 'param' or 'buffer'")
+        seen.add(name)
+        specs.append(TensorSpec(name, tuple(shape), dtype, kind))
+    need(any(s.kind == "param" for s in specs), "no parameter is recorded")
+    task, run_id = d.get("task"), d.get("run_id", "")
+    need(task is None or (isinstance(task, str) and ":" in task), f"'task' must be 'module:function', got {task!r}")
+    need(isinstance(run_id, str) and (d["format"] == LEGACY_FORMAT or re.fullmatch(r"[0-9a-f]{32}", run_id)),
+         f"bad run_id {run_id!r}")
+    metadata, aliases = d.get("metadata", {}), d.get("aliases", {})
+    need(isinstance(metadata, dict), "'metadata' must be an object")
+    params = {s.name for s in specs if s.kind == "param"}
+    need(isinstance(aliases, dict) and all(isinstance(k, str) and v in params and k not in seen
+                                           for k, v in aliases.items()),
+         "'aliases' must map other names to recorded parameters")
+    frozen = d.get("frozen", [])
+    need(isinstance(frozen, list) and all(isinstance(n, str) for n in frozen), "'frozen' must be a list of names")
+    chunk_bytes, torch_version = d.get("chunk_bytes", 0), d.get("torch_version", "")
+    need(type(chunk_bytes) is int and chunk_bytes >= 0, f"bad chunk_bytes {chunk_bytes!r}")
+    need(isinstance(torch_version, str), "bad torch_version")
+    return Manifest(tensors=specs, every=every, task=task, torch_version=torch_version, metadata=metadata,
+                    chunk_bytes=chunk_bytes, aliases=dict(aliases), frozen=frozen, run_id=run_id, format=d["format"])

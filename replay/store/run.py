@@ -2,7 +2,8 @@
 
 States are rebuilt from the nearest keyframe (the first state of a chunk) by XOR, so they
 equal training's parameters bit for bit. Only the chunks a request touches are opened,
-through safetensors' memory map; nothing loads the whole run.
+through safetensors' memory map; nothing loads the whole run. Every chunk is verified
+against the manifest before its first state is returned (see `store.chunk`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from pathlib import Path
 import torch
 
 from replay.errors import ChunkDamaged, RunError
-from replay.store.chunk import Chunk, list_chunks
+from replay.store.atomic import is_tmp
+from replay.store.chunk import CHUNK_RE, Chunk
 from replay.store.layout import StateLayout
-from replay.store.manifest import Manifest
+from replay.store.manifest import MANIFEST, Manifest
+
+LOCK = ".replay.lock"
 
 
 @dataclass
@@ -30,6 +34,7 @@ class RunInfo:
     bytes_on_disk: int
     bytes_per_param_step: float
     orphans: list[str]
+    leftovers: list[str]
 
 
 class Run:
@@ -44,8 +49,15 @@ class Run:
         every = self.manifest.every
         self.chunks: list[Chunk] = []
         self.orphans: list[Chunk] = []  # chunks after a gap (a lost chunk): not part of the run
+        self.leftovers: list[str] = []  # temp files of writes a kill interrupted: ignored
+        found = []
+        for p in self.path.iterdir():
+            if CHUNK_RE.match(p.name):
+                found.append(Chunk(p, every, self.layout, self.manifest.run_id, self.manifest.version))
+            elif is_tmp(p.name):
+                self.leftovers.append(p.name)
         expected = 0
-        for c in list_chunks(self.path, every):
+        for c in sorted(found, key=lambda c: c.first):
             if c.first == expected and not self.orphans:
                 self.chunks.append(c)
                 expected = c.last + every
@@ -64,6 +76,18 @@ class Run:
     def param_names(self) -> list[str]:
         return [s.name for s in self.manifest.params]
 
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Tied parameters: {other name: the recorded name of the one shared tensor}."""
+        return dict(self.manifest.aliases)
+
+    @property
+    def missing(self) -> tuple[int, int] | None:
+        """(first missing state, last recorded state after the gap) when a middle chunk is lost, else None."""
+        if not self.orphans:
+            return None
+        return (self.steps[-1] + self.manifest.every if self.steps else 0), self.orphans[-1].last
+
     def _chunk_of(self, t: int) -> Chunk:
         for c in self.chunks:
             if c.first <= t <= c.last and (t - c.first) % self.manifest.every == 0:
@@ -79,7 +103,7 @@ class Run:
 
         With `buffers=True`, the recorded buffers instead (when the run recorded them).
         """
-        for _, cur in self._chunk_of(t).states(self.layout, start=t):
+        for _, cur in self._chunk_of(t).states(start=t):
             return self._typed(cur, "buffer" if buffers else "param")
         raise AssertionError("unreachable")
 
@@ -91,28 +115,32 @@ class Run:
         for c in self.chunks:
             if c.last < start or c.first >= stop:
                 continue
-            for t, cur in c.states(self.layout, start=start):
+            for t, cur in c.states(start=start):
                 if t >= stop:
                     return
                 yield t, self._typed(cur, kind)
 
     def verify(self) -> list[str]:
-        """Check every chunk (size, header, CRC); return one line per problem found."""
+        """Check every chunk (checksum, identity, header, size); return one line per problem found."""
         problems = []
+        if not self.chunks and not self.orphans:
+            problems.append(f"{self.path}: nothing was recorded (no chunk); a recorder killed before its first "
+                            f"flush leaves only the manifest")
         for c in self.chunks + self.orphans:
             try:
                 c.verify()
             except ChunkDamaged as e:
                 problems.append(str(e))
-        for c in self.orphans:
-            problems.append(f"{c.path}: follows a gap in the recorded steps (a chunk is missing); "
-                            f"the run is readable up to state {self.steps[-1] if self.steps else 'none'}")
+        if self.orphans:
+            a, b = self.missing
+            problems.append(f"{self.path}: states from {a} are missing (a chunk is lost) but {len(self.orphans)} "
+                            f"chunk(s) up to state {b} follow the gap; the run is readable up to state "
+                            f"{self.steps[-1] if self.steps else 'none'}")
         return problems
 
     def info(self) -> RunInfo:
         n_params = sum(s.numel for s in self.manifest.params)
-        files = [c.path for c in self.chunks]
-        size = sum(p.stat().st_size for p in files)
+        size = sum(c.path.stat().st_size for c in self.chunks)
         steps = len(self.steps)
         return RunInfo(
             steps=steps,
@@ -121,9 +149,10 @@ class Run:
             tensors=len(self.manifest.tensors),
             params=n_params,
             chunks=len(self.chunks),
-            bytes_on_disk=size + (self.path / "manifest.json").stat().st_size,
+            bytes_on_disk=size + (self.path / MANIFEST).stat().st_size,
             bytes_per_param_step=size / max(1, n_params * steps),
             orphans=[c.path.name for c in self.orphans],
+            leftovers=list(self.leftovers),
         )
 
 

@@ -1,0 +1,38 @@
+"""See through the wrappers training stacks put around models and optimizers.
+
+The recorder must hook the torch optimizer that really updates the parameters, and name
+parameters as the plain model does, so that the same task replays a run whatever wrapped
+the model during training (DDP's `module.`, torch.compile's `_orig_mod.`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module whose `named_parameters()` names are the plain model's (same tensors)."""
+    for _ in range(8):
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+    return model
+
+
+def torch_optimizer(optimizer: object) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer, ..."""
+    opt = optimizer
+    for _ in range(8):
+        if isinstance(opt, torch.optim.Optimizer):
+            return opt
+        inner = getattr(opt, "optimizer", None) or getattr(opt, "_optimizer", None)
+        if inner is None or inner is opt:
+            break
+        opt = inner
+    raise TypeError(f"optimizer: expected a torch.optim.Optimizer or a wrapper holding one (as .optimizer), "
+                    f"got {type(optimizer).__name__}")
