@@ -49,7 +49,7 @@ from torch import nn
 
 from replay.errors import RecordError
 from replay.store.atomic import fsync_dir, fsync_file
-from replay.store.chunk import write_chunk
+from replay.store.chunk import MAX_CHUNK_STATES, ChunkBuilder, write_chunk
 from replay.store.layout import StateLayout, spec_of
 from replay.store.manifest import MANIFEST, Manifest
 from replay.store.run import LOCK
@@ -60,7 +60,6 @@ from replay.wrappers import torch_optimizer, unwrap_model
 # chunk (1.7 ms at 4 MiB, 9.7 at 8, 14 at 16, 22 at 32): 8 MiB keeps random access cheap and
 # the file count moderate.
 DEFAULT_CHUNK_BYTES = 8 << 20
-MAX_CHUNK_STATES = 1024
 # A crash loses at most this much recording. 30 s: a killed job loses under a minute of
 # states, while a fast small model still writes few, large chunks (each closed chunk starts
 # the next with a keyframe, so flushing every second would multiply the bytes of tiny runs).
@@ -239,11 +238,11 @@ class Recorder:
             flat = torch.zeros(self.layout.nbytes, dtype=torch.uint8, pin_memory=self._cuda)  # pad bytes stay 0
             self._pool.put((flat, self.layout.views(flat)))
         self._work: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._slots = max(1, min(MAX_CHUNK_STATES, chunk_bytes // self.layout.nbytes))
+        slots = max(1, min(MAX_CHUNK_STATES, chunk_bytes // self.layout.nbytes))
         self._chunks: queue.Queue = queue.Queue(maxsize=1)
         self._free_chunks: queue.Queue = queue.Queue()
         for _ in range(3):
-            self._free_chunks.put(np.empty(self._slots * self.layout.nbytes, dtype=np.uint8))
+            self._free_chunks.put(np.empty(slots * self.layout.nbytes, dtype=np.uint8))
         self._deferred = opt is not None  # a pre-hook seals each state before the parameters change
         self._encoder = threading.Thread(target=self._guard(self._encode_loop), name="replay-encoder", daemon=True)
         self._flusher = threading.Thread(target=self._guard(self._flush_loop), name="replay-flusher", daemon=True)
@@ -392,58 +391,29 @@ class Recorder:
                 raise RecordError("stopped")
 
     def _encode_loop(self) -> None:
-        nb = self.layout.nbytes
         prev = None  # (flat, views) of the previous state, kept for the next XOR
-        chunk = {"buf": None, "steps": [], "stored": [], "since": 0.0}
+        chunk: ChunkBuilder | None = None
 
         def emit(sync: bool) -> None:
-            if chunk["steps"]:
-                self._put(self._chunks, (chunk["buf"], chunk["steps"], chunk["stored"], sync))
-                chunk.update(buf=None, steps=[], stored=[])
+            nonlocal chunk
+            if chunk is not None and chunk.steps:
+                self._put(self._chunks, (chunk, sync))
+                chunk = None
 
         def tick() -> None:  # a chunk whose oldest state is flush_secs old is written now
-            if chunk["steps"] and time.monotonic() - chunk["since"] >= self.flush_secs:
+            if chunk is not None and chunk.steps and time.monotonic() - chunk.since >= self.flush_secs:
                 emit(sync=True)
 
         try:
-            while True:
-                try:
-                    item = self._work.get(timeout=0.25)
-                except queue.Empty:
-                    if self._error is not None:  # the flusher died: nothing more can be written
-                        break
-                    tick()
-                    continue
-                if item is _STOP:
-                    break
-                if isinstance(item.copied, threading.Event):  # deferred copy: parameters not updated until sealed
-                    with torch.no_grad():
-                        for n, p in self._params:
-                            item.views[n].copy_(p.detach())
-                    item.copied.set()
-                self._wait(item.sealed, tick)
-                if self._cuda:  # wait (here, not in training) for the side-stream copies
-                    item.copied.synchronize()
-                    if item.patched is not None:
-                        item.patched.synchronize()
-                if chunk["buf"] is None:
-                    chunk["buf"] = self._get(self._free_chunks)
-                steps, stored, buf = chunk["steps"], chunk["stored"], chunk["buf"]
-                cur, i = item.flat.numpy(), len(stored)
-                slot = buf[i * nb:(i + 1) * nb]
-                if not steps:  # keyframe
-                    np.copyto(slot, cur)
-                    stored.append(item.t)
-                    chunk["since"] = time.monotonic()
-                else:
-                    np.bitwise_xor(cur, prev[0].numpy(), out=slot)
-                    if slot.view(np.uint64).any():  # an all-zero delta (skipped step) stores nothing
-                        stored.append(item.t)
-                steps.append(item.t)
+            while (item := self._next_work(tick)) is not _STOP:
+                self._copy_and_wait(item, tick)
+                if chunk is None:
+                    chunk = ChunkBuilder(self.layout, self._get(self._free_chunks))
+                chunk.add(item.t, item.flat.numpy(), prev[0].numpy() if prev is not None and chunk.steps else None)
                 if prev is not None:
                     self._pool.put(prev)
                 prev = (item.flat, item.views)
-                if len(stored) == self._slots or len(steps) == MAX_CHUNK_STATES:
+                if chunk.full():
                     emit(sync=False)
                 else:
                     tick()
@@ -454,8 +424,29 @@ class Recorder:
             emit(sync=True)
             self._put(self._chunks, _STOP, force=True)
 
+    def _next_work(self, tick: Callable[[], None]) -> object:
+        while True:
+            try:
+                return self._work.get(timeout=0.25)
+            except queue.Empty:
+                if self._error is not None:  # the flusher died: nothing more can be written
+                    return _STOP
+                tick()
+
+    def _copy_and_wait(self, item: _Pending, tick: Callable[[], None]) -> None:
+        """Make the deferred copy (CPU), then wait until the training thread has sealed the state."""
+        if isinstance(item.copied, threading.Event):  # parameters are not updated until sealed
+            with torch.no_grad():
+                for n, p in self._params:
+                    item.views[n].copy_(p.detach())
+            item.copied.set()
+        self._wait(item.sealed, tick)
+        if self._cuda:  # wait (here, not in training) for the side-stream copies
+            item.copied.synchronize()
+            if item.patched is not None:
+                item.patched.synchronize()
+
     def _flush_loop(self) -> None:
-        nb = self.layout.nbytes
         unsynced: list[tuple[float, Path]] = []  # written but not fsynced (a killed process keeps them anyway)
 
         def sync_all() -> None:
@@ -474,18 +465,18 @@ class Recorder:
                 continue
             if item is _STOP:
                 break
-            buf, steps, stored, sync = item
+            chunk, sync = item
             try:
-                path = write_chunk(self.path, self.layout, steps, stored, buf[: len(stored) * nb],
+                path = write_chunk(self.path, self.layout, chunk.steps, chunk.stored, chunk.data,
                                    self._manifest.run_id, sync=sync)
                 if sync:
                     sync_all()
                 else:
                     unsynced.append((time.monotonic(), path))
             except OSError as e:
-                raise _write_failed(self.path, steps, self.chunks_written, e) from None
+                raise _write_failed(self.path, chunk.steps, self.chunks_written, e) from None
             self.chunks_written += 1
-            self._free_chunks.put(buf)
+            self._free_chunks.put(chunk.buf)
         sync_all()
 
     # ---- helpers ---------------------------------------------------------------------

@@ -8,7 +8,9 @@ which is what makes every step's allocation checkable against the real loss chan
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from replay.errors import TaskError
+from replay.errors import ReplayError, TaskError
 
 BATCHNORM_MODES = ("batch", "running")
 
@@ -83,26 +85,88 @@ def _as_tensors(name: str, d: object) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def load_task(spec: str | Task, run_dir: Path | None = None) -> Task:
-    """Import `module:function` and call it; the run's directory and its parent are importable."""
+def load_task(spec: str | Task, run_dir: Path | None = None, *, named: bool = True) -> Task:
+    """Import `module:function` and call it.
+
+    `named`: the user named the task (`--task`, `task=`), so the current directory may hold
+    it, as for `python -m`. Otherwise the task string comes from the run's manifest, i.e.
+    from whoever made the run: it is imported only from installed packages and PYTHONPATH,
+    never from the current directory or next to the run (a run is data, never code).
+    """
     if isinstance(spec, Task):
         return spec
     if not isinstance(spec, str) or ":" not in spec:
         raise TaskError(f"task {spec!r}: expected 'module:function' (e.g. my.tasks:digits)")
     mod_name, fn_name = spec.split(":", 1)
-    extra = [str(Path.cwd())] + ([str(run_dir.resolve().parent)] if run_dir is not None else [])
-    for p in extra:
-        if p not in sys.path:
-            sys.path.append(p)
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise TaskError(f"task {spec!r}: cannot import {mod_name!r} ({e}); run from the directory that holds it "
-                        f"or put it on PYTHONPATH") from None
+    if named:
+        if str(Path.cwd()) not in sys.path:
+            sys.path.append(str(Path.cwd()))
+        mod = _import(spec, mod_name)
+    else:
+        mod = _import_from_installed(spec, mod_name, run_dir)
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise TaskError(f"task {spec!r}: {mod_name} has no function {fn_name!r}")
-    task = fn()
+    try:
+        task = fn()
+    except ReplayError:
+        raise
+    except Exception as e:
+        raise TaskError(f"task {spec!r}: {fn_name}() raised {user_error(e)}") from None
     if not isinstance(task, Task):
         raise TaskError(f"task {spec!r}: returned {type(task).__name__}, expected replay.Task")
     return task
+
+
+def user_error(e: BaseException) -> str:
+    """`Type: message (file:line)` of an exception raised in the user's code: short, one line."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if len(msg) > 300:
+        msg = msg[:300] + "..."
+    where = ""
+    if isinstance(e, SyntaxError) and e.filename:
+        where = f" ({e.filename}:{e.lineno})"
+    elif e.__traceback__ is not None:
+        last = traceback.extract_tb(e.__traceback__)[-1]
+        where = f" ({last.filename}:{last.lineno})"
+    return f"{type(e).__name__}: {msg}{where}" if msg else f"{type(e).__name__}{where}"
+
+
+def _import(spec: str, mod_name: str) -> object:
+    try:
+        return importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name and mod_name.startswith(e.name):
+            raise TaskError(f"task {spec!r}: cannot import {mod_name!r} ({e}); run from the directory that holds "
+                            f"it or put it on PYTHONPATH") from None
+        raise TaskError(f"task {spec!r}: importing {mod_name} failed: {user_error(e)}") from None
+    except Exception as e:
+        raise TaskError(f"task {spec!r}: importing {mod_name} failed: {user_error(e)}") from None
+
+
+def _import_from_installed(spec: str, mod_name: str, run_dir: Path | None) -> object:
+    """Import the run's task only from where the user's Python finds code anyway, not from the run's surroundings."""
+    hint = f"replay imports a run's task only when you name it: pass --task {spec} (task=...) if you trust it"
+    top = mod_name.split(".")[0]
+    if top in sys.modules:  # a package the user's own process has already imported
+        return _import(spec, mod_name)
+    near = [Path.cwd().resolve()] + ([run_dir.resolve(), run_dir.resolve().parent] if run_dir is not None else [])
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if p and Path(p).resolve() not in near]
+    try:
+        found = importlib.util.find_spec(top)
+        origin = found and Path(found.origin or next(iter(found.submodule_search_locations or []), "")).resolve()
+        if found is None:
+            raise TaskError(f"the run names task {spec!r}, which is not importable from installed packages or "
+                            f"PYTHONPATH; {hint}")
+        if run_dir is not None and origin.is_relative_to(run_dir.resolve().parent) and not _installed(origin):
+            raise TaskError(f"the run names task {spec!r}, found at {origin}, next to the run; {hint}")
+        return _import(spec, mod_name)
+    finally:
+        sys.path[:] = saved
+
+
+def _installed(origin: Path) -> bool:
+    """Code under site-packages (or the interpreter's own library) is installed, wherever it lies."""
+    return "site-packages" in origin.parts or "dist-packages" in origin.parts or origin.is_relative_to(
+        Path(sys.prefix).resolve())

@@ -5,6 +5,11 @@ batches never straddle cells, so each backward contributes to exactly one cell; 
 of a cell its gradient sum is added to every loss the cell belongs to (the data set's own
 loss, its class, its other groups). All per-class gradients together thus cost one pass,
 and the whole-set gradient is their sum — never a second pass.
+
+Batch-norm with batch statistics makes a batch's composition part of every example's
+loss, so there the batches stay those of the data set's own order (requesting a class
+loss must never change the train loss): each batch is one forward, and one backward per
+group cell present in it.
 """
 
 from __future__ import annotations
@@ -15,16 +20,21 @@ import torch
 from torch import nn
 
 from replay.engine.parallel import Layout, all_reduce, param_pieces, reduce_scatter, shard_batches
-from replay.errors import TaskError
-from replay.task import Task
+from replay.errors import ReplayError, TaskError
+from replay.task import Task, user_error
+from replay.wrappers import unwrap_model
+
+MIXED = -1  # a batch's cell when it holds several (batch-norm batch statistics): see _DataPlan.mixed
 
 
 @dataclass
 class _DataPlan:
+    name: str
     x: torch.Tensor
     y: torch.Tensor
-    batches: list[tuple[int, int, int]]  # (start, stop, cell) in the sorted order
-    cell_losses: list[list[int]]  # cell -> indices of the losses it adds to
+    batches: list[tuple[int, int, int]]  # (start, stop, cell) in evaluation order
+    cell_losses: list[list[int]]  # cell -> indices of the losses it adds to (the data set's own loss first)
+    mixed: dict[int, list[tuple[int, torch.Tensor]]]  # batch start -> (cell, positions in the batch), MIXED batches
 
 
 class LossEvaluator:
@@ -40,10 +50,11 @@ class LossEvaluator:
                  device: torch.device, layout: Layout | None = None):
         self.task, self.device, self.layout = task, device, layout or Layout()
         self.model = task.model.to(device)
-        # batch statistics make a batch's composition part of the loss: data shards keep batches whole
-        self._keep_batches = task.batchnorm == "batch" and any(
+        # batch statistics make a batch's composition part of the loss: batches are never regrouped
+        # by class, and data shards keep them whole
+        self._batch_stats = task.batchnorm == "batch" and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
-        params = dict(self.model.named_parameters())
+        params = dict(unwrap_model(self.model).named_parameters())
         self.params = [params[n] for n in param_names]
         self.numels = [p.numel() for p in self.params]
         self.loss_names: list[str] = []
@@ -74,36 +85,44 @@ class LossEvaluator:
         n = len(y)
         keys = dict(self.task.groups.get(name, {}))
         if per_class:
-            if y.dtype.is_floating_point or y.dim() != 1:
-                raise TaskError(f"--per-class {name}: targets must be integer class labels, "
-                                f"got {y.dtype} {tuple(y.shape)}")
-            keys = {"class": y, **keys}
+            keys = {"class": _class_labels(name, y), **keys}
         own = self._add_loss(name, n)
+        cell_of = torch.zeros(n, dtype=torch.long)
+        cell_losses: list[list[int]] = [[own]]
         if keys:
             cols = torch.stack([torch.as_tensor(k).reshape(n).long().cpu() for k in keys.values()], 1)  # [n, G]
             cells, cell_of = torch.unique(cols, dim=0, return_inverse=True)  # cells [C, G], cell_of [n]
-            order = torch.sort(cell_of, stable=True).indices
-            x, y, cell_of = x[order], y[order], cell_of[order]
             cell_losses = [[own] for _ in range(len(cells))]
             for g, gname in enumerate(keys):
                 for v in torch.unique(cols[:, g]).tolist():
                     idx = self._add_loss(f"{name}/{gname}={v}", int((cols[:, g] == v).sum()))
                     for c in torch.nonzero(cells[:, g] == v).flatten().tolist():
                         cell_losses[c].append(idx)
-            bounds = torch.nonzero(torch.diff(cell_of)).flatten().add(1).tolist()
-        else:
-            cell_of = torch.zeros(n, dtype=torch.long)
-            cell_losses, bounds = [[own]], []
         bs = self.task.batch_size or n
-        batches = []
-        for a, b in zip([0] + bounds, bounds + [n], strict=True):
-            c = int(cell_of[a])
-            batches += [(s, min(s + bs, b), c) for s in range(a, b, bs)]
-        batches = shard_batches(batches, self.layout, self._keep_batches)
+        mixed: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        if self._batch_stats:  # the data set's own batches, whatever the groups
+            _check_batch_sizes(name, n, bs)
+            batches = []
+            for a in range(0, n, bs):
+                cs = torch.unique(cell_of[a:a + bs])
+                if len(cs) == 1:
+                    batches.append((a, min(a + bs, n), int(cs[0])))
+                else:
+                    batches.append((a, min(a + bs, n), MIXED))
+                    mixed[a] = [(int(c), torch.nonzero(cell_of[a:a + bs] == c).flatten()) for c in cs]
+        else:  # sorted by cell, batches never straddle cells: one backward per batch
+            order = torch.sort(cell_of, stable=True).indices
+            x, y, cell_of = x[order], y[order], cell_of[order]
+            bounds = torch.nonzero(torch.diff(cell_of)).flatten().add(1).tolist()
+            batches = []
+            for a, b in zip([0] + bounds, bounds + [n], strict=True):
+                batches += [(s, min(s + bs, b), int(cell_of[a])) for s in range(a, b, bs)]
+        batches = shard_batches(batches, self.layout, self._batch_stats)
         lo = batches[0][0] if batches else 0  # data mode: only this rank's examples go to the device
         hi = batches[-1][1] if batches else 0
+        mixed = {a - lo: [(c, i.to(self.device)) for c, i in segs] for a, segs in mixed.items() if lo <= a < hi}
         batches = [(a - lo, b - lo, c) for a, b, c in batches]
-        return _DataPlan(x[lo:hi].to(self.device), y[lo:hi].to(self.device), batches, cell_losses)
+        return _DataPlan(name, x[lo:hi].to(self.device), y[lo:hi].to(self.device), batches, cell_losses, mixed)
 
     def load(self, theta: torch.Tensor) -> None:
         """Write the flat float64 θ [P] (or padded [≥P]) into the model's parameters (cast to their dtypes)."""
@@ -126,32 +145,89 @@ class LossEvaluator:
         target = (self._send if self._send is not None else grads.view(1, L, S)).zero_()
         # views [L, n] of the target, per parameter: where its flat gradient's pieces go
         blocks = [[(target[r, :, a:b], sa, sb) for r, a, b, sa, sb in pieces] for pieces in self._pieces]
-        loss_fn = self.task.loss_fn
         for plan in self.plans:
-            for p in self.params:
-                p.grad = None
-            cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-            for i, (a, b, c) in enumerate(plan.batches):
-                per_example = loss_fn(self.model(plan.x[a:b]), plan.y[a:b])  # [b-a], model dtype
-                total = per_example.sum()
-                total.backward()  # accumulates into p.grad across the cell's batches
-                cell_sum += total.detach().double()
-                if i + 1 == len(plan.batches) or plan.batches[i + 1][2] != c:  # end of cell
-                    for li in plan.cell_losses[c]:
-                        sums[li] += cell_sum
-                        for views, p in zip(blocks, self.params, strict=True):
-                            if p.grad is not None:  # scaled to a mean
-                                g = p.grad.reshape(-1)
-                                for v, sa, sb in views:
-                                    v[li].add_(g[sa:sb], alpha=self.inv_sizes[li])
-                    for p in self.params:
-                        p.grad = None
-                    cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+            if plan.mixed:
+                self._mixed_pass(plan, sums, blocks)
+            else:
+                self._sorted_pass(plan, sums, blocks)
         if self._send is not None:  # each rank holds its shard's share of every sum
             if not partial:
                 all_reduce(sums)
             reduce_scatter(grads, self._send)
         return sums / self.n_examples, grads
+
+
+    def _losses(self, plan: _DataPlan, a: int, b: int) -> torch.Tensor:
+        """Per-example losses [b-a] of examples a..b: the user's model and loss_fn, checked."""
+        try:
+            per_example = self.task.loss_fn(self.model(plan.x[a:b]), plan.y[a:b])
+        except ReplayError:
+            raise
+        except Exception as e:  # the user's code on the user's data: one line, their error
+            raise TaskError(f"data set {plan.name!r}, examples {a}..{b - 1}: the task's model or loss_fn failed: "
+                            f"{user_error(e)}") from None
+        if not isinstance(per_example, torch.Tensor) or tuple(per_example.shape) != (b - a,):
+            got = tuple(per_example.shape) if isinstance(per_example, torch.Tensor) else type(per_example).__name__
+            raise TaskError(f"loss_fn returned {got} for a batch of {b - a} examples of {plan.name!r}; it must "
+                            f"return one loss per example, shape ({b - a},) (e.g. reduction='none')")
+        return per_example
+
+    def _add_grads(self, blocks: list, cell_losses: list[int], grads: list[torch.Tensor | None]) -> None:
+        """Add one cell's gradient sums to every loss it belongs to, scaled to a mean."""
+        for li in cell_losses:
+            for views, g in zip(blocks, grads, strict=True):
+                if g is not None:
+                    g = g.reshape(-1)
+                    for v, sa, sb in views:
+                        v[li].add_(g[sa:sb], alpha=self.inv_sizes[li])
+
+    def _sorted_pass(self, plan: _DataPlan, sums: torch.Tensor, blocks: list) -> None:
+        """Batches sorted by cell: gradients accumulate in p.grad over a cell's batches, added once per cell."""
+        for p in self.params:
+            p.grad = None
+        cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, (a, b, c) in enumerate(plan.batches):
+            total = self._losses(plan, a, b).sum()  # model dtype
+            total.backward()  # accumulates into p.grad across the cell's batches
+            cell_sum += total.detach().double()
+            if i + 1 == len(plan.batches) or plan.batches[i + 1][2] != c:  # end of cell
+                for li in plan.cell_losses[c]:
+                    sums[li] += cell_sum
+                self._add_grads(blocks, plan.cell_losses[c], [p.grad for p in self.params])
+                for p in self.params:
+                    p.grad = None
+                cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def _mixed_pass(self, plan: _DataPlan, sums: torch.Tensor, blocks: list) -> None:
+        """The data set's own batches (batch statistics): one forward each, one backward per cell in it."""
+        own = plan.cell_losses[0][0]
+        for a, b, c in plan.batches:
+            per_example = self._losses(plan, a, b)
+            sums[own] += per_example.sum().detach().double()  # as without groups, to the bit
+            segs = plan.mixed.get(a) or [(c, None)]
+            for k, (cell, pos) in enumerate(segs):
+                part = per_example.sum() if pos is None else per_example[pos].sum()
+                grads = torch.autograd.grad(part, self.params, retain_graph=k + 1 < len(segs), allow_unused=True)
+                for li in plan.cell_losses[cell][1:]:
+                    sums[li] += part.detach().double()
+                self._add_grads(blocks, plan.cell_losses[cell], list(grads))
+
+
+def _class_labels(name: str, y: torch.Tensor) -> torch.Tensor:
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1:
+        raise TaskError(f"--per-class {name}: targets must be integer class labels [n], "
+                        f"got {y.dtype} {tuple(y.shape)}")
+    if len(y) and int(y.min()) < 0:
+        raise TaskError(f"--per-class {name}: labels must be >= 0, found {int(y.min())} "
+                        f"(an ignore label such as -1 or -100 is not a class)")
+    return y
+
+
+def _check_batch_sizes(name: str, n: int, bs: int) -> None:
+    if n % bs == 1 or bs == 1:
+        raise TaskError(f"data set {name!r}: {n} examples in batches of {bs} leave a batch of 1 example, and "
+                        f"batch-norm with batch statistics needs at least 2 per batch; choose another "
+                        f"Task.batch_size (or batchnorm='running')")
 
 
 def _set_deterministic_mode(model: nn.Module, batchnorm: str) -> None:

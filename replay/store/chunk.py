@@ -23,6 +23,7 @@ import mmap
 import os
 import re
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +39,7 @@ CHUNK_FORMAT = {1: "replay-chunk/1", 2: "replay-chunk/2"}
 CHUNK_RE = re.compile(r"^chunk-(\d{10})-(\d{10})\.safetensors$")
 _CRC_FIELD = re.compile(rb'"crc32":"([0-9a-f]{8})"\}\} *\Z')
 MAX_HEADER = 100_000_000  # safetensors' own limit
+MAX_CHUNK_STATES = 1024  # so that a tiny model does not keep thousands of steps in one file
 
 
 def chunk_name(first: int, last: int) -> str:
@@ -85,6 +87,41 @@ def write_chunk(run_dir: Path, layout: StateLayout, steps: list[int], stored: li
     path = run_dir / chunk_name(steps[0], steps[-1])
     write_atomic(path, head, memoryview(data).cast("B"), sync=sync)
     return path
+
+
+class ChunkBuilder:
+    """The open chunk of a recorder: states appended as a keyframe then XOR deltas, in `buf`.
+
+    The encoder side of the format (`Chunk.states` is the decoder): a state whose delta is
+    all zeros is listed in `steps` but stores no bytes.
+    """
+
+    def __init__(self, layout: StateLayout, buf: np.ndarray):
+        self.nbytes, self.buf = layout.nbytes, buf
+        self.steps: list[int] = []
+        self.stored: list[int] = []
+        self.since = time.monotonic()  # when the oldest state arrived (the flush_secs clock)
+
+    def add(self, t: int, cur: np.ndarray, prev: np.ndarray | None) -> None:
+        """Append state t (flat bytes `cur`); `prev` is the previous state's bytes (None for a keyframe)."""
+        i = len(self.stored)
+        slot = self.buf[i * self.nbytes:(i + 1) * self.nbytes]
+        if not self.steps:
+            np.copyto(slot, cur)
+            self.stored.append(t)
+            self.since = time.monotonic()
+        else:
+            np.bitwise_xor(cur, prev, out=slot)
+            if slot.view(np.uint64).any():
+                self.stored.append(t)
+        self.steps.append(t)
+
+    def full(self) -> bool:
+        return (len(self.stored) + 1) * self.nbytes > self.buf.nbytes or len(self.steps) >= MAX_CHUNK_STATES
+
+    @property
+    def data(self) -> np.ndarray:
+        return self.buf[: len(self.stored) * self.nbytes]
 
 
 class Chunk:
