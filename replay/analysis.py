@@ -29,14 +29,23 @@ def groundedness(fr: Frames) -> pl.DataFrame:
     ).sort("loss").collect())
 
 
+def moving_steps(fr: Frames) -> pl.LazyFrame:
+    """The steps frame without unchanged steps (no parameter moved: LCA 0, nothing could help)."""
+    if "unchanged" in fr.steps.collect_schema().names():
+        return fr.steps.filter(~pl.col("unchanged"))
+    return fr.steps
+
+
 def helped_fraction(fr: Frames) -> pl.DataFrame:
-    """Per loss: fraction of (parameter, step) pairs that helped, overall and its per-step range."""
-    per_step = fr.steps.group_by("loss").agg(
+    """Per loss: the share of (parameter, step) pairs with negative LCA over the steps that moved
+    the parameters (`frac_param_steps_helped`), and its per-step range."""
+    steps = moving_steps(fr)
+    per_step = steps.group_by("loss").agg(
         pl.col("frac_helped").mean().alias("mean_step_frac"),
         pl.col("frac_helped").min().alias("min_step_frac"),
         pl.col("frac_helped").max().alias("max_step_frac"))
-    overall = fr.tensors.group_by("loss").agg(
-        (pl.col("n_helped").sum() / pl.col("n_params").sum()).alias("frac_helped"))
+    overall = (fr.tensors.join(steps.select("step").unique(), on="step", how="semi").group_by("loss")
+               .agg((pl.col("n_helped").sum() / pl.col("n_params").sum()).alias("frac_param_steps_helped")))
     return overall.join(per_step, on="loss").sort("loss").collect()
 
 
@@ -50,8 +59,10 @@ def param_help_histogram(fr: Frames, loss: str, bins: int = 10) -> pl.DataFrame:
 
 
 def lca_stats(fr: Frames, loss: str) -> pl.DataFrame:
-    """Distribution of per-parameter total LCA: mean, spread, quantiles and heavy tails
-    (share of the total carried by the top 1% / 10% most helpful parameters)."""
+    """Distribution of per-parameter total LCA: mean, spread, quantiles, the share of parameters
+    whose total over the run is negative (`frac_params_helped_in_total`, not the share of
+    parameter-steps of `helped_fraction`), and heavy tails (share of the total carried by the
+    top 1% / 10% most helpful parameters)."""
     x = fr.params.filter(pl.col("loss") == loss).select("lca").collect()["lca"].to_numpy()
     srt = np.sort(x)  # most negative (most helpful) first
     total = srt.sum()
@@ -60,7 +71,8 @@ def lca_stats(fr: Frames, loss: str) -> pl.DataFrame:
     return pl.DataFrame({
         "loss": [loss], "n_params": [len(x)], "total": [float(total)], "mean": [float(x.mean())],
         "std": [float(x.std())], "q01": [q[0]], "q25": [q[1]], "median": [q[2]], "q75": [q[3]], "q99": [q[4]],
-        "frac_helped": [float((x < 0).mean())], "share_top1pct": [top(0.01)], "share_top10pct": [top(0.10)],
+        "frac_params_helped_in_total": [float((x < 0).mean())], "share_top1pct": [top(0.01)],
+        "share_top10pct": [top(0.10)],
     })
 
 

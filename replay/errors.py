@@ -23,3 +23,7 @@ class RecordError(ReplayError):
 
 class TaskError(ReplayError):
     """The task cannot be imported, built, or does not match the run."""
+
+
+class ReplayWarning(UserWarning):
+    """Something the user must know to read the numbers right; the CLI prints it as one line."""

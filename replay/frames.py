@@ -9,6 +9,8 @@ additions. Negative LCA = the parameter helped (the loss went down).
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,14 +18,15 @@ import numpy as np
 import polars as pl
 
 from replay.errors import RunError
-from replay.store.manifest import write_atomic
+from replay.store.atomic import tmp_name, write_atomic
 
 STEPS_SCHEMA = {
     "step": pl.Int64, "loss": pl.String, "loss_before": pl.Float64, "loss_after": pl.Float64,
     "delta_loss": pl.Float64, "lca": pl.Float64, "residual": pl.Float64, "splits": pl.Int32,
     "frac_helped": pl.Float64,
-    # additions: the state the step ends at (t + every), and whether |residual| met the tolerance
-    "step_to": pl.Int64, "grounded": pl.Boolean,
+    # additions: the state the step ends at (t + every), whether |residual| met the tolerance, and
+    # whether no parameter changed (then no evaluation, LCA exactly 0, frac_helped null)
+    "step_to": pl.Int64, "grounded": pl.Boolean, "unchanged": pl.Boolean,
 }
 TENSORS_SCHEMA = {
     "step": pl.Int64, "loss": pl.String, "tensor": pl.String, "lca": pl.Float64,
@@ -85,7 +88,7 @@ class FrameWriter:
     def add(self, step: int, step_to: int, before: np.ndarray, after: np.ndarray, lca: np.ndarray,
             splits: int, grounded: np.ndarray, tensor_lca: np.ndarray, tensor_helped: np.ndarray) -> None:
         """One step: per-loss arrays [L] and per-loss per-tensor arrays [L, T] (already on the host)."""
-        frac = tensor_helped.sum(1) / self.tensor_sizes.sum()
+        frac = tensor_helped.sum(1) / self.tensor_sizes.sum() if splits else np.full(len(before), np.nan)
         self._steps.append({"step": step, "step_to": step_to, "before": before, "after": after, "lca": lca,
                             "splits": splits, "grounded": grounded, "frac": frac})
         self._tensors.append((step, tensor_lca, tensor_helped))
@@ -106,8 +109,8 @@ class FrameWriter:
             "loss_before": before, "loss_after": after, "delta_loss": after - before, "lca": lca,
             "residual": (after - before) - lca, "splits": np.repeat([r["splits"] for r in s], L),
             "frac_helped": col("frac"), "step_to": np.repeat([r["step_to"] for r in s], L),
-            "grounded": col("grounded"),
-        }, schema=STEPS_SCHEMA)
+            "grounded": col("grounded"), "unchanged": np.repeat([r["splits"] == 0 for r in s], L),
+        }, schema=STEPS_SCHEMA).with_columns(pl.col("frac_helped").fill_nan(None))
         n = len(self._tensors)
         tensors = pl.DataFrame({
             "step": np.repeat([t for t, _, _ in self._tensors], L * T),
@@ -145,8 +148,17 @@ class FrameWriter:
 
 
 def _write_parquet(df: pl.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.write_parquet(tmp)
+    """Whole file or nothing (temp name, rename); a failed write is an OSError with its errno, as any other."""
+    tmp = tmp_name(path)
+    try:
+        df.write_parquet(tmp)
+    except pl.exceptions.PolarsError as e:
+        tmp.unlink(missing_ok=True)
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
     tmp.replace(path)
 
 

@@ -31,14 +31,31 @@ def _fmt(v: object) -> str:
 def headline(g: pl.DataFrame, h: pl.DataFrame) -> list[str]:
     """One line per data-set loss, from `analysis.groundedness` and `analysis.helped_fraction`."""
     lines = []
-    for row in g.join(h.select("loss", "frac_helped"), on="loss").iter_rows(named=True):
+    for row in g.join(h.select("loss", "frac_param_steps_helped"), on="loss").iter_rows(named=True):
         if "/" in row["loss"]:
             continue  # classes and groups go in the tables
         lines.append(
             f"{row['loss']}: loss {row['loss_first']:.4f} → {row['loss_last']:.4f} over {row['steps']} steps; "
             f"Σ LCA {row['lca']:+.4f} vs ΔL {row['delta_loss']:+.4f}; grounded {row['frac_grounded']:.0%} "
-            f"(max |residual| {row['max_abs_residual']:.1e}); {row['frac_helped']:.1%} of parameter-steps helped")
+            f"(max |residual| {row['max_abs_residual']:.1e}); "
+            f"{row['frac_param_steps_helped']:.1%} of parameter-steps helped")
     return lines
+
+
+def notes(meta: dict) -> list[str]:
+    """How to read these frames: chords between sparse states, skipped steps, BN statistics, missing states."""
+    out = [meta[k] for k in ("every_note",) if meta.get(k)]
+    if meta.get("n_unchanged"):
+        out.append(f"{meta['n_unchanged']} step(s) changed no parameter (LCA exactly 0, column `unchanged`); "
+                   f"they are left out of helped fractions")
+    if meta.get("batchnorm_stats"):
+        out.append(f"batch-norm running statistics: {meta['batchnorm_stats']}")
+    if meta.get("missing_states"):
+        a, b = meta["missing_states"]
+        out.append(f"states {a}..{b} of the run are missing (a lost chunk): the frames stop before them")
+    if meta.get("aliases"):
+        out.append("tied parameters: " + ", ".join(f"{a} = {t}" for a, t in meta["aliases"].items()))
+    return out
 
 
 def print_summary(fr: Frames, console: Console | None = None) -> None:
@@ -50,11 +67,13 @@ def print_summary(fr: Frames, console: Console | None = None) -> None:
     grounded, helped = analysis.groundedness(fr), analysis.helped_fraction(fr)
     for line in headline(grounded, helped):
         con.print("  " + line)
+    for line in notes(fr.meta):
+        con.print("  [yellow]note[/yellow] " + line)
     g = grounded.drop("loss_first", "loss_last", "mean_abs_residual").rename(
         {"delta_loss": "ΔL", "lca": "ΣLCA", "frac_grounded": "grounded", "max_abs_residual": "max|resid|",
          "mean_splits": "splits(mean)", "max_splits": "splits(max)"})
     con.print(_table(g, "Groundedness per loss: Σ LCA must equal the loss change"))
-    con.print(_table(helped, "Fraction of parameters helping"))
+    con.print(_table(helped, "Share of parameter-steps with negative LCA (steps that moved the parameters)"))
     stats = analysis.lca_stats(fr, main).drop("loss").transpose(include_header=True, header_name="statistic",
                                                                  column_names=["value"])
     con.print(_table(stats, f"Per-parameter total LCA, distribution ({main})"))

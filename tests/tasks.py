@@ -87,14 +87,12 @@ def digits_dies_on_rank_1():
     from replay.digits import digits
 
     t = digits()
-    limit = int(os.environ.get("REPLAY_TEST_DIE_AFTER", "0"))
-    if not limit or os.environ.get("RANK") != "1":
-        return t
+    limit = int(os.environ.get("REPLAY_TEST_DIE_AFTER", "0")) if os.environ.get("RANK") == "1" else 0
     calls, base = [0], t.loss_fn
 
-    def dying(out, y):
+    def dying(out, y):  # the same code on every rank and run: the task's fingerprint does not change
         calls[0] += 1
-        if calls[0] > limit:
+        if limit and calls[0] > limit:
             raise RuntimeError("rank 1 dies here")
         return base(out, y)
 

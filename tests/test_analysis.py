@@ -46,7 +46,7 @@ def test_groundedness(fr):
 
 def test_helped_fraction(fr):
     h = analysis.helped_fraction(fr).filter(pl.col("loss") == "train").row(0, named=True)
-    assert h["frac_helped"] == pytest.approx(4 / 8)  # helped: 2+1+1+0 of 8 parameter-steps
+    assert h["frac_param_steps_helped"] == pytest.approx(4 / 8)  # helped: 2+1+1+0 of 8 parameter-steps
     assert h["min_step_frac"] == pytest.approx(1 / 4) and h["max_step_frac"] == pytest.approx(3 / 4)
 
 
@@ -58,7 +58,7 @@ def test_param_help_histogram(fr):
 def test_lca_stats(fr):
     s = analysis.lca_stats(fr, "train").row(0, named=True)
     assert s["total"] == pytest.approx(-4.5) and s["mean"] == pytest.approx(-4.5 / 4)
-    assert s["frac_helped"] == pytest.approx(3 / 4)
+    assert s["frac_params_helped_in_total"] == pytest.approx(3 / 4)
     assert s["share_top1pct"] == pytest.approx(3.5 / 4.5)  # the single most helpful parameter
 
 

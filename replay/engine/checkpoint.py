@@ -13,11 +13,11 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from replay.engine.parallel import Layout
 from replay.errors import ReplayError
-from replay.store.manifest import write_atomic
+from replay.store.atomic import is_tmp, write_atomic
 
 
 class Checkpoint:
@@ -30,31 +30,29 @@ class Checkpoint:
         self.seq = self.evals = 0
         self.complete = False
         self.totals: dict[str, torch.Tensor] | None = None
-        meta, prog = out / "meta.json", out / f"progress{self.tag}.json"
+        prog = out / f"progress{self.tag}.json"
         found = sorted(out.glob("progress*.json")) if out.is_dir() else []
-        if meta.is_file():
-            m = json.loads(meta.read_text())
-            if m.get("config") != config:
-                raise ReplayError(f"{out}: holds LCA computed with other settings; choose another --out or delete it")
-            self.complete = bool(m.get("complete"))
-        elif out.exists() and any(out.iterdir()) and not found:
-            raise ReplayError(f"{out}: exists and is not an lca dir; choose another --out")
+        self.complete = _finished(out, config, found)
         if self.complete:
             return
         self._check_layout(found)
         if prog.is_file():
-            p = json.loads(prog.read_text())
-            if p["config"] != config:
-                raise ReplayError(f"{out}: holds an unfinished compute with other settings; "
-                                  f"choose another --out or delete it")
-            self.parts, self.next_step, self.seq, self.evals = p["parts"], p["next_step"], p["seq"], p["evals"]
-            self.totals = load_file(out / p["totals"])
-            if layout.writes_steps:
-                keep = set(self.parts)
-                for f in (self.own_files("steps/part", ".parquet") + self.own_files("tensors/part", ".parquet")
-                          + self.own_files("dense/part", ".safetensors")):
-                    if str(f.relative_to(out)) not in keep:
-                        f.unlink()  # written after the last checkpoint: will be recomputed
+            p = _read_json(prog)
+            if p.get("config") != config:
+                raise ReplayError(f"{out}: holds an unfinished compute with other "
+                                  f"{_differences(p.get('config'), config)}; choose another --out or delete it")
+            if p.get("next_step") is not None:  # else it was killed before its first flush: start over
+                self.parts, self.next_step, self.seq, self.evals = p["parts"], p["next_step"], p["seq"], p["evals"]
+                self.totals = load_file(out / p["totals"])
+        out.mkdir(parents=True, exist_ok=True)
+        if layout.writes_steps:
+            keep = set(self.parts)
+            for f in (self.own_files("steps/part", ".parquet") + self.own_files("tensors/part", ".parquet")
+                      + self.own_files("dense/part", ".safetensors")):
+                if str(f.relative_to(out)) not in keep:
+                    f.unlink()  # written after the last checkpoint: will be recomputed
+        if self.next_step is None:  # from here on, a rerun with the same settings resumes or starts over
+            self._write_progress(None, None, 0)
 
     def _check_layout(self, found: list[Path]) -> None:
         """Unfinished files of another layout: its blocks of steps or parameter slices are not ours."""
@@ -77,16 +75,67 @@ class Checkpoint:
 
     def save(self, next_step: int, totals: dict[str, torch.Tensor], evals: int) -> None:
         name = f"totals{self.tag}-{next_step:010d}.safetensors"
-        save_file({k: v.cpu().contiguous() for k, v in totals.items()}, self.out / name)
-        prog = {"config": self.config, "parts": self.parts, "next_step": next_step, "seq": self.seq, "totals": name,
-                "evals": evals, "layout": [self.layout.mode, self.layout.world]}
-        write_atomic(self.out / f"progress{self.tag}.json", json.dumps(prog).encode())
+        write_atomic(self.out / name, save({k: v.cpu().contiguous() for k, v in totals.items()}))
+        self._write_progress(next_step, name, evals)
         for old in self.own_files("totals", ".safetensors"):
             if old.name != name:
                 old.unlink()
+
+    def _write_progress(self, next_step: int | None, totals: str | None, evals: int) -> None:
+        prog = {"config": self.config, "parts": self.parts, "next_step": next_step, "seq": self.seq, "totals": totals,
+                "evals": evals, "layout": [self.layout.mode, self.layout.world]}
+        write_atomic(self.out / f"progress{self.tag}.json", json.dumps(prog).encode())
 
     def remove(self) -> None:
         """The compute is complete (meta.json written): the resume state goes."""
         for f in self.own_files("totals", ".safetensors"):
             f.unlink()
         (self.out / f"progress{self.tag}.json").unlink(missing_ok=True)
+
+
+def _finished(out: Path, config: dict, progress: list[Path]) -> bool:
+    """Whether `out` holds this very compute, finished; refuses a dir that holds anything else."""
+    if out.exists() and not out.is_dir():
+        raise ReplayError(f"--out {out}: is a file; pass a directory for the LCA frames")
+    meta = out / "meta.json"
+    if meta.is_file():
+        m = _read_json(meta)
+        if m.get("config") != config:
+            raise ReplayError(f"{out}: holds LCA computed with other {_differences(m.get('config'), config)}; "
+                              f"choose another --out or delete it")
+        return bool(m.get("complete"))
+    if out.exists() and not progress and not _only_leftovers(out):
+        raise ReplayError(f"{out}: exists and is not an lca dir; choose another --out")
+    return False
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ReplayError(f"{path}: unreadable ({e}); delete {path.parent} and compute again") from None
+    if not isinstance(d, dict):
+        raise ReplayError(f"{path}: not an lca dir file; delete {path.parent} and compute again")
+    return d
+
+
+def _differences(old: object, new: dict) -> str:
+    """Which settings differ, in words ('task content (same name, other data or model)', 'tol', ...)."""
+    if not isinstance(old, dict):
+        return "settings"
+    keys = [k for k in new if old.get(k) != new[k]] + [k for k in old if k not in new]
+    words = {"task_fingerprint": "task content (same task name, other data, model or loss_fn)",
+             "run_id": "run (another recording)"}
+    return "settings: " + ", ".join(words.get(k, k) for k in keys) if keys else "settings"
+
+
+def _only_leftovers(out: Path) -> bool:
+    """An lca dir whose compute was killed before it wrote its progress: empty frame folders and temp files."""
+    for p in out.iterdir():
+        if is_tmp(p.name):
+            continue
+        if p.is_dir() and p.name in ("steps", "tensors", "params", "dense") and all(
+                is_tmp(f.name) or f.suffix in (".parquet", ".safetensors") for f in p.iterdir()):
+            continue
+        return False
+    return True

@@ -16,25 +16,30 @@ Under torchrun the steps (or each step's data) are shared among processes: see `
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import queue
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from replay.engine import parallel
 from replay.engine.checkpoint import Checkpoint
 from replay.engine.evaluate import LossEvaluator
+from replay.engine.fingerprint import task_fingerprint
 from replay.engine.parallel import Layout
 from replay.engine.simpson import is_grounded, refine_points, simpson_integral
-from replay.errors import RunError, TaskError
+from replay.errors import ReplayError, ReplayWarning, RunError, TaskError
 from replay.frames import Frames, FrameWriter, load, write_meta
 from replay.store import Run, open_run
+from replay.store.atomic import write_atomic
 from replay.task import Task, load_task
 from replay.wrappers import unwrap_model
 
@@ -69,10 +74,10 @@ def compute(
     single process's, up to the order of float summation (see `engine.parallel`).
     """
     run = run if isinstance(run, Run) else open_run(run)
-    if max_splits < 2 or max_splits & (max_splits - 1):
-        raise ValueError(f"max_splits: expected a power of two ≥ 2, got {max_splits}")
-    if tol < 0 or rtol < 0:
-        raise ValueError(f"tol, rtol: expected ≥ 0, got {tol}, {rtol}")
+    _check_settings(device, tol, rtol, max_splits)
+    if len(run.steps) < 2:
+        raise RunError(f"{run.path}: nothing to compute: {len(run.steps)} state(s) recorded (a step needs two); "
+                       f"run `replay verify {run.path}`")
     spec = task if task is not None else run.task
     if spec is None:
         raise TaskError(f"{run.path}: the run names no task; pass task='module:function' (--task)")
@@ -88,24 +93,70 @@ def compute(
     todo = [s for s in run.steps[:-1] if (a is None or s >= a) and (b is None or s < b)]
     if not todo:
         raise RunError(f"{run.path}: no step to compute in {a}:{b} (recorded states {run.steps[0]}..{run.steps[-1]})")
-    if t.batchnorm == "running" and run.manifest.buffers:
-        t.model.load_state_dict(run.state(run.steps[-1], buffers=True), strict=False)
+    notes = _notes(run, t, todo)
     layout, dev = parallel.join(device, data_parallel)
     try:
         ev = LossEvaluator(t, run.param_names, datasets, per_class, dev, layout)
         out = Path(out) if out is not None else run.path / "lca"
-        config = {"run": str(run.path.resolve()), "task": spec if isinstance(spec, str) else "<Task object>",
+        config = {"run": str(run.path.resolve()), "run_id": run.manifest.run_id,
+                  "task": spec if isinstance(spec, str) else "<Task object>",
+                  "task_fingerprint": task_fingerprint(t, datasets, run.param_names),
                   "losses": ev.loss_names, "tol": tol, "rtol": rtol, "max_splits": max_splits,
                   "first_order": first_order, "steps": [todo[0], todo[-1]], "batchnorm": t.batchnorm,
                   "batch_size": t.batch_size, "dense": dense}
-        state = Checkpoint(out, config, layout)
-        parallel.barrier(layout)  # every rank has read the dir before any writes to it
-        if state.complete:
-            return load(out)
-        return _Replay(run, ev, parallel.segments(todo, layout), out, state, layout, tol, rtol, max_splits,
-                       first_order, dense, flush_every, progress).execute()
+        try:
+            state = Checkpoint(out, config, layout)
+            parallel.barrier(layout)  # every rank has read the dir before any writes to it
+            if state.complete:
+                return load(out)
+            return _Replay(run, ev, parallel.segments(todo, layout), out, state, layout, tol, rtol, max_splits,
+                           first_order, dense, flush_every, progress, notes).execute()
+        except OSError as e:
+            raise _write_failed(out, e) from None
     finally:
         parallel.leave(layout)
+
+
+def _check_settings(device: str, tol: float, rtol: float, max_splits: int) -> None:
+    if not isinstance(max_splits, int) or max_splits < 2 or max_splits & (max_splits - 1):
+        raise ValueError(f"max_splits: expected a power of two ≥ 2, got {max_splits}")
+    if not (math.isfinite(tol) and math.isfinite(rtol) and tol >= 0 and rtol >= 0):
+        raise ValueError(f"tol, rtol: expected finite numbers ≥ 0, got {tol}, {rtol}")
+    parallel.parse_device(device)
+
+
+def _notes(run: Run, t: Task, todo: list[int]) -> dict:
+    """What the frames' meta must say about how to read them (and the user hears once, as a warning)."""
+    notes: dict = {"every": run.manifest.every, "aliases": run.aliases}
+    if run.manifest.every > 1:
+        notes["every_note"] = (f"states were recorded every {run.manifest.every} updates: each step's LCA is that of "
+                               f"the straight chord between recorded states, not the sum of the updates' LCAs")
+    if t.batchnorm == "running":
+        if run.manifest.buffers:
+            last = run.steps[-1]
+            t.model.load_state_dict(run.state(last, buffers=True), strict=False)
+            notes["batchnorm_stats"] = f"recorded buffers of state {last} (the last), for every step"
+        else:
+            notes["batchnorm_stats"] = "the task model's own buffers: the run recorded none"
+            warnings.warn(f"{run.path}: batchnorm='running' but the run recorded no buffers, so the running "
+                          f"statistics are the task model's own; record with Recorder(buffers=True) or set them "
+                          f"in the task", ReplayWarning, stacklevel=3)
+    if run.missing is not None:
+        first, last = run.missing
+        notes["missing_states"] = [first, last]
+        warnings.warn(f"{run.path}: states {first}..{last} are missing (a chunk is lost; see `replay verify`): "
+                      f"computing steps {todo[0]}..{todo[-1]} only", ReplayWarning, stacklevel=3)
+    return notes
+
+
+def _write_failed(out: Path, e: OSError) -> ReplayError:
+    why = {errno.ENOSPC: "no space left on device: free space", errno.EDQUOT: "disk quota exceeded: free space",
+           errno.EROFS: "read-only file system: pass another --out", errno.EACCES: "permission denied: pass "
+           "another --out", errno.ENOTDIR: "a path component is a file: pass a directory as --out"}.get(
+        e.errno, f"{e.strerror or e}")
+    where = e.filename or out
+    return ReplayError(f"{where}: writing the LCA frames failed ({why}); run the same command again to resume "
+                       f"from the last flush")
 
 
 def _check_model(task: Task, run: Run) -> None:
@@ -152,8 +203,8 @@ class _Replay:
 
     def __init__(self, run: Run, ev: LossEvaluator, segments: list[list[int]], out: Path, ckpt: Checkpoint,
                  layout: Layout, tol: float, rtol: float, max_splits: int, first_order: bool, dense: bool,
-                 flush_every: int, progress: bool):
-        self.run, self.ev, self.out, self.ckpt, self.layout = run, ev, out, ckpt, layout
+                 flush_every: int, progress: bool, notes: dict):
+        self.run, self.ev, self.out, self.ckpt, self.layout, self.notes = run, ev, out, ckpt, layout, notes
         self.tol, self.rtol, self.max_splits, self.first_order = tol, rtol, max_splits, first_order
         self.dense, self.flush_every, self.progress = dense, flush_every, progress and layout.rank == 0
         self.dev = ev.device
@@ -169,7 +220,8 @@ class _Replay:
         L, S = len(ev.loss_names), self.hi - self.lo
         self.totals = ckpt.totals or {"lca": torch.zeros(L, S, dtype=torch.float64),
                                       "helped": torch.zeros(L, S, dtype=torch.int32),
-                                      "n_steps": torch.zeros(1, dtype=torch.int64)}
+                                      "n_steps": torch.zeros(1, dtype=torch.int64),
+                                      "n_unchanged": torch.zeros(1, dtype=torch.int64)}
         self.totals = {k: v.to(self.dev) for k, v in self.totals.items()}
         self.dense_buf: dict[str, torch.Tensor] = {}
         # [L,S] work buffers in the model's dtype (totals are float64): the two endpoint gradients
@@ -280,15 +332,24 @@ class _Replay:
         return self._finish()
 
     def _segment(self, seg: list[int]) -> None:
-        """Consecutive steps: the first state is evaluated, then each step's end is the next one's start."""
+        """Consecutive steps: the first state is evaluated, then each step's end is the next one's start.
+
+        A step that changed no parameter (θ' = θ bit for bit: a skipped AMP step, an accumulation
+        micro-batch captured as a step) needs no evaluation: its LCA is exactly 0 and its end
+        gradient is its start's.
+        """
         it = self._states(seg[0], seg[-1])
         t0, th0 = next(it)
         v0, g0 = self._eval(th0, self.buf["g_a"])
         for t1, th1 in it:
-            d = th1 - th0
-            v1, g1 = self._eval(th1, self.buf["g_b" if g0 is self.buf["g_a"] else "g_a"], partial=True)
-            lca, splits, ok, v1 = self._allocate(th0, d, v0, g0, v1, g1)
-            self._record(t0, t1, v0, v1, lca, splits, ok)
+            if torch.equal(th1, th0):
+                self._record(t0, t1, v0, v0, self.buf["lca"].zero_(), 0, torch.ones_like(v0, dtype=torch.bool))
+                v1, g1 = v0, g0
+            else:
+                d = th1 - th0
+                v1, g1 = self._eval(th1, self.buf["g_b" if g0 is self.buf["g_a"] else "g_a"], partial=True)
+                lca, splits, ok, v1 = self._allocate(th0, d, v0, g0, v1, g1)
+                self._record(t0, t1, v0, v1, lca, splits, ok)
             last = t0 == self.todo[-1]
             self._since_flush += 1
             if self._since_flush >= self.flush_every or last:
@@ -312,9 +373,12 @@ class _Replay:
         """Add the step to the totals and its per-loss and per-tensor sums to the frames."""
         helped = lca < 0
         tl, th = self._per_tensor(lca, torch.float64), self._per_tensor(helped, torch.int64)  # [L,T]
-        self.totals["lca"] += lca
-        self.totals["helped"] += helped
-        self.totals["n_steps"] += 1
+        if splits:  # an unchanged step (splits 0) adds nothing, and is no step a parameter could help in
+            self.totals["lca"] += lca
+            self.totals["helped"] += helped
+            self.totals["n_steps"] += 1
+        else:
+            self.totals["n_unchanged"] += 1
         if self.layout.shards_data:  # each rank summed its slice: rank 0 writes the step (one collective)
             both = torch.stack([tl, th.double()])  # counts are exact in float64
             parallel.reduce_to_first(both)
@@ -331,7 +395,7 @@ class _Replay:
         if self.dense and self.dense_buf:
             (self.out / "dense").mkdir(exist_ok=True)
             rel = f"dense/part{self.layout.tag}-{ck.seq:06d}.safetensors"
-            save_file(self.dense_buf, self.out / rel, metadata={"losses": json.dumps(self.ev.loss_names)})
+            write_atomic(self.out / rel, save(self.dense_buf, metadata={"losses": json.dumps(self.ev.loss_names)}))
             ck.parts.append(rel)
             self.dense_buf = {}
         ck.seq += 1
@@ -354,10 +418,11 @@ class _Replay:
         parallel.barrier(lay)  # every params part is written
         if lay.rank == 0:
             write_meta(self.out, {"complete": True, "config": self.ckpt.config, "losses": self.ev.loss_names,
-                                  "loss_sizes": self.ev.loss_sizes, "n_steps": n_steps,
+                                  "loss_sizes": self.ev.loss_sizes, "n_steps": n_steps + int(tot["n_unchanged"]),
+                                  "n_unchanged": int(tot["n_unchanged"]),
                                   "tensors": self.writer.tensor_names, "run": str(self.run.path.resolve()),
                                   "grad_evals": int(tot["evals"].item()), "processes": lay.world,
-                                  "parallel": lay.mode})
+                                  "parallel": lay.mode, **self.notes})
         parallel.barrier(lay)  # meta.json is written: every rank may load, and drop its resume state
         self.ckpt.remove()
         return load(self.out)

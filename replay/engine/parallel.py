@@ -70,15 +70,28 @@ class Layout:
         return "steps" if self.shards_steps else "data" if self.shards_data else "none"
 
 
+def parse_device(device: str) -> torch.device:
+    """A device replay can use here, or one clear line: only cpu and cuda[:N] are supported."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ReplayError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ReplayError(f"--device {device!r}: replay computes on cpu or cuda (cuda:N)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ReplayError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ReplayError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
 def join(device: str, data_parallel: bool) -> tuple[Layout, torch.device]:
     """Join the caller's process group, or torchrun's (from its environment); pick this rank's device.
 
     `cuda` without an index becomes `cuda:LOCAL_RANK`, one GPU per process; an explicit index
     is kept. A group we create here uses nccl for CUDA and gloo for the CPU.
     """
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ReplayError("--device cuda: no CUDA device is available here; use --device cpu")
+    dev = parse_device(device)
     joined = dist.is_available() and dist.is_initialized()
     if not joined and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Layout(data_parallel=data_parallel), dev
