@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Record a training run, replay it, and see which parameters learned, when, for which loss.")
 
 RunArg = Annotated[Path, typer.Argument(help="run directory written by replay.Recorder")]
+
+
+@app.callback()
+def _setup() -> None:
+    """Warnings the user must read (every=k chords, missing states, BN statistics) print as one line."""
+    warnings.formatwarning = _one_line_warning
 
 
 def _fail(err: ReplayError) -> typer.Exit:
@@ -39,10 +46,21 @@ def info(run: RunArg) -> None:
                + (f" + {len(m.buffers)} buffers" if m.buffers else ""))
     typer.echo(f"chunks     {i.chunks}, {i.bytes_on_disk / 2**20:.2f} MiB on disk")
     typer.echo(f"bytes      {i.bytes_per_param_step:.3f} per parameter per step")
+    if m.aliases:
+        typer.echo("tied       " + ", ".join(f"{a} = {t}" for a, t in m.aliases.items()) + " (recorded once)")
+    if m.frozen:
+        typer.echo(f"frozen     {len(m.frozen)} parameter(s) not recorded (requires_grad=False): "
+                   + ", ".join(m.frozen[:5]) + (", ..." if len(m.frozen) > 5 else ""))
     typer.echo(f"task       {m.task or '(none: pass --task to compute)'}")
     typer.echo(f"torch      {m.torch_version}")
+    typer.echo(f"run id     {m.run_id or '(format 1: none)'}")
+    if not i.steps:
+        typer.echo(f"warning    nothing was recorded (no chunk); run `replay verify {run}`")
     if i.orphans:
         typer.echo(f"warning    {len(i.orphans)} chunk(s) after a gap are ignored; run `replay verify {run}`")
+    if i.leftovers:
+        typer.echo(f"note       {len(i.leftovers)} temp file(s) of an interrupted write are ignored: "
+                   + ", ".join(i.leftovers[:3]))
 
 
 @app.command()
@@ -60,6 +78,22 @@ def verify(run: RunArg) -> None:
     if problems:
         raise typer.Exit(1)
     typer.echo(f"ok: {len(r.chunks)} chunks, {len(r.steps)} states, all checksums match")
+    if r.leftovers:
+        typer.echo(f"note: {len(r.leftovers)} temp file(s) of an interrupted write are ignored "
+                   f"(safe to delete): {', '.join(r.leftovers[:3])}")
+
+
+@app.command()
+def export(run: RunArg, out: Annotated[Path, typer.Argument(help="the .safetensors file to write")],
+           step: Annotated[int, typer.Option(help="the recorded state to export")]) -> None:
+    """One recorded state as a plain safetensors file, keyed by the model's parameter names (bit-exact)."""
+    from replay.store import open_run
+
+    try:
+        n = open_run(run).export(step, out)
+    except ReplayError as e:
+        raise _fail(e) from None
+    typer.echo(f"wrote {out}: state {step}, {n} tensors")
 
 
 def _parse_steps(spec: str | None) -> tuple[int | None, int | None] | None:
@@ -156,6 +190,8 @@ def demo(out: Annotated[Path, typer.Option(help="where to write the run and its 
     from replay.demo import run_demo
     from replay.report import print_summary
 
+    if out.exists() and not out.is_dir():
+        raise _fail(ReplayError(f"--out {out}: is a file; pass a directory for the demo's run and frames"))
     try:
         fr = run_demo(out, epochs=epochs)
     except ReplayError as e:
@@ -171,8 +207,13 @@ explore further:
   replay compute {out}/run --loss val --per-class val --out {out}/lca-val""")
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> str:
+    return f"warning: {message}\n"
+
+
 def main() -> None:
     """Console entry point: user errors print one line and exit 1, never a traceback."""
+    warnings.formatwarning = _one_line_warning
     try:
         app()
     except ReplayError as e:  # raised inside a command that did not catch it itself

@@ -8,14 +8,16 @@ against the manifest before its first state is returned (see `store.chunk`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save
 
 from replay.errors import ChunkDamaged, RunError
-from replay.store.atomic import is_tmp
+from replay.store.atomic import is_tmp, write_atomic
 from replay.store.chunk import CHUNK_RE, Chunk
 from replay.store.layout import StateLayout
 from replay.store.manifest import MANIFEST, Manifest
@@ -119,6 +121,23 @@ class Run:
                 if t >= stop:
                     return
                 yield t, self._typed(cur, kind)
+
+    def export(self, t: int, path: str | Path) -> int:
+        """Write state t (and its buffers, if recorded) as a plain safetensors file; returns the tensor count.
+
+        Keys are the model's own names (`model.load_state_dict(load_file(path), strict=False)`);
+        tied parameters appear once, their other names are in the metadata (`aliases`).
+        """
+        path = Path(path)
+        tensors = self.state(t)
+        if self.manifest.buffers:
+            tensors.update(self.state(t, buffers=True))
+        meta = {"replay_run": self.manifest.run_id, "state": str(t), "aliases": json.dumps(self.aliases)}
+        try:
+            write_atomic(path, save(tensors, metadata=meta))
+        except OSError as e:
+            raise RunError(f"{path}: cannot write ({e.strerror or e}); pass a writable file path") from None
+        return len(tensors)
 
     def verify(self) -> list[str]:
         """Check every chunk (checksum, identity, header, size); return one line per problem found."""
