@@ -86,9 +86,10 @@ class FrameWriter:
         self._tensors: list[tuple[int, np.ndarray, np.ndarray]] = []
 
     def add(self, step: int, step_to: int, before: np.ndarray, after: np.ndarray, lca: np.ndarray,
-            splits: int, grounded: np.ndarray, tensor_lca: np.ndarray, tensor_helped: np.ndarray) -> None:
+            splits: np.ndarray, grounded: np.ndarray, tensor_lca: np.ndarray, tensor_helped: np.ndarray) -> None:
         """One step: per-loss arrays [L] and per-loss per-tensor arrays [L, T] (already on the host)."""
-        frac = tensor_helped.sum(1) / self.tensor_sizes.sum() if splits else np.full(len(before), np.nan)
+        moved = bool(splits.any())
+        frac = tensor_helped.sum(1) / self.tensor_sizes.sum() if moved else np.full(len(before), np.nan)
         self._steps.append({"step": step, "step_to": step_to, "before": before, "after": after, "lca": lca,
                             "splits": splits, "grounded": grounded, "frac": frac})
         self._tensors.append((step, tensor_lca, tensor_helped))
@@ -107,9 +108,9 @@ class FrameWriter:
         steps = pl.DataFrame({
             "step": np.repeat([r["step"] for r in s], L), "loss": self.loss_names * len(s),
             "loss_before": before, "loss_after": after, "delta_loss": after - before, "lca": lca,
-            "residual": (after - before) - lca, "splits": np.repeat([r["splits"] for r in s], L),
+            "residual": (after - before) - lca, "splits": col("splits"),
             "frac_helped": col("frac"), "step_to": np.repeat([r["step_to"] for r in s], L),
-            "grounded": col("grounded"), "unchanged": np.repeat([r["splits"] == 0 for r in s], L),
+            "grounded": col("grounded"), "unchanged": np.repeat([not r["splits"].any() for r in s], L),
         }, schema=STEPS_SCHEMA).with_columns(pl.col("frac_helped").fill_nan(None))
         n = len(self._tensors)
         tensors = pl.DataFrame({

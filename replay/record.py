@@ -221,6 +221,10 @@ class Recorder:
         try:
             self._manifest.write(self.path)
             self._start(opt, queue_size, chunk_bytes)
+        except OSError as e:
+            self._abandon(created)
+            raise RecordError(f"{self.path}: cannot start recording ({e.strerror or e}); nothing was left behind — "
+                              f"fix that and create the Recorder again") from None
         except BaseException:
             self._abandon(created)
             raise

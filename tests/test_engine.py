@@ -7,6 +7,7 @@ import tasks
 import torch
 from polars.testing import assert_frame_equal
 from safetensors.torch import load_file
+from test_exactness import assert_class_identity
 
 import replay
 from replay.digits import digits_mlp, train_digits
@@ -100,15 +101,7 @@ def test_digits_grounded_and_per_class_identity(digits_run, tmp_path):
     assert len(steps) == n_steps * 12
     assert steps["grounded"].all(), steps.filter(~pl.col("grounded"))
     assert steps["residual"].abs().max() <= 1e-4
-    # Σ_k (n_k/n)·LCA_k = LCA_train, per step and per parameter
-    sizes = dict(zip(fr.meta["losses"], fr.meta["loss_sizes"], strict=True))
-    weighted = (steps.filter(pl.col("loss").str.starts_with("train/class="))
-                .with_columns(w=pl.col("lca") * pl.col("loss").replace_strict(sizes, return_dtype=pl.Float64)
-                              / sizes["train"])
-                .group_by("step").agg(pl.col("w").sum()).sort("step"))
-    train = steps.filter(pl.col("loss") == "train").sort("step")
-    # gradients are float32 (the model's dtype), so the identity holds to float32 rounding
-    np.testing.assert_allclose(weighted["w"].to_numpy(), train["lca"].to_numpy(), rtol=1e-6, atol=1e-9)
+    assert_class_identity(fr, tol=1e-4)
     # params totals = Σ over steps of tensors, for each tensor and loss
     p = fr.params.group_by("loss", "tensor").agg(pl.col("lca").sum()).sort("loss", "tensor").collect()
     t = fr.tensors.group_by("loss", "tensor").agg(pl.col("lca").sum()).sort("loss", "tensor").collect()

@@ -35,7 +35,7 @@ from replay.engine.checkpoint import Checkpoint
 from replay.engine.evaluate import LossEvaluator
 from replay.engine.fingerprint import task_fingerprint
 from replay.engine.parallel import Layout
-from replay.engine.simpson import is_grounded, refine_points, simpson_integral
+from replay.engine.simpson import allocation, is_grounded, refine_points, simpson_integral
 from replay.errors import ReplayError, ReplayWarning, RunError, TaskError
 from replay.frames import Frames, FrameWriter, load, write_meta
 from replay.store import Run, open_run
@@ -281,36 +281,47 @@ class _Replay:
         return p
 
     def _allocate(self, th0: torch.Tensor, d: torch.Tensor, v0: torch.Tensor, g0: torch.Tensor, v1: torch.Tensor,
-                  g1: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
-        """Simpson (refined until grounded) → (lca [L,S], splits, grounded [L], the end losses [L]).
+                  g1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Simpson refined per loss → (lca [L,S], splits [L], grounded [L], the end losses [L]); [L] on the host.
 
+        Each loss keeps the allocation of the first level at which it is grounded (or the last,
+        at max_splits), so that requesting more losses never changes another loss's numbers:
+        the others' refinement only adds points that this loss no longer uses.
         The refinement test needs only ΣLCA = (E·Δθ + 4·O·Δθ + 2·M·Δθ)/(3n): projections
-        [L] of each gradient on Δθ, so the [L,S] allocation is formed once, at the end, in a
-        preallocated buffer (like every [L,S] here: fresh ones cost page faults).
+        [L] of each gradient on Δθ, so [L,S] allocations are formed only for the losses that are
+        final, in a preallocated buffer (like every [L,S] here: fresh ones cost page faults).
         `v1` is this rank's part of the end losses in data mode (summed with the projections).
         """
         lca = self.buf["lca"]
+        L = lca.shape[0]
         # Δθ of the own columns, in the gradients' dtype (the evaluation points use the float64 d)
         dw = d[self.lo:self.hi].to(lca.dtype)
         if self.first_order:
             p0, v1 = self._proj(dw, g0, partial_losses=v1)
             dl = v1 - v0
-            return torch.mul(g0, dw, out=lca), 1, is_grounded(dl - p0, dl, self.tol, self.rtol), v1
+            ok = is_grounded(dl - p0, dl, self.tol, self.rtol).cpu()
+            return torch.mul(g0, dw, out=lca), torch.ones(L, dtype=torch.int64), ok, v1
         n = 2
         odd, mid, tmp = self.buf["odd"], self.buf["mid"], self.buf["tmp"]
         self._eval(th0 + 0.5 * d, odd, partial=True)  # interior points: gradients only
         p0, p1, odd_d, v1 = self._proj(dw, g0, g1, odd, partial_losses=v1)
         dl = v1 - v0
         ends_d, mid_d = p0 + p1, torch.zeros_like(dl)
+        splits, grounded = torch.zeros(L, dtype=torch.int64), torch.zeros(L, dtype=torch.bool)
         while True:
-            ok = is_grounded(dl - simpson_integral(ends_d, odd_d, mid_d, n), dl, self.tol, self.rtol)
             # host sync: the refinement decision. In data mode every rank decides alike, from the same
             # all-reduced numbers (an all-reduce leaves identical bits on every rank), so none waits alone.
-            if n >= self.max_splits or bool(ok.all()):
-                torch.add(g0, g1, out=lca).add_(odd, alpha=4.0)  # E + 4·O + 2·M, M = 0 while n = 2
-                if n > 2:
-                    lca.add_(mid, alpha=2.0)
-                return lca.mul_(dw / (3.0 * n)), n, ok, v1
+            ok = is_grounded(dl - simpson_integral(ends_d, odd_d, mid_d, n), dl, self.tol, self.rtol).cpu()
+            final = (ok | (n >= self.max_splits)) & (splits == 0)  # losses whose allocation is this level's
+            m = mid if n > 2 else None
+            if bool(final.all()):  # the usual case: every loss at once, in place
+                allocation(g0, g1, odd, m, dw, n, out=lca)
+            elif bool(final.any()):
+                rows = final.nonzero().flatten().to(lca.device)
+                lca[rows] = allocation(g0[rows], g1[rows], odd[rows], m[rows] if m is not None else None, dw, n)
+            splits[final], grounded[final] = n, ok[final]
+            if bool((splits > 0).all()):
+                return lca, splits, grounded, v1
             if n == 2:
                 mid.copy_(odd)
             else:
@@ -343,7 +354,9 @@ class _Replay:
         v0, g0 = self._eval(th0, self.buf["g_a"])
         for t1, th1 in it:
             if torch.equal(th1, th0):
-                self._record(t0, t1, v0, v0, self.buf["lca"].zero_(), 0, torch.ones_like(v0, dtype=torch.bool))
+                L = len(v0)
+                self._record(t0, t1, v0, v0, self.buf["lca"].zero_(), torch.zeros(L, dtype=torch.int64),
+                             torch.ones(L, dtype=torch.bool))
                 v1, g1 = v0, g0
             else:
                 d = th1 - th0
@@ -368,12 +381,12 @@ class _Replay:
         out = torch.zeros(x.shape[0], self.T + 1, dtype=dtype, device=x.device)  # T: the padding
         return out.index_copy_(1, self.cut_ids, sums)[:, :self.T].contiguous()  # collectives need contiguous
 
-    def _record(self, t0: int, t1: int, v0: torch.Tensor, v1: torch.Tensor, lca: torch.Tensor, splits: int,
-                ok: torch.Tensor) -> None:
+    def _record(self, t0: int, t1: int, v0: torch.Tensor, v1: torch.Tensor, lca: torch.Tensor,
+                splits: torch.Tensor, ok: torch.Tensor) -> None:
         """Add the step to the totals and its per-loss and per-tensor sums to the frames."""
         helped = lca < 0
         tl, th = self._per_tensor(lca, torch.float64), self._per_tensor(helped, torch.int64)  # [L,T]
-        if splits:  # an unchanged step (splits 0) adds nothing, and is no step a parameter could help in
+        if splits.any():  # an unchanged step (splits 0) adds nothing, and is no step a parameter could help in
             self.totals["lca"] += lca
             self.totals["helped"] += helped
             self.totals["n_steps"] += 1
@@ -387,7 +400,7 @@ class _Replay:
             self.dense_buf[str(t0)] = full[:, :self.P].to("cpu", torch.float64, copy=True)
         if self.layout.writes_steps:
             host = [x.cpu().numpy() for x in (v0, v1, tl.sum(1), ok, tl, th)]  # one sync per step
-            self.writer.add(t0, t1, host[0], host[1], host[2], splits, host[3], host[4], host[5])
+            self.writer.add(t0, t1, host[0], host[1], host[2], splits.numpy(), host[3], host[4], host[5])
 
     def _flush(self, next_step: int) -> None:
         ck = self.ckpt
