@@ -1,5 +1,6 @@
 """replay: record a PyTorch training run, then allocate every loss change to every parameter."""
 
+from replay import losses
 from replay.engine import compute
 from replay.errors import ReplayError
 from replay.frames import Frames, load
@@ -7,5 +8,5 @@ from replay.record import Recorder
 from replay.store import Run, open_run
 from replay.task import Task
 
-__all__ = ["Frames", "Recorder", "ReplayError", "Run", "Task", "compute", "load", "open_run"]
+__all__ = ["Frames", "Recorder", "ReplayError", "Run", "Task", "compute", "load", "losses", "open_run"]
 __version__ = "0.1.0"

@@ -195,6 +195,7 @@ class Recorder:
         model = unwrap_model(model)
         _refuse_sharded(model)
         opt = torch_optimizer(optimizer) if optimizer is not None else None
+        self._unpatch: Callable[[], object] = lambda: None
         self.path, self.model, self.every, self.step = Path(path), model, every, 0
         self.flush_secs = float(flush_secs)
         self._closed, self._hooks = False, []
@@ -228,6 +229,8 @@ class Recorder:
         except BaseException:
             self._abandon(created)
             raise
+        if opt is not None and opt is not optimizer and hasattr(optimizer, "step_was_skipped"):
+            self._count_skipped_steps(optimizer)
         ref = weakref.ref(self)
         self._atexit = lambda: (r := ref()) is not None and r.close()
         atexit.register(self._atexit)
@@ -256,6 +259,20 @@ class Recorder:
             self._hooks.append(opt.register_step_pre_hook(lambda *_: self._seal()))
             self._hooks.append(opt.register_step_post_hook(lambda *_: self.capture()))
         self._snapshot(0)
+
+    def _count_skipped_steps(self, wrapper: object) -> None:
+        """accelerate's optimizer skips the torch step on AMP overflow: that step becomes a zero-change state."""
+        original = wrapper.step
+
+        def step(*args: object, **kwargs: object) -> object:
+            before = self.step
+            out = original(*args, **kwargs)
+            if self.step == before and getattr(wrapper, "step_was_skipped", False):
+                self.capture()
+            return out
+
+        wrapper.step = step
+        self._unpatch = lambda: wrapper.__dict__.pop("step", None)
 
     def _abandon(self, created: bool) -> None:
         """The constructor failed: stop what started and remove what it wrote, so a retry can succeed."""
@@ -344,6 +361,7 @@ class Recorder:
         self._closed = True
         for h in self._hooks:
             h.remove()
+        self._unpatch()
         if not self.recording:
             return
         atexit.unregister(self._atexit)

@@ -31,8 +31,11 @@ def cross_entropy_per_example(outputs: torch.Tensor, targets: torch.Tensor) -> t
 class Task:
     """The model architecture and the data of each named loss.
 
-    - `data`: `{name: (inputs, targets)}` tensors, or `{name: Dataset}` of (input, target) pairs.
-    - `loss_fn(outputs, targets)` → per-example losses (default: cross-entropy).
+    - `data`: `{name: (inputs, targets)}` tensors, or `{name: Dataset}` of (input, target) pairs,
+      called as `loss_fn(model(inputs), targets)`; or (HF style) `{name: {key: tensor}}` with one
+      first dimension, or a dataset of such dicts, called as `loss_fn(model(**batch), batch)`.
+    - `loss_fn` → per-example losses [batch] (default: cross-entropy; dict data must name one,
+      e.g. `replay.losses.causal_lm`).
     - `batch_size`: evaluation chunking (memory only, except through batch-norm batch statistics).
     - `groups`: `{data_name: {group_name: per-example keys}}`; each key value k gives a loss
       `"{data_name}/{group_name}={k}"` (per-class losses are the group "class" of the targets).
@@ -57,32 +60,115 @@ class Task:
             raise TaskError(f"Task.batch_size: expected a positive integer, got {self.batch_size!r}")
         if self.batchnorm not in BATCHNORM_MODES:
             raise TaskError(f"Task.batchnorm: expected one of {BATCHNORM_MODES}, got {self.batchnorm!r}")
-        self.loss_fn = self.loss_fn or cross_entropy_per_example
-        self.data = {name: _as_tensors(name, d) for name, d in self.data.items()}
+        self.data = {name: as_examples(name, d).tensors for name, d in self.data.items()}
+        if self.loss_fn is None:
+            dicts = [n for n, d in self.data.items() if isinstance(d, dict)]
+            if dicts:
+                raise TaskError(f"Task.loss_fn: data set {dicts[0]!r} is a dict of tensors (model(**batch)); pass "
+                                f"loss_fn(outputs, batch) returning per-example losses, e.g. replay.losses.causal_lm")
+            self.loss_fn = cross_entropy_per_example
         for name, gs in self.groups.items():
             if name not in self.data:
                 raise TaskError(f"Task.groups: {name!r} is not a data set (have {sorted(self.data)})")
-            n = len(self.data[name][1])
+            n = len(Examples(self.data[name]))
             for g, keys in gs.items():
                 if len(keys) != n:
                     raise TaskError(f"Task.groups[{name!r}][{g!r}]: {len(keys)} keys for {n} examples")
 
 
-def _as_tensors(name: str, d: object) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(d, torch.utils.data.Dataset):
-        pairs = [d[i] for i in range(len(d))]  # type: ignore[arg-type]
-        if not pairs:
-            raise TaskError(f"Task.data[{name!r}]: the data set is empty; a loss needs at least one example")
-        xs, ys = zip(*pairs, strict=True)
-        d = (torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(ys))
+class Examples:
+    """One data set as replay evaluates it, whichever form the task gave.
+
+    `(inputs, targets)`: a batch is called as `loss_fn(model(x), y)`; a dict of tensors with a
+    shared first dimension (HF style): as `loss_fn(model(**batch), batch)`.
+    """
+
+    def __init__(self, tensors: tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        t = self.tensors
+        return len(next(iter(t.values()))) if isinstance(t, dict) else len(t[0])
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Examples:
+        t = self.tensors
+        return Examples({k: fn(v) for k, v in t.items()} if isinstance(t, dict) else (fn(t[0]), fn(t[1])))
+
+    def take(self, index: torch.Tensor) -> Examples:
+        return self._map(lambda v: v[index.to(v.device)])
+
+    def slice(self, a: int, b: int) -> Examples:
+        return self._map(lambda v: v[a:b])
+
+    def to(self, device: torch.device) -> Examples:
+        return self._map(lambda v: v.to(device))
+
+    def labels(self, name: str) -> torch.Tensor:
+        """Per-example class labels [n]: the targets, or batch['labels'] of dict data."""
+        t = self.tensors
+        if isinstance(t, dict):
+            if "labels" not in t:
+                raise TaskError(f"--per-class {name}: the data set is a dict without 'labels'; per-class losses "
+                                f"need one integer class label per example")
+            return t["labels"]
+        return t[1]
+
+    def losses(self, model: nn.Module, loss_fn: Callable) -> torch.Tensor:
+        """loss_fn's per-example losses of the whole (batch of) examples."""
+        t = self.tensors
+        if isinstance(t, dict):
+            return loss_fn(model(**t), t)
+        return loss_fn(model(t[0]), t[1])
+
+
+def as_examples(name: str, d: object) -> Examples:
+    """Validate and normalize one data set of a Task: tensors checked, datasets stacked."""
+    if isinstance(d, torch.utils.data.Dataset) or (
+            hasattr(d, "__len__") and hasattr(d, "__getitem__") and not isinstance(d, tuple | list | dict)
+            and not isinstance(d, torch.Tensor)):
+        d = _stack(name, d)
+    if isinstance(d, dict):
+        return Examples(_check_dict(name, d))
     if not (isinstance(d, tuple | list) and len(d) == 2):
-        raise TaskError(f"Task.data[{name!r}]: expected (inputs, targets) tensors or a Dataset")
+        raise TaskError(f"Task.data[{name!r}]: expected (inputs, targets) tensors, a dict of tensors with one "
+                        f"first dimension, or a dataset of either")
     x, y = d
     if len(x) == 0:
         raise TaskError(f"Task.data[{name!r}]: the data set is empty; a loss needs at least one example")
     if len(x) != len(y):
         raise TaskError(f"Task.data[{name!r}]: {len(x)} inputs but {len(y)} targets")
-    return x, y
+    return Examples((x, y))
+
+
+def _stack(name: str, d: object) -> tuple | dict:
+    """A dataset of (input, target) pairs or of dicts, stacked into tensors once."""
+    items = [d[i] for i in range(len(d))]  # type: ignore[arg-type]
+    if not items:
+        raise TaskError(f"Task.data[{name!r}]: the data set is empty; a loss needs at least one example")
+    try:
+        if isinstance(items[0], Mapping):
+            return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+        xs, ys = zip(*items, strict=True)
+        return torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(ys)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise TaskError(f"Task.data[{name!r}]: cannot stack the examples into tensors ({user_error(e)}); give "
+                        f"examples of one shape (pad sequences to one length)") from None
+
+
+def _check_dict(name: str, d: dict) -> dict[str, torch.Tensor]:
+    if not d:
+        raise TaskError(f"Task.data[{name!r}]: an empty dict; give tensors such as input_ids and labels")
+    bad = [k for k, v in d.items() if not isinstance(v, torch.Tensor) or v.dim() == 0]
+    if bad:
+        raise TaskError(f"Task.data[{name!r}][{bad[0]!r}]: expected a tensor with one row per example, got "
+                        f"{type(d[bad[0]]).__name__}")
+    sizes = {k: len(v) for k, v in d.items()}
+    if len(set(sizes.values())) != 1:
+        raise TaskError(f"Task.data[{name!r}]: the tensors differ in their first dimension {sizes}; it must be "
+                        f"the number of examples in every one")
+    if not next(iter(sizes.values())):
+        raise TaskError(f"Task.data[{name!r}]: the data set is empty; a loss needs at least one example")
+    return dict(d)
 
 
 def load_task(spec: str | Task, run_dir: Path | None = None, *, named: bool = True) -> Task:

@@ -25,12 +25,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def torch_optimizer(optimizer: object) -> torch.optim.Optimizer:
-    """The torch optimizer inside accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer, ..."""
+    """The torch optimizer inside accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer, ...
+
+    Wrappers may subclass `torch.optim.Optimizer` without initializing it (accelerate does),
+    so a wrapper is recognized by holding an inner optimizer, not by its class.
+    """
     opt = optimizer
     for _ in range(8):
-        if isinstance(opt, torch.optim.Optimizer):
-            return opt
         inner = getattr(opt, "optimizer", None) or getattr(opt, "_optimizer", None)
+        if isinstance(opt, torch.optim.Optimizer) and "_optimizer_step_pre_hooks" in vars(opt):
+            if not isinstance(inner, torch.optim.Optimizer):
+                return opt  # a real torch optimizer (not a wrapper of one)
         if inner is None or inner is opt:
             break
         opt = inner

@@ -5,7 +5,7 @@ import replay
 
 def test_public_names():
     assert sorted(replay.__all__) == ["Frames", "Recorder", "ReplayError", "Run", "Task", "compute", "load",
-                                      "open_run"]
+                                      "losses", "open_run"]
     for name in replay.__all__:
         assert getattr(replay, name) is not None
 
@@ -16,5 +16,5 @@ def test_cli_verbs():
     from replay.cli import app
 
     out = CliRunner().invoke(app, ["--help"]).output
-    for verb in ("demo", "compute", "summary", "info", "verify"):
+    for verb in ("demo", "compute", "summary", "info", "verify", "export"):
         assert verb in out

@@ -21,7 +21,7 @@ from torch import nn
 
 from replay.engine.parallel import Layout, all_reduce, param_pieces, reduce_scatter, shard_batches
 from replay.errors import ReplayError, TaskError
-from replay.task import Task, user_error
+from replay.task import Examples, Task, user_error
 from replay.wrappers import unwrap_model
 
 MIXED = -1  # a batch's cell when it holds several (batch-norm batch statistics): see _DataPlan.mixed
@@ -30,8 +30,7 @@ MIXED = -1  # a batch's cell when it holds several (batch-norm batch statistics)
 @dataclass
 class _DataPlan:
     name: str
-    x: torch.Tensor
-    y: torch.Tensor
+    examples: Examples  # this rank's examples, on the device, in evaluation order
     batches: list[tuple[int, int, int]]  # (start, stop, cell) in evaluation order
     cell_losses: list[list[int]]  # cell -> indices of the losses it adds to (the data set's own loss first)
     mixed: dict[int, list[tuple[int, torch.Tensor]]]  # batch start -> (cell, positions in the batch), MIXED batches
@@ -81,11 +80,11 @@ class LossEvaluator:
         return len(self.loss_names) - 1
 
     def _plan(self, name: str, per_class: bool) -> _DataPlan:
-        x, y = self.task.data[name]
-        n = len(y)
+        examples = Examples(self.task.data[name])
+        n = len(examples)
         keys = dict(self.task.groups.get(name, {}))
         if per_class:
-            keys = {"class": _class_labels(name, y), **keys}
+            keys = {"class": _class_labels(name, examples.labels(name)), **keys}
         own = self._add_loss(name, n)
         cell_of = torch.zeros(n, dtype=torch.long)
         cell_losses: list[list[int]] = [[own]]
@@ -112,7 +111,7 @@ class LossEvaluator:
                     mixed[a] = [(int(c), torch.nonzero(cell_of[a:a + bs] == c).flatten()) for c in cs]
         else:  # sorted by cell, batches never straddle cells: one backward per batch
             order = torch.sort(cell_of, stable=True).indices
-            x, y, cell_of = x[order], y[order], cell_of[order]
+            examples, cell_of = examples.take(order), cell_of[order]
             bounds = torch.nonzero(torch.diff(cell_of)).flatten().add(1).tolist()
             batches = []
             for a, b in zip([0] + bounds, bounds + [n], strict=True):
@@ -122,7 +121,7 @@ class LossEvaluator:
         hi = batches[-1][1] if batches else 0
         mixed = {a - lo: [(c, i.to(self.device)) for c, i in segs] for a, segs in mixed.items() if lo <= a < hi}
         batches = [(a - lo, b - lo, c) for a, b, c in batches]
-        return _DataPlan(name, x[lo:hi].to(self.device), y[lo:hi].to(self.device), batches, cell_losses, mixed)
+        return _DataPlan(name, examples.slice(lo, hi).to(self.device), batches, cell_losses, mixed)
 
     def load(self, theta: torch.Tensor) -> None:
         """Write the flat float64 θ [P] (or padded [≥P]) into the model's parameters (cast to their dtypes)."""
@@ -160,7 +159,7 @@ class LossEvaluator:
     def _losses(self, plan: _DataPlan, a: int, b: int) -> torch.Tensor:
         """Per-example losses [b-a] of examples a..b: the user's model and loss_fn, checked."""
         try:
-            per_example = self.task.loss_fn(self.model(plan.x[a:b]), plan.y[a:b])
+            per_example = plan.examples.slice(a, b).losses(self.model, self.task.loss_fn)
         except ReplayError:
             raise
         except Exception as e:  # the user's code on the user's data: one line, their error

@@ -1,0 +1,59 @@
+"""Record a `transformers.Trainer` run: `Trainer(..., callbacks=[ReplayCallback("runs/x", task=...)])`.
+
+A thin adapter from the Trainer's events to a `Recorder`: state 0 at train begin, one state
+per real optimizer step (never per accumulation micro-batch; a step the AMP scaler skipped
+becomes a zero-change state, so states keep the Trainer's `global_step` numbering), closed at
+the last epoch's end, before the Trainer may load a "best" checkpoint into the model. Under
+distributed training only the main process records.
+"""
+
+from __future__ import annotations
+
+import os
+
+try:
+    from transformers import TrainerCallback
+except ImportError:  # pragma: no cover - depends on the environment
+    raise ImportError("replay.huggingface needs transformers: pip install 'replay-lca[hf]'") from None
+
+from replay.record import Recorder
+from replay.wrappers import torch_optimizer
+
+
+class ReplayCallback(TrainerCallback):
+    """Records the Trainer's model into `path` (keyword arguments go to `replay.Recorder`)."""
+
+    def __init__(self, path: str | os.PathLike, *, task: str | None = None, **recorder_kwargs: object):
+        self.path, self.task, self.kwargs = path, task, recorder_kwargs
+        self.recorder: Recorder | None = None
+        self._steps = 0
+
+    def on_train_begin(self, args: object, state: object, control: object, model: object = None,
+                       optimizer: object = None, **kwargs: object) -> None:
+        if not state.is_world_process_zero or self.recorder is not None:
+            return
+        meta = {"trainer": "transformers", "first_global_step": state.global_step,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps, **self.kwargs.pop("metadata", {})}
+        # the torch optimizer inside accelerate's wrapper: its hooks fire on real updates only;
+        # a skipped (AMP overflow) step is added in on_optimizer_step
+        self.recorder = Recorder(model, self.path, optimizer=torch_optimizer(optimizer), task=self.task,
+                                 metadata=meta, **self.kwargs)
+        self._steps = 0
+
+    def on_optimizer_step(self, args: object, state: object, control: object, **kwargs: object) -> None:
+        if self.recorder is None:
+            return
+        self._steps += 1
+        if self.recorder.step < self._steps:  # the wrapper skipped the update: a zero-change state
+            self.recorder.capture()
+
+    def on_epoch_end(self, args: object, state: object, control: object, **kwargs: object) -> None:
+        if control.should_training_stop or state.global_step >= state.max_steps:
+            self._close()  # before _finalize_training may load the best checkpoint into the model
+
+    def on_train_end(self, args: object, state: object, control: object, **kwargs: object) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()

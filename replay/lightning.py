@@ -1,0 +1,55 @@
+"""Record a `lightning.Trainer` run: `Trainer(callbacks=[ReplayCallback("runs/x", task=...)])`.
+
+A thin adapter from Lightning's events to a `Recorder`: state 0 when training starts, one
+state per optimizer step whatever `accumulate_grad_batches` is (the torch optimizer's own
+step hooks), with manual optimization too; a step the AMP scaler skipped becomes a
+zero-change state, so states keep `trainer.global_step` numbering. Only global rank 0 records.
+"""
+
+from __future__ import annotations
+
+import os
+
+try:
+    from lightning.pytorch.callbacks import Callback
+except ImportError:  # pragma: no cover - depends on the environment
+    raise ImportError("replay.lightning needs lightning: pip install 'replay-lca[lightning]'") from None
+
+from replay.errors import RecordError
+from replay.record import Recorder
+from replay.wrappers import torch_optimizer
+
+
+class ReplayCallback(Callback):
+    """Records the LightningModule's parameters into `path` (keyword arguments go to `replay.Recorder`)."""
+
+    def __init__(self, path: str | os.PathLike, *, task: str | None = None, **recorder_kwargs: object):
+        self.path, self.task, self.kwargs = path, task, recorder_kwargs
+        self.recorder: Recorder | None = None
+
+    def on_train_start(self, trainer: object, pl_module: object) -> None:
+        if not trainer.is_global_zero or self.recorder is not None:
+            return
+        if len(trainer.optimizers) != 1:
+            raise RecordError(f"replay.lightning.ReplayCallback records a model trained by one optimizer; this "
+                              f"one has {len(trainer.optimizers)}: record with replay.Recorder and capture()")
+        meta = {"trainer": "lightning", "first_global_step": trainer.global_step,
+                "accumulate_grad_batches": trainer.accumulate_grad_batches, **self.kwargs.pop("metadata", {})}
+        self.recorder = Recorder(pl_module, self.path, optimizer=torch_optimizer(trainer.optimizers[0]),
+                                 task=self.task, metadata=meta, **self.kwargs)
+        self._first = trainer.global_step
+
+    def on_train_batch_end(self, trainer: object, pl_module: object, *args: object, **kwargs: object) -> None:
+        if self.recorder is not None:
+            while self.recorder.step < trainer.global_step - self._first:  # skipped by the AMP scaler
+                self.recorder.capture()
+
+    def on_train_end(self, trainer: object, pl_module: object) -> None:
+        self._close()
+
+    def on_exception(self, trainer: object, pl_module: object, exception: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
