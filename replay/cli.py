@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from replay.errors import ReplayError
+from replay.errors import ReplayError, ReplayWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Record a training run, replay it, and see which parameters learned, when, for which loss.")
@@ -207,7 +207,12 @@ explore further:
   replay compute {out}/run --loss val --per-class val --out {out}/lca-val""")
 
 
+_default_format = warnings.formatwarning
+
+
 def _one_line_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> str:
+    if not issubclass(category, ReplayWarning):
+        return _default_format(message, category, *args, **kwargs)
     return f"warning: {message}\n"
 
 
