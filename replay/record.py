@@ -17,7 +17,7 @@ Threads and buffers (S = bytes of one flat state, see `store.layout`):
         copy again those changed in place since; only then may the encoder use the state.
     encoder thread: XOR of the sealed state with the previous one into the chunk buffer; a
         chunk is closed when full, or once its oldest state is `flush_secs` old
-    flusher thread: CRC-32, write to a temp name, rename (store.chunk.write_chunk); fsync of
+    flusher thread: checksum (xxHash3), write to a temp name, rename (store.chunk.write_chunk); fsync of
         the files not yet synced on the `flush_secs` clock and at close
 
 Memory is bounded: `queue` staging states plus three chunk buffers of ≤ `chunk_bytes`.
@@ -37,6 +37,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from replay.errors import RecordError
+from replay.errors import RecordError, ReplayWarning
 from replay.store.atomic import fsync_dir, fsync_file
 from replay.store.chunk import MAX_CHUNK_STATES, ChunkBuilder, write_chunk
 from replay.store.layout import StateLayout, spec_of
@@ -128,6 +129,48 @@ class _Pending:
     versions: list[int]
     sealed: threading.Event = field(default_factory=threading.Event)
     patched: torch.cuda.Event | None = None  # CUDA: the re-copy of parameters changed in place
+
+
+class _Pacer:
+    """Notices, once, when training waits for the recorder because states arrive faster than they are written.
+
+    Slowing training in silence is the one thing a recorder must not do: after the first
+    100 states, if the training thread spent over 5% of its time waiting, one warning line
+    gives the rate demanded, the rate written, and the remedy.
+    """
+
+    def __init__(self, path: Path, every: int):
+        self.path, self.every = path, every
+        self.start = time.perf_counter()
+        self.wait = 0.0
+        self.states = 0
+        self.bytes = 0
+        self.written = self.write_secs = 0.0
+        self.warned = False
+
+    def waited(self, secs: float, nbytes: int) -> None:
+        self.wait += secs
+        if nbytes:
+            self.states += 1
+            self.bytes += nbytes
+        if self.states < 100 or self.warned:
+            return
+        elapsed = time.perf_counter() - self.start
+        if self.wait > 0.05 * elapsed and self.write_secs > 0:
+            self.warned = True
+            demand = self.bytes / elapsed / 2**20
+            supply = self.written / self.write_secs / 2**20
+            why = (f"the disk writes {supply:,.0f} MiB/s" if supply < demand else
+                   f"copying, encoding and writing them competes with training for this machine's {os.cpu_count()} "
+                   f"cores (the disk takes {supply:,.0f} MiB/s)")
+            k = max(2, math.ceil(demand / max(supply, 1e-9))) * self.every
+            warnings.warn(f"{self.path}: training waited {self.wait / elapsed:.0%} of its time for the recorder: "
+                          f"states arrive at {demand:,.0f} MiB/s and {why}; record every={k} to stop slowing "
+                          f"training", ReplayWarning, stacklevel=5)
+
+    def wrote(self, nbytes: int, secs: float) -> None:
+        self.written += nbytes
+        self.write_secs += secs
 
 
 def _claim(path: Path) -> tuple[int, bool]:
@@ -246,11 +289,12 @@ class Recorder:
             self._pool.put((flat, self.layout.views(flat)))
         self._work: queue.Queue = queue.Queue(maxsize=queue_size)
         slots = max(1, min(MAX_CHUNK_STATES, chunk_bytes // self.layout.nbytes))
-        self._chunks: queue.Queue = queue.Queue(maxsize=1)
+        self._chunks: queue.Queue = queue.Queue()  # bounded by the chunk buffers: the encoder never waits on a write
         self._free_chunks: queue.Queue = queue.Queue()
         for _ in range(3):
             self._free_chunks.put(np.empty(slots * self.layout.nbytes, dtype=np.uint8))
         self._deferred = opt is not None  # a pre-hook seals each state before the parameters change
+        self._pacer = _Pacer(self.path, self.every)
         self._encoder = threading.Thread(target=self._guard(self._encode_loop), name="replay-encoder", daemon=True)
         self._flusher = threading.Thread(target=self._guard(self._flush_loop), name="replay-flusher", daemon=True)
         self._encoder.start()
@@ -304,6 +348,7 @@ class Recorder:
 
     def _snapshot(self, t: int) -> None:
         self._seal()
+        t_wait = time.perf_counter()
         flat, views = self._get(self._pool)
         versions = [p._version for _, p in self._params]
         with torch.no_grad():
@@ -329,26 +374,32 @@ class Recorder:
         else:
             self._pending = item
         self._put(self._work, item)
+        self._pacer.waited(time.perf_counter() - t_wait, self.layout.nbytes)
 
     def _seal(self) -> None:
         """Before the parameters change again: finish the pending copy and re-copy what changed in place."""
         item, self._pending = self._pending, None
         if item is None:
             return
-        if isinstance(item.copied, threading.Event):
-            while not item.copied.wait(1.0):
-                self._raise_if_failed()
-        elif item.copied is not None:
-            torch.cuda.current_stream().wait_event(item.copied)  # GPU-side wait, no host sync
-        changed = [(n, p) for (n, p), v in zip(self._params, item.versions, strict=True) if p._version != v]
-        if changed:
-            with torch.no_grad():
-                for n, p in changed:
-                    item.views[n].copy_(p.detach(), non_blocking=self._cuda)
-            if self._cuda:
-                item.patched = torch.cuda.Event()
-                item.patched.record()
-        item.sealed.set()
+        try:
+            if isinstance(item.copied, threading.Event):
+                if not item.copied.is_set():  # the encoder is still copying: training waits
+                    t_wait = time.perf_counter()
+                    while not item.copied.wait(1.0):
+                        self._raise_if_failed()
+                    self._pacer.waited(time.perf_counter() - t_wait, 0)
+            elif item.copied is not None:
+                torch.cuda.current_stream().wait_event(item.copied)  # GPU-side wait, no host sync
+            changed = [(n, p) for (n, p), v in zip(self._params, item.versions, strict=True) if p._version != v]
+            if changed:
+                with torch.no_grad():
+                    for n, p in changed:
+                        item.views[n].copy_(p.detach(), non_blocking=self._cuda)
+                if self._cuda:
+                    item.patched = torch.cuda.Event()
+                    item.patched.record()
+        finally:
+            item.sealed.set()  # always: the encoder must never wait for a state nobody will seal
 
     def close(self) -> None:
         """Seal the last state, flush the partial chunk, stop the threads, detach the hooks. Idempotent.
@@ -489,8 +540,10 @@ class Recorder:
                 break
             chunk, sync = item
             try:
+                t0 = time.perf_counter()
                 path = write_chunk(self.path, self.layout, chunk.steps, chunk.stored, chunk.data,
                                    self._manifest.run_id, sync=sync)
+                self._pacer.wrote(chunk.data.nbytes, time.perf_counter() - t0)
                 if sync:
                     sync_all()
                 else:

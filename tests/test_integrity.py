@@ -258,7 +258,7 @@ def test_verify_of_an_empty_run_says_nothing_was_recorded(tmp_path):
 def _manifest_edit(run_dir, edit):
     path = run_dir / "manifest.json"
     d = json.loads(path.read_text())
-    d.pop("crc32")
+    d.pop("xxh3")
     d = edit(d)
     path.write_text(json.dumps(d))  # no checksum field: refused as damaged anyway, but the reason must be one line
 
@@ -391,7 +391,7 @@ def test_legacy_format_1_runs_still_read(tmp_path):
     head = chunk_header(run.layout, c.steps, c.stored, "", f"{zlib.crc32(data):08x}", version=1)
     c.path.write_bytes(head + data)
     d = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    d = {k: v for k, v in d.items() if k not in ("crc32", "run_id", "aliases", "frozen")}
+    d = {k: v for k, v in d.items() if k not in ("xxh3", "run_id", "aliases", "frozen")}
     d["format"] = "replay-run/1"
     (tmp_path / "run" / "manifest.json").write_text(json.dumps(d, indent=1))
     old = replay.open_run(tmp_path / "run")

@@ -1,46 +1,55 @@
-"""Training throughput with vs without the Recorder, measured side by side.
+"""Training throughput with vs without the Recorder, measured side by side, and where the time goes.
 
-Rounds interleave the modes (plain / recorder with the deferred copy that the optimizer
-hooks allow / recorder with a synchronous copy via manual capture()) so that machine noise
-hits all alike; the median of per-round ratios is printed. Also prints bytes on disk per
-parameter per step, and what a byte-shuffled zlib pass would save on these XOR deltas.
+Rounds interleave the modes so that machine noise hits all alike; the median of per-round
+ratios is printed:
+  plain     no recording
+  clone     a bare per-step copy of the parameters on the training thread (the floor of any
+            recorder that copies on that thread)
+  recorder  replay.Recorder with the optimizer (deferred copy, sealed at the next step)
+Then a breakdown: the cost per state of each piece of the background work (copy, XOR,
+zero test, checksum, write), against the time of one training step.
 
-    python tools/bench_record.py [--steps 300] [--rounds 7] [--batch 64] [--device cpu]
+    python tools/bench_record.py [--model mlp512|mlp784] [--batch 64] [--threads 1] [--steps 300]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
 import time
-import zlib
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import xxhash
 from torch import nn
 
 import replay
 
+MODELS = {"mlp512": (64, 512, 512, 10), "mlp784": (784, 512, 384, 10)}
 
-def make(device: str):
+
+def make(name: str, device: str):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 384), nn.ReLU(), nn.Linear(384, 10))
-    model = model.to(device)
+    d = MODELS[name]
+    layers = []
+    for a, b in zip(d[:-1], d[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1]).to(device)
     return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
 
-def train(mode: str, steps: int, batch: int, device: str, out: Path) -> float:
-    model, opt = make(device)
-    xs = torch.randn(16, batch, 784, device=device)
+def train(mode: str, model_name: str, steps: int, batch: int, device: str, out: Path) -> float:
+    model, opt = make(model_name, device)
+    xs = torch.randn(16, batch, MODELS[model_name][0], device=device)
     ys = torch.randint(0, 10, (16, batch), device=device)
-    rec = None
-    if mode == "deferred":
-        rec = replay.Recorder(model, out, optimizer=opt)
-    elif mode == "sync":
-        rec = replay.Recorder(model, out)
+    rec = replay.Recorder(model, out, optimizer=opt) if mode == "recorder" else None
+    params = [p for p in model.parameters()]
+    copies = [torch.empty_like(p, device="cpu") for p in params]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -48,67 +57,95 @@ def train(mode: str, steps: int, batch: int, device: str, out: Path) -> float:
         opt.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(xs[i % 16]), ys[i % 16]).backward()
         opt.step()
-        if mode == "sync":
-            rec.capture()
+        if mode == "clone":
+            with torch.no_grad():
+                for c, p in zip(copies, params, strict=True):
+                    c.copy_(p)
     sync()
     dt = time.perf_counter() - t0  # training time only: close() below flushes the tail
     if rec is not None:
         rec.close()
-    return steps * batch / dt
+    return dt / steps
 
 
-def codec_probe(run_dir: Path) -> None:
-    """What compression would buy: byte-shuffle each delta (group byte planes), zlib level 1."""
-    run = replay.open_run(run_dir)
-    chunk = run.chunks[len(run.chunks) // 2]
-    from safetensors import safe_open
+def breakdown(model_name: str, step_s: float, out: Path) -> None:
+    """Per state: each background piece on a state of this model, in µs and as a share of a training step."""
+    model, _ = make(model_name, "cpu")
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    nb = flat.numel() * 4
+    cur = flat.view(torch.uint8).numpy().copy()
+    prev = (cur ^ np.random.default_rng(0).integers(0, 2, nb, dtype=np.uint8))
+    dst = np.empty_like(cur)
+    big = np.empty(nb * 16, dtype=np.uint8)
 
-    raw = packed = 0
-    t0 = time.perf_counter()
-    with safe_open(chunk.path, framework="pt") as f:
-        for key in f.keys():
-            if key.startswith(f"{chunk.first}/") or key.endswith("__pad__"):
-                continue  # deltas only
-            a = f.get_tensor(key).numpy()
-            shuffled = a.view(np.uint8).reshape(-1, a.itemsize).T.copy()
-            raw += a.nbytes
-            packed += len(zlib.compress(shuffled, 1))
-    dt = time.perf_counter() - t0
-    print(f"codec probe: byte-shuffled zlib-1 on XOR deltas = {packed / raw:.3f} of raw size, "
-          f"{raw / dt / 2**20:.0f} MiB/s on one core (not enabled: see README)")
+    def t(fn, n=50):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n
+
+    pieces = {
+        "copy (params -> staging)": t(lambda: torch.from_numpy(dst).copy_(flat.view(torch.uint8))),
+        "XOR with previous": t(lambda: np.bitwise_xor(cur, prev, out=dst)),
+        "zero test (any)": t(lambda: dst.view(np.uint64).any()),
+        "checksum (xxHash3)": t(lambda: xxhash.xxh3_64(dst).hexdigest()),
+    }
+    path = out / "w.bin"
+
+    def write():
+        with open(path, "wb") as f:
+            f.write(big)
+
+    pieces["write (page cache, per state)"] = t(write, 10) / 16
+    print(f"\nbreakdown per state ({nb / 2**20:.2f} MiB), one training step = {step_s * 1e6:,.0f} µs:")
+    for k, v in pieces.items():
+        print(f"  {k:32s} {v * 1e6:8.0f} µs  {v / step_s:6.1%} of a step")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="mlp512", choices=sorted(MODELS))
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_record_"))
-    modes = ["plain", "deferred", "sync"]
+    modes = ["plain", "clone", "recorder"]
     ratios: dict[str, list[float]] = {m: [] for m in modes[1:]}
+    plain_times = []
+    caught = warnings.catch_warnings(record=True)  # the recorder's "training waits" line: shown once, below
+    said = caught.__enter__()
+    warnings.simplefilter("always")
     try:
-        train("plain", 50, a.batch, a.device, tmp / "warm")  # warm-up: allocator, threads
+        train("plain", a.model, 50, a.batch, a.device, tmp / "warm")  # warm-up: allocator, threads
         for r in range(a.rounds):
-            tput = {}
+            secs = {}
             for m in modes if r % 2 == 0 else modes[::-1]:
-                tput[m] = train(m, a.steps, a.batch, a.device, tmp / f"{m}{r}")
+                secs[m] = train(m, a.model, a.steps, a.batch, a.device, tmp / f"{m}{r}")
             for m in modes[1:]:
-                ratios[m].append(tput["plain"] / tput[m])
-            print(f"round {r}: " + "  ".join(f"{m} {tput[m]:,.0f} ex/s" for m in modes))
-        model, _ = make("cpu")
+                ratios[m].append(secs[m] / secs["plain"])
+            plain_times.append(secs["plain"])
+            print(f"round {r}: " + "  ".join(f"{m} {secs[m] * 1e3:.3f} ms/step" for m in modes))
+        model, _ = make(a.model, "cpu")
         n = sum(p.numel() for p in model.parameters())
-        info = replay.open_run(tmp / "deferred0").info()
-        print(f"\nmodel: MLP 784-512-384-10, {n:,} params, batch {a.batch}, device {a.device}, "
-              f"{torch.get_num_threads()} torch threads")
+        info = replay.open_run(tmp / "recorder0").info()
+        print(f"\nmodel {a.model} {MODELS[a.model]}, {n:,} params, batch {a.batch}, device {a.device}, "
+              f"{torch.get_num_threads()} torch thread(s), {os.cpu_count()} cores")
         for m in modes[1:]:
-            print(f"overhead ratio ({m} copy): {statistics.median(ratios[m]):.3f} "
-                  f"(time with recorder / without; median of {a.rounds}, min {min(ratios[m]):.3f})")
+            print(f"slowdown ({m}): {statistics.median(ratios[m]):.3f}x "
+                  f"(time per step with / without; median of {a.rounds}, range {min(ratios[m]):.3f}-"
+                  f"{max(ratios[m]):.3f})")
         print(f"bytes on disk per parameter per step: {info.bytes_per_param_step:.3f} "
               f"({info.chunks} chunks, {info.steps} states)")
-        codec_probe(tmp / "deferred0")
+        breakdown(a.model, statistics.median(plain_times), tmp)
+        waits = [str(w.message) for w in said if "training waited" in str(w.message)]
+        print(f"\nthe recorder warned in {len(waits)} of {a.rounds} runs" + (f"; first: {waits[0]}" if waits else ""))
     finally:
+        caught.__exit__(None, None, None)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

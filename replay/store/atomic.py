@@ -7,19 +7,22 @@ directory (durable across a power loss); chunks skip it and are synced in batche
 recorder's `flush_secs` clock, because a killed *process* already gets whole files from
 the rename alone.
 
-A sealed JSON document carries its own CRC-32 as 8 hex digits in its last field; the
-checksum is taken over every byte of the file except those 8 digits. So a flipped bit
-anywhere, the length prefix and the checksum field included, is detected.
+A sealed JSON document carries its own checksum as 16 hex digits in its last field: the
+64-bit xxHash3 of every byte of the file except those 16 digits. So a flipped bit anywhere,
+the length prefix and the checksum field included, is detected. xxHash3 rather than CRC-32:
+it runs at ~45 GB/s on one core here against zlib's CRC-32 at ~5 GB/s, and the recorder
+checksums every state it writes (tools/bench_record.py).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import zlib
 from pathlib import Path
 
-PLACEHOLDER = b"00000000"
+import xxhash
+
+PLACEHOLDER = b"0" * 16
 
 
 def tmp_name(path: Path) -> Path:
@@ -66,10 +69,15 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def crc_skipping(buf: bytes | memoryview, start: int, stop: int, crc: int = 0) -> int:
-    """CRC-32 of `buf` without the bytes start..stop (where the checksum itself is written)."""
+def digest_skipping(buf: bytes | memoryview, start: int, stop: int, *more: bytes | memoryview) -> str:
+    """xxHash3-64 (hex) of `buf` without the bytes start..stop (where the checksum itself is written), then `more`."""
     view = memoryview(buf)
-    return zlib.crc32(view[stop:], zlib.crc32(view[:start], crc))
+    h = xxhash.xxh3_64()
+    h.update(view[:start])
+    h.update(view[stop:])
+    for m in more:
+        h.update(m)
+    return h.hexdigest()
 
 
 def seal(doc: bytes, field: re.Pattern) -> bytes:
@@ -77,7 +85,7 @@ def seal(doc: bytes, field: re.Pattern) -> bytes:
     m = field.search(doc)
     assert m is not None and m.group(1) == PLACEHOLDER, "document has no checksum placeholder"
     a, b = m.span(1)
-    return doc[:a] + f"{crc_skipping(doc, a, b):08x}".encode() + doc[b:]
+    return doc[:a] + digest_skipping(doc, a, b).encode() + doc[b:]
 
 
 def check_seal(doc: bytes | memoryview, field: re.Pattern, limit: int | None = None) -> str | None:
@@ -87,7 +95,7 @@ def check_seal(doc: bytes | memoryview, field: re.Pattern, limit: int | None = N
     if m is None:
         return "no checksum field"
     a, b = m.span(1)
-    got = crc_skipping(doc, a, b)
-    if f"{got:08x}" != m.group(1).decode():
-        return f"checksum mismatch (crc32 {got:08x}, file says {m.group(1).decode()})"
+    got = digest_skipping(doc, a, b)
+    if got != m.group(1).decode():
+        return f"checksum mismatch (xxh3 {got}, file says {m.group(1).decode()})"
     return None

@@ -8,7 +8,7 @@ the recorded bits back; a state whose delta is all zeros (an optimizer step that
 nothing) stores no tensors at all and is listed only in the metadata.
 
 What a reader trusts is checked before any state is returned (`Chunk.verify`):
-- a CRC-32 over every byte of the file but its own 8 digits (header, length prefix, data);
+- an xxHash3 checksum over every byte of the file but its own 16 digits (header, length prefix, data);
 - the metadata's run id equals the manifest's (a chunk from another run is refused);
 - the header is byte-for-byte the one this manifest's layout gives for the chunk's steps
   (names, dtypes, shapes, offsets): a manifest that lies about a dtype cannot decode;
@@ -24,6 +24,7 @@ import os
 import re
 import struct
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,12 +33,12 @@ import torch
 from safetensors import safe_open
 
 from replay.errors import ChunkDamaged
-from replay.store.atomic import PLACEHOLDER, check_seal, crc_skipping, write_atomic
+from replay.store.atomic import PLACEHOLDER, check_seal, digest_skipping, write_atomic
 from replay.store.layout import StateLayout
 
 CHUNK_FORMAT = {1: "replay-chunk/1", 2: "replay-chunk/2"}
 CHUNK_RE = re.compile(r"^chunk-(\d{10})-(\d{10})\.safetensors$")
-_CRC_FIELD = re.compile(rb'"crc32":"([0-9a-f]{8})"\}\} *\Z')
+_CRC_FIELD = re.compile(rb'"xxh3":"([0-9a-f]{16})"\}\} *\Z')
 MAX_HEADER = 100_000_000  # safetensors' own limit
 MAX_CHUNK_STATES = 1024  # so that a tiny model does not keep thousands of steps in one file
 
@@ -68,7 +69,8 @@ def chunk_header(layout: StateLayout, steps: list[int], stored: list[int], run_i
     meta = {"format": CHUNK_FORMAT[version], "encoding": "xor"}
     if version >= 2:
         meta["run"] = run_id
-    meta.update({"steps": json.dumps(steps), "stored": json.dumps(stored), "crc32": crc})  # crc32 last: see _CRC_FIELD
+    # the checksum last: see _CRC_FIELD (format 1: CRC-32 of the data only; 2: xxHash3 of every other byte)
+    meta.update({"steps": json.dumps(steps), "stored": json.dumps(stored), "crc32" if version == 1 else "xxh3": crc})
     header["__metadata__"] = meta
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * ((-len(raw)) % 8)  # safetensors pads its header to 8 bytes with spaces
@@ -82,8 +84,7 @@ def write_chunk(run_dir: Path, layout: StateLayout, steps: list[int], stored: li
     head = chunk_header(layout, steps, stored, run_id, PLACEHOLDER.decode())
     m = _CRC_FIELD.search(head, 8)
     a, b = m.span(1)
-    crc = crc_skipping(memoryview(data).cast("B"), 0, 0, crc_skipping(head, a, b))
-    head = head[:a] + f"{crc:08x}".encode() + head[b:]
+    head = head[:a] + digest_skipping(head, a, b, memoryview(data).cast("B")).encode() + head[b:]
     path = run_dir / chunk_name(steps[0], steps[-1])
     write_atomic(path, head, memoryview(data).cast("B"), sync=sync)
     return path
@@ -112,7 +113,8 @@ class ChunkBuilder:
             self.since = time.monotonic()
         else:
             np.bitwise_xor(cur, prev, out=slot)
-            if slot.view(np.uint64).any():
+            words = slot.view(np.uint64)
+            if words[:8192].any() or words.any():  # a changed state shows it in its first 64 KiB: one short pass
                 self.stored.append(t)
         self.steps.append(t)
 
@@ -167,7 +169,8 @@ class Chunk:
         raw = buf[:8 + n]
         try:
             meta = json.loads(raw[8:])["__metadata__"]
-            steps, stored, crc = json.loads(meta["steps"]), json.loads(meta["stored"]), meta["crc32"]
+            steps, stored = json.loads(meta["steps"]), json.loads(meta["stored"])
+            crc = meta["crc32" if self.version == 1 else "xxh3"]
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             return f"unreadable header ({type(e).__name__}: {e})"
         if self.version >= 2 and meta.get("run") != self.run_id:
@@ -183,8 +186,8 @@ class Chunk:
         expected = 8 + n + len(stored) * self.layout.nbytes
         if size != expected:
             return f"size {size} bytes, expected {expected} (truncated?)"
-        if self.version == 1:  # format 1: the checksum covered the data section only
-            got = f"{crc_skipping(buf, 0, 8 + n):08x}"
+        if self.version == 1:  # format 1: the CRC-32 covered the data section only
+            got = f"{zlib.crc32(memoryview(buf)[8 + n:]):08x}"
             if got != crc:
                 return f"checksum mismatch (crc32 {got}, header says {crc})"
         return stored

@@ -4,7 +4,7 @@ It names every recorded tensor (in `named_parameters()` order, then buffers) so 
 chunks can be decoded without the model, plus what replay needs later (task string,
 recording stride, tied-parameter aliases) and provenance (torch version, user metadata).
 `run_id` is the run's identity: every chunk carries it, so a chunk copied in from another
-run is refused. The file is sealed by a CRC-32 of all its other bytes, and every field is
+run is refused. The file is sealed by a checksum (xxHash3) of all its other bytes, and every field is
 validated before it is believed: a manifest is data from wherever the run came from.
 """
 
@@ -23,7 +23,7 @@ from replay.store.layout import ST_DTYPES, TensorSpec
 FORMAT = "replay-run/2"
 LEGACY_FORMAT = "replay-run/1"  # 0.1.0: no checksum, no run id (still readable)
 MANIFEST = "manifest.json"
-_CRC_FIELD = re.compile(rb'"crc32": "([0-9a-f]{8})"\n\}\n\Z')
+_CRC_FIELD = re.compile(rb'"xxh3": "([0-9a-f]{16})"\n\}\n\Z')
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Manifest:
     def encode(self) -> bytes:
         body = json.dumps(self.to_json(), indent=1)
         assert body.endswith("\n}")
-        return seal(f'{body[:-2]},\n "crc32": "{PLACEHOLDER.decode()}"\n}}\n'.encode(), _CRC_FIELD)
+        return seal(f'{body[:-2]},\n "xxh3": "{PLACEHOLDER.decode()}"\n}}\n'.encode(), _CRC_FIELD)
 
     def write(self, run_dir: Path) -> None:
         write_atomic(run_dir / MANIFEST, self.encode())
