@@ -47,8 +47,8 @@ def plain_fb(ev, device: str, full_batch: bool) -> float:
     """
     model = ev.model
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    batches = [(pl.x, pl.y) if full_batch else (pl.x[a:b], pl.y[a:b]) for pl in ev.plans
-               for (a, b, _) in ([(0, len(pl.y), 0)] if full_batch else pl.batches)]
+    batches = [pl.examples.tensors if full_batch else pl.examples.slice(a, b).tensors for pl in ev.plans
+               for (a, b, _) in ([(0, len(pl.examples), 0)] if full_batch else pl.batches)]
 
     def once():
         for x, y in batches:

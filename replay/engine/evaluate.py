@@ -72,6 +72,13 @@ class LossEvaluator:
         # data mode: this process's partial sums for every rank's slice, [world, L, slice], reduce-scattered
         self._send = (torch.empty(N, len(self.loss_names), S, dtype=self.grad_dtype, device=device)
                       if N > 1 else None)
+        # one flat gradient buffer [P] that every p.grad is a view of: backward accumulates a cell's
+        # gradient into it in place (no allocation per cell), and it goes into each loss in one add per
+        # rank slice, not one per parameter. Mixed parameter dtypes keep per-parameter gradients.
+        uniform = len({(p.dtype, p.device) for p in self.params}) == 1
+        self._flat = torch.zeros(P, dtype=self.grad_dtype, device=device) if uniform else None
+        self._flat_pieces = [(r, 0, min(P, (r + 1) * S) - r * S, r * S, min(P, (r + 1) * S))
+                             for r in range(N) if r * S < P]
         _set_deterministic_mode(self.model, task.batchnorm)
 
     def _add_loss(self, name: str, size: int) -> int:
@@ -146,9 +153,11 @@ class LossEvaluator:
         blocks = [[(target[r, :, a:b], sa, sb) for r, a, b, sa, sb in pieces] for pieces in self._pieces]
         for plan in self.plans:
             if plan.mixed:
-                self._mixed_pass(plan, sums, blocks)
+                self._mixed_pass(plan, sums, target, blocks)
             else:
-                self._sorted_pass(plan, sums, blocks)
+                self._sorted_pass(plan, sums, target, blocks)
+        for p in self.params:  # the views must not outlive the evaluation (a later one re-binds them)
+            p.grad = None
         if self._send is not None:  # each rank holds its shard's share of every sum
             if not partial:
                 all_reduce(sums)
@@ -171,19 +180,32 @@ class LossEvaluator:
                             f"return one loss per example, shape ({b - a},) (e.g. reduction='none')")
         return per_example
 
-    def _add_grads(self, blocks: list, cell_losses: list[int], grads: list[torch.Tensor | None]) -> None:
-        """Add one cell's gradient sums to every loss it belongs to, scaled to a mean."""
+    def _start_cell(self) -> None:
+        """Zero the gradients a cell accumulates: the flat buffer's views, or per-parameter ones."""
+        if self._flat is None:
+            for p in self.params:
+                p.grad = None
+            return
+        self._flat.zero_()
+        for p, v in zip(self.params, self._flat.split(self.numels), strict=True):
+            p.grad = v.view(p.shape)  # re-bound every cell: user code may have replaced it
+
+    def _add_grads(self, target: torch.Tensor, blocks: list, cell_losses: list[int]) -> None:
+        """Add one cell's gradient sums (accumulated since _start_cell) to every loss it belongs to, as a mean."""
         for li in cell_losses:
-            for views, g in zip(blocks, grads, strict=True):
-                if g is not None:
-                    g = g.reshape(-1)
+            if self._flat is not None:
+                for r, a, b, fa, fb in self._flat_pieces:
+                    target[r, li, a:b].add_(self._flat[fa:fb], alpha=self.inv_sizes[li])
+                continue
+            for views, p in zip(blocks, self.params, strict=True):
+                if p.grad is not None:
+                    g = p.grad.reshape(-1)
                     for v, sa, sb in views:
                         v[li].add_(g[sa:sb], alpha=self.inv_sizes[li])
 
-    def _sorted_pass(self, plan: _DataPlan, sums: torch.Tensor, blocks: list) -> None:
-        """Batches sorted by cell: gradients accumulate in p.grad over a cell's batches, added once per cell."""
-        for p in self.params:
-            p.grad = None
+    def _sorted_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor, blocks: list) -> None:
+        """Batches sorted by cell: gradients accumulate over a cell's batches, added once per cell."""
+        self._start_cell()
         cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, (a, b, c) in enumerate(plan.batches):
             total = self._losses(plan, a, b).sum()  # model dtype
@@ -192,12 +214,11 @@ class LossEvaluator:
             if i + 1 == len(plan.batches) or plan.batches[i + 1][2] != c:  # end of cell
                 for li in plan.cell_losses[c]:
                     sums[li] += cell_sum
-                self._add_grads(blocks, plan.cell_losses[c], [p.grad for p in self.params])
-                for p in self.params:
-                    p.grad = None
+                self._add_grads(target, blocks, plan.cell_losses[c])
+                self._start_cell()
                 cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
 
-    def _mixed_pass(self, plan: _DataPlan, sums: torch.Tensor, blocks: list) -> None:
+    def _mixed_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor, blocks: list) -> None:
         """The data set's own batches (batch statistics): one forward each, one backward per cell in it."""
         own = plan.cell_losses[0][0]
         for a, b, c in plan.batches:
@@ -206,10 +227,11 @@ class LossEvaluator:
             segs = plan.mixed.get(a) or [(c, None)]
             for k, (cell, pos) in enumerate(segs):
                 part = per_example.sum() if pos is None else per_example[pos].sum()
-                grads = torch.autograd.grad(part, self.params, retain_graph=k + 1 < len(segs), allow_unused=True)
+                self._start_cell()
+                part.backward(retain_graph=k + 1 < len(segs))
                 for li in plan.cell_losses[cell][1:]:
                     sums[li] += part.detach().double()
-                self._add_grads(blocks, plan.cell_losses[cell], list(grads))
+                self._add_grads(target, blocks, plan.cell_losses[cell])
 
 
 def _class_labels(name: str, y: torch.Tensor) -> torch.Tensor:
