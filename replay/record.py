@@ -65,6 +65,10 @@ DEFAULT_CHUNK_BYTES = 8 << 20
 # states, while a fast small model still writes few, large chunks (each closed chunk starts
 # the next with a keyframe, so flushing every second would multiply the bytes of tiny runs).
 DEFAULT_FLUSH_SECS = 30.0
+# CPU states smaller than this are copied on the training thread at the post-hook (a 1.2 MB copy
+# takes ~0.1 ms here, less than handing the copy to the encoder and waiting for it:
+# tools/bench_record.py); larger ones are copied by the encoder while forward/backward runs.
+DEFER_BYTES = 16 << 20
 _STOP = object()
 
 
@@ -135,38 +139,39 @@ class _Pacer:
     """Notices, once, when training waits for the recorder because states arrive faster than they are written.
 
     Slowing training in silence is the one thing a recorder must not do: after the first
-    100 states, if the training thread spent over 5% of its time waiting, one warning line
-    gives the rate demanded, the rate written, and the remedy.
+    100 states, if the training thread spent over 10% of its time on the recorder (encoding
+    inline, or waiting for it), or the writer was busy over 90% of the time (it is about to fall
+    behind), one warning line gives the rates, the shares and the remedy.
     """
 
     def __init__(self, path: Path, every: int):
         self.path, self.every = path, every
         self.start = time.perf_counter()
-        self.wait = 0.0
+        self.wait = self.own = 0.0
         self.states = 0
         self.bytes = 0
         self.written = self.write_secs = 0.0
         self.warned = False
 
-    def waited(self, secs: float, nbytes: int) -> None:
+    def waited(self, secs: float, nbytes: int, own: float = 0.0) -> None:
         self.wait += secs
+        self.own += own
         if nbytes:
             self.states += 1
             self.bytes += nbytes
         if self.states < 100 or self.warned:
             return
         elapsed = time.perf_counter() - self.start
-        if self.wait > 0.05 * elapsed and self.write_secs > 0:
+        busy = self.write_secs / elapsed
+        if (self.wait + self.own > 0.1 * elapsed or busy > 0.9) and self.write_secs > 0:
             self.warned = True
             demand = self.bytes / elapsed / 2**20
             supply = self.written / self.write_secs / 2**20
-            why = (f"the disk writes {supply:,.0f} MiB/s" if supply < demand else
-                   f"copying, encoding and writing them competes with training for this machine's {os.cpu_count()} "
-                   f"cores (the disk takes {supply:,.0f} MiB/s)")
-            k = max(2, math.ceil(demand / max(supply, 1e-9))) * self.every
-            warnings.warn(f"{self.path}: training waited {self.wait / elapsed:.0%} of its time for the recorder: "
-                          f"states arrive at {demand:,.0f} MiB/s and {why}; record every={k} to stop slowing "
-                          f"training", ReplayWarning, stacklevel=5)
+            k = max(2, math.ceil(1.25 * demand / max(supply, 1e-9)), math.ceil((self.wait + self.own) / elapsed / 0.03))
+            warnings.warn(f"{self.path}: recording slows training: states arrive at {demand:,.0f} MiB/s and the disk "
+                          f"takes {supply:,.0f} MiB/s here (busy {min(busy, 1):.0%} of the time); the training thread "
+                          f"spent {self.own / elapsed:.0%} encoding and {self.wait / elapsed:.0%} waiting; record "
+                          f"every={k * self.every} to stop slowing training", ReplayWarning, stacklevel=5)
 
     def wrote(self, nbytes: int, secs: float) -> None:
         self.written += nbytes
@@ -291,13 +296,26 @@ class Recorder:
         slots = max(1, min(MAX_CHUNK_STATES, chunk_bytes // self.layout.nbytes))
         self._chunks: queue.Queue = queue.Queue()  # bounded by the chunk buffers: the encoder never waits on a write
         self._free_chunks: queue.Queue = queue.Queue()
-        for _ in range(3):
+        # chunk buffers: one filling, the rest queued or being written; more of them absorb the disk's
+        # latency spikes (up to 64 MiB in all), at least 3 whatever the size
+        for _ in range(max(3, min(8, (64 << 20) // (slots * self.layout.nbytes)))):
             self._free_chunks.put(np.empty(slots * self.layout.nbytes, dtype=np.uint8))
         self._deferred = opt is not None  # a pre-hook seals each state before the parameters change
         self._pacer = _Pacer(self.path, self.every)
-        self._encoder = threading.Thread(target=self._guard(self._encode_loop), name="replay-encoder", daemon=True)
+        # inline: a small CPU state is encoded on the training thread when it is sealed — two passes
+        # over a small state cost less than waking another thread for it (tools/bench_record.py)
+        self._inline = not self._cuda and self.layout.nbytes < DEFER_BYTES
+        self._encoder = None
+        if self._inline:
+            self._cur, self._prev = (self._pool.get(), self._pool.get())
+            self._due: int | None = None
+            self._open: ChunkBuilder | None = None
+            self._open_lock = threading.Lock()
+        else:
+            self._encoder = threading.Thread(target=self._guard(self._encode_loop), name="replay-encoder",
+                                             daemon=True)
+            self._encoder.start()
         self._flusher = threading.Thread(target=self._guard(self._flush_loop), name="replay-flusher", daemon=True)
-        self._encoder.start()
         self._flusher.start()
         if opt is not None:
             self._hooks.append(opt.register_step_pre_hook(lambda *_: self._seal()))
@@ -323,9 +341,11 @@ class Recorder:
         self._closed = True
         for h in self._hooks:
             h.remove()
-        if getattr(self, "_encoder", None) is not None and self._encoder.is_alive():
+        if getattr(self, "_flusher", None) is not None and self._flusher.is_alive():
             self._error = self._error or RecordError("abandoned")
-            self._encoder.join(timeout=5)
+            self._chunks.put(_STOP)
+            if self._encoder is not None:
+                self._encoder.join(timeout=5)
             self._flusher.join(timeout=5)
         for p in self.path.iterdir():
             if p.name == MANIFEST or p.name.startswith("chunk-") or p.name.startswith("."):
@@ -348,6 +368,14 @@ class Recorder:
 
     def _snapshot(self, t: int) -> None:
         self._seal()
+        if self._inline:
+            with torch.no_grad():
+                for n, b in self._buffers:  # buffers change in forward: copy now
+                    self._cur[1][n].copy_(b)
+            self._due = t
+            if not self._deferred:  # capture() after a manual update: the user says the state is final
+                self._seal()
+            return
         t_wait = time.perf_counter()
         flat, views = self._get(self._pool)
         versions = [p._version for _, p in self._params]
@@ -362,22 +390,24 @@ class Recorder:
                         views[n].copy_(p.detach(), non_blocking=True)
                     copied = torch.cuda.Event()
                     copied.record()
-            elif self._deferred:
+            elif self._deferred and self.layout.nbytes >= DEFER_BYTES:
                 copied = threading.Event()  # the encoder copies while forward/backward runs
-            else:  # capture() after a manual update: nothing guards the next change, copy now
+            else:  # copy now: a small state copies faster than a thread hand-off
                 for n, p in self._params:
                     views[n].copy_(p.detach())
                 copied = None
         item = _Pending(t, flat, views, copied, versions)
-        if copied is None:
-            item.sealed.set()
+        if self._deferred or self._cuda:
+            self._pending = item  # sealed at the next step's pre-hook (in-place edits until then)
         else:
-            self._pending = item
+            item.sealed.set()  # capture() after a manual update: the user says the state is final
         self._put(self._work, item)
         self._pacer.waited(time.perf_counter() - t_wait, self.layout.nbytes)
 
     def _seal(self) -> None:
         """Before the parameters change again: finish the pending copy and re-copy what changed in place."""
+        if self._inline:
+            return self._encode_inline()
         item, self._pending = self._pending, None
         if item is None:
             return
@@ -400,6 +430,49 @@ class Recorder:
                     item.patched.record()
         finally:
             item.sealed.set()  # always: the encoder must never wait for a state nobody will seal
+
+    def _encode_inline(self) -> None:
+        """Encode the due state from the parameters as they are now (the next forward's), on this thread."""
+        if self._due is None:
+            return
+        t, self._due = self._due, None
+        t_own = time.perf_counter()
+        (cur, views), prev = self._cur, self._prev[0]
+        with torch.no_grad():
+            for n, p in self._params:
+                views[n].copy_(p.detach())
+        buf, waited = None, 0.0
+        while True:
+            with self._open_lock:  # the flusher may take the open chunk (flush_secs) at any moment
+                if self._open is None and buf is not None:
+                    self._open, buf = ChunkBuilder(self.layout, buf), None
+                chunk = self._open
+                if chunk is not None:
+                    chunk.add(t, cur.numpy(), prev.numpy() if chunk.steps else None)
+                    if chunk.full():
+                        self._open = None
+                        self._chunks.put((chunk, False))
+                    break
+            if buf is None:
+                t_wait = time.perf_counter()
+                buf = self._get(self._free_chunks)  # waits only when writes lag behind
+                waited += time.perf_counter() - t_wait
+        if buf is not None:
+            self._free_chunks.put(buf)
+        self._pacer.waited(waited, self.layout.nbytes, own=time.perf_counter() - t_own - waited)
+        self._cur, self._prev = self._prev, self._cur
+        if self._param_signature() != self._signature:  # state t is kept; what follows is not
+            self._error = self._error or RecordError(self._describe_change())
+            self._raise_if_failed()
+
+    def _take_open(self, max_age: float) -> ChunkBuilder | None:
+        """Inline mode: the open chunk, if its oldest state is max_age old (the flusher's flush_secs clock)."""
+        with self._open_lock:
+            chunk = self._open
+            if chunk is None or not chunk.steps or time.monotonic() - chunk.since < max_age:
+                return None
+            self._open = None
+            return chunk
 
     def close(self) -> None:
         """Seal the last state, flush the partial chunk, stop the threads, detach the hooks. Idempotent.
@@ -429,6 +502,13 @@ class Recorder:
         self._raise_if_failed()
 
     def _stop_threads(self) -> None:
+        if self._encoder is None:  # inline: the open chunk goes to the flusher, then the flusher stops
+            chunk = self._take_open(0.0)
+            if chunk is not None:
+                self._chunks.put((chunk, True))
+            self._chunks.put(_STOP)
+            self._flusher.join()
+            return
         while self._encoder.is_alive():  # the encoder may be dead (error): don't block on a full queue
             try:
                 self._work.put(_STOP, timeout=0.1)
@@ -531,9 +611,11 @@ class Recorder:
 
         while True:
             try:
-                item = self._chunks.get(timeout=1.0)
+                item = self._chunks.get(timeout=0.25)
             except queue.Empty:
-                if unsynced and time.monotonic() - unsynced[0][0] >= self.flush_secs:
+                if self._encoder is None and (chunk := self._take_open(self.flush_secs)) is not None:
+                    self._chunks.put((chunk, True))  # inline: the training thread's open chunk is flush_secs old
+                elif unsynced and time.monotonic() - unsynced[0][0] >= self.flush_secs:
                     sync_all()
                 continue
             if item is _STOP:

@@ -1,5 +1,17 @@
+import pytest
 import torch
 from torch import nn
+
+
+@pytest.fixture(params=["inline", "threaded"])
+def recorder_mode(request, monkeypatch):
+    """Both ways the CPU recorder encodes: on the training thread (small states), or copied and
+    encoded by a background thread (states of DEFER_BYTES and more): forced here by a threshold of 0."""
+    import replay.record
+
+    if request.param == "threaded":
+        monkeypatch.setattr(replay.record, "DEFER_BYTES", 0)
+    return request.param
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

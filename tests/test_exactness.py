@@ -27,7 +27,7 @@ TESTS = Path(__file__).parent
 # ---- recording ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("edit", ["clamp", "max_norm"])
-def test_in_place_changes_after_the_step_are_recorded(tmp_path, edit):
+def test_in_place_changes_after_the_step_are_recorded(tmp_path, edit, recorder_mode):
     """Weight clipping / max-norm right after opt.step(): state t is what the next forward sees."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
@@ -52,7 +52,7 @@ def test_in_place_changes_after_the_step_are_recorded(tmp_path, edit):
         assert_bit_equal(st, ref[t], f"state {t}")
 
 
-def test_weights_loaded_after_the_recorder_started_are_state_0(tmp_path):
+def test_weights_loaded_after_the_recorder_started_are_state_0(tmp_path, recorder_mode):
     model, pretrained = digits_mlp(seed=0), digits_mlp(seed=7)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with replay.Recorder(model, tmp_path / "run", optimizer=opt):
@@ -129,7 +129,7 @@ def test_bad_optimizer_fails_before_the_directory_exists(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_deleted_run_directory_is_named_as_such(tmp_path):
+def test_a_deleted_run_directory_is_named_as_such(tmp_path, recorder_mode):
     import shutil
 
     model = digits_mlp()

@@ -1,5 +1,7 @@
 """Recorder + reader: bit-exact round trips under the training loops people write."""
 
+import time
+
 import pytest
 import torch
 from conftest import assert_bit_equal, mlp, params_of, train_recording
@@ -15,7 +17,7 @@ SMALL = {"chunk_bytes": 3000}
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
                          ids=["fp32", "bf16", "fp16", "fp64"])
-def test_states_bit_exact_across_chunks(tmp_path, dtype):
+def test_states_bit_exact_across_chunks(tmp_path, dtype, recorder_mode):
     model = mlp(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # Adam's eps underflows in fp16
     ref = train_recording(model, opt, SMALL, tmp_path / "run", steps=25)
@@ -32,7 +34,7 @@ def test_states_bit_exact_across_chunks(tmp_path, dtype):
     assert [t for t, _ in run.states(5, 9)] == [5, 6, 7, 8]
 
 
-def test_every_k(tmp_path):
+def test_every_k(tmp_path, recorder_mode):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     ref = train_recording(model, opt, {"every": 3, **SMALL}, tmp_path / "run", steps=20)
@@ -87,7 +89,7 @@ def test_tied_and_frozen_parameters(tmp_path):
     assert_bit_equal(run.state(3), params_of(model))
 
 
-def test_gradient_accumulation_records_once_per_optimizer_step(tmp_path):
+def test_gradient_accumulation_records_once_per_optimizer_step(tmp_path, recorder_mode):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ref = {0: params_of(model)}
@@ -104,7 +106,7 @@ def test_gradient_accumulation_records_once_per_optimizer_step(tmp_path):
         assert_bit_equal(state, ref[t], f"state {t}")
 
 
-def test_unchanged_step_is_a_cheap_zero_delta(tmp_path):
+def test_unchanged_step_is_a_cheap_zero_delta(tmp_path, recorder_mode):
     """A step that changed nothing (GradScaler skip, lr=0) is a state that stores no bytes."""
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -146,7 +148,7 @@ def test_grad_scaler_loop_with_manual_capture(tmp_path):
         assert_bit_equal(state, ref[t], f"state {t}")
 
 
-def test_buffers_recorded_when_asked(tmp_path):
+def test_buffers_recorded_when_asked(tmp_path, recorder_mode):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -201,7 +203,7 @@ def test_bad_arguments_name_the_argument(tmp_path):
         replay.Recorder("model", tmp_path / "c")
 
 
-def test_parameter_set_change_is_an_error_and_keeps_data(tmp_path):
+def test_parameter_set_change_is_an_error_and_keeps_data(tmp_path, recorder_mode):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = replay.Recorder(model, tmp_path / "run", optimizer=opt, chunk_bytes=1)
@@ -214,9 +216,10 @@ def test_parameter_set_change_is_an_error_and_keeps_data(tmp_path):
     rec._seal()
     model[2] = nn.Linear(16, 5)  # the architecture changed mid-run
     with pytest.raises(RecordError, match=r"trainable parameters changed.*start a new Recorder"):
-        for _ in range(3):
+        for _ in range(500):  # the encoder notices after encoding the next state: within moments
             rec.capture()
             rec._seal()
+            time.sleep(0.01)
     with pytest.raises(RecordError):
         rec.close()
     run = replay.open_run(tmp_path / "run")

@@ -43,11 +43,11 @@ def make(name: str, device: str):
     return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
 
-def train(mode: str, model_name: str, steps: int, batch: int, device: str, out: Path) -> float:
+def train(mode: str, model_name: str, steps: int, batch: int, device: str, out: Path, every: int = 1) -> float:
     model, opt = make(model_name, device)
     xs = torch.randn(16, batch, MODELS[model_name][0], device=device)
     ys = torch.randint(0, 10, (16, batch), device=device)
-    rec = replay.Recorder(model, out, optimizer=opt) if mode == "recorder" else None
+    rec = replay.Recorder(model, out, optimizer=opt, every=every) if mode == "recorder" else None
     params = [p for p in model.parameters()]
     copies = [torch.empty_like(p, device="cpu") for p in params]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--every", type=int, default=1, help="Recorder(every=k)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -117,7 +118,7 @@ def main() -> None:
     modes = ["plain", "clone", "recorder"]
     ratios: dict[str, list[float]] = {m: [] for m in modes[1:]}
     plain_times = []
-    caught = warnings.catch_warnings(record=True)  # the recorder's "training waits" line: shown once, below
+    caught = warnings.catch_warnings(record=True)  # the recorder's "recording slows training" line: shown once, below
     said = caught.__enter__()
     warnings.simplefilter("always")
     try:
@@ -125,7 +126,7 @@ def main() -> None:
         for r in range(a.rounds):
             secs = {}
             for m in modes if r % 2 == 0 else modes[::-1]:
-                secs[m] = train(m, a.model, a.steps, a.batch, a.device, tmp / f"{m}{r}")
+                secs[m] = train(m, a.model, a.steps, a.batch, a.device, tmp / f"{m}{r}", a.every)
             for m in modes[1:]:
                 ratios[m].append(secs[m] / secs["plain"])
             plain_times.append(secs["plain"])
@@ -133,8 +134,8 @@ def main() -> None:
         model, _ = make(a.model, "cpu")
         n = sum(p.numel() for p in model.parameters())
         info = replay.open_run(tmp / "recorder0").info()
-        print(f"\nmodel {a.model} {MODELS[a.model]}, {n:,} params, batch {a.batch}, device {a.device}, "
-              f"{torch.get_num_threads()} torch thread(s), {os.cpu_count()} cores")
+        print(f"\nmodel {a.model} {MODELS[a.model]}, {n:,} params, batch {a.batch}, every {a.every}, "
+              f"device {a.device}, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} cores")
         for m in modes[1:]:
             print(f"slowdown ({m}): {statistics.median(ratios[m]):.3f}x "
                   f"(time per step with / without; median of {a.rounds}, range {min(ratios[m]):.3f}-"
@@ -142,7 +143,7 @@ def main() -> None:
         print(f"bytes on disk per parameter per step: {info.bytes_per_param_step:.3f} "
               f"({info.chunks} chunks, {info.steps} states)")
         breakdown(a.model, statistics.median(plain_times), tmp)
-        waits = [str(w.message) for w in said if "training waited" in str(w.message)]
+        waits = [str(w.message) for w in said if "recording slows training" in str(w.message)]
         print(f"\nthe recorder warned in {len(waits)} of {a.rounds} runs" + (f"; first: {waits[0]}" if waits else ""))
     finally:
         caught.__exit__(None, None, None)
