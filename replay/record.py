@@ -31,13 +31,11 @@ from __future__ import annotations
 
 import atexit
 import errno
-import fcntl
 import math
 import os
 import queue
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,13 +46,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from replay.errors import RecordError, ReplayWarning
-from replay.store.atomic import fsync_dir, fsync_file
+from replay.errors import RecordError
+from replay.pacer import Pacer
+from replay.store.atomic import fsync_path
 from replay.store.chunk import MAX_CHUNK_STATES, ChunkBuilder, write_chunk
+from replay.store.claim import claim
 from replay.store.layout import StateLayout, spec_of
 from replay.store.manifest import MANIFEST, Manifest
 from replay.store.run import LOCK
-from replay.wrappers import torch_optimizer, unwrap_model
+from replay.wrappers import torch_optimizer, trainable_parameters, unwrap_model
 
 # Chosen by tools/bench_chunks.py (2.4 MB states, this 2-core box): write throughput is the
 # disk's (350-790 MB/s, noise) from 4 MiB up at every size, while run.state(t) grows with the
@@ -101,27 +101,6 @@ def _refuse_sharded(model: nn.Module) -> None:
                           "whole parameters only — record a DistributedDataParallel or single-process model")
 
 
-def trainable_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], dict[str, str], list[str]]:
-    """(recorded (name, parameter) pairs, {alias: recorded name} of tied ones, frozen names).
-
-    A tied tensor (one Parameter under two names) is recorded once, under its first name in
-    `named_parameters()` order; its other names are aliases.
-    """
-    first: dict[int, str] = {}
-    params, aliases, frozen = [], {}, []
-    for n, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            if p.requires_grad:
-                aliases[n] = first[id(p)]
-            continue
-        first[id(p)] = n
-        if p.requires_grad:
-            params.append((n, p))
-        else:
-            frozen.append(n)
-    return params, aliases, frozen
-
-
 @dataclass(eq=False)
 class _Pending:
     """One state on its way from the training thread to the encoder."""
@@ -133,71 +112,6 @@ class _Pending:
     versions: list[int]
     sealed: threading.Event = field(default_factory=threading.Event)
     patched: torch.cuda.Event | None = None  # CUDA: the re-copy of parameters changed in place
-
-
-class _Pacer:
-    """Notices, once, when training waits for the recorder because states arrive faster than they are written.
-
-    Slowing training in silence is the one thing a recorder must not do: after the first
-    100 states, if the training thread spent over 10% of its time on the recorder (encoding
-    inline, or waiting for it), or the writer was busy over 90% of the time (it is about to fall
-    behind), one warning line gives the rates, the shares and the remedy.
-    """
-
-    def __init__(self, path: Path, every: int):
-        self.path, self.every = path, every
-        self.start = time.perf_counter()
-        self.wait = self.own = 0.0
-        self.states = 0
-        self.bytes = 0
-        self.written = self.write_secs = 0.0
-        self.warned = False
-
-    def waited(self, secs: float, nbytes: int, own: float = 0.0) -> None:
-        self.wait += secs
-        self.own += own
-        if nbytes:
-            self.states += 1
-            self.bytes += nbytes
-        if self.states < 100 or self.warned:
-            return
-        elapsed = time.perf_counter() - self.start
-        busy = self.write_secs / elapsed
-        if (self.wait + self.own > 0.1 * elapsed or busy > 0.9) and self.write_secs > 0:
-            self.warned = True
-            demand = self.bytes / elapsed / 2**20
-            supply = self.written / self.write_secs / 2**20
-            k = max(2, math.ceil(1.25 * demand / max(supply, 1e-9)), math.ceil((self.wait + self.own) / elapsed / 0.03))
-            warnings.warn(f"{self.path}: recording slows training: states arrive at {demand:,.0f} MiB/s and the disk "
-                          f"takes {supply:,.0f} MiB/s here (busy {min(busy, 1):.0%} of the time); the training thread "
-                          f"spent {self.own / elapsed:.0%} encoding and {self.wait / elapsed:.0%} waiting; record "
-                          f"every={k * self.every} to stop slowing training", ReplayWarning, stacklevel=5)
-
-    def wrote(self, nbytes: int, secs: float) -> None:
-        self.written += nbytes
-        self.write_secs += secs
-
-
-def _claim(path: Path) -> tuple[int, bool]:
-    """Create (if needed) and lock the run directory; refuse one that holds anything. → (lock fd, created)."""
-    created = not path.exists()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
-    except OSError as e:
-        raise RecordError(f"{path}: cannot create the run directory ({e.strerror or e}); "
-                          f"pass a path to a new directory you can write") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RecordError(f"{path}: another Recorder is recording into it right now; "
-                          f"record into a new directory") from None
-    if any(p.name != LOCK for p in path.iterdir()):
-        os.close(fd)
-        what = "already holds a run" if (path / MANIFEST).exists() else "is not an empty directory"
-        raise RecordError(f"{path}: {what}; record into a new directory (runs are never overwritten)")
-    return fd, created
 
 
 def _write_failed(path: Path, steps: list[int], written: int, e: OSError) -> RecordError:
@@ -266,7 +180,7 @@ class Recorder:
                                   metadata=dict(metadata or {}), chunk_bytes=chunk_bytes, aliases=aliases,
                                   frozen=frozen)
         # everything above can fail without touching the disk; from here on a failure undoes what it made
-        self._lock, created = _claim(self.path)
+        self._lock, created = claim(self.path)
         try:
             self._manifest.write(self.path)
             self._start(opt, queue_size, chunk_bytes)
@@ -301,7 +215,7 @@ class Recorder:
         for _ in range(max(3, min(8, (64 << 20) // (slots * self.layout.nbytes)))):
             self._free_chunks.put(np.empty(slots * self.layout.nbytes, dtype=np.uint8))
         self._deferred = opt is not None  # a pre-hook seals each state before the parameters change
-        self._pacer = _Pacer(self.path, self.every)
+        self._pacer = Pacer(self.path, self.every)
         # inline: a small CPU state is encoded on the training thread when it is sealed — two passes
         # over a small state cost less than waking another thread for it (tools/bench_record.py)
         self._inline = not self._cuda and self.layout.nbytes < DEFER_BYTES
@@ -604,9 +518,9 @@ class Recorder:
 
         def sync_all() -> None:
             for _, p in unsynced:
-                fsync_file(p)
+                fsync_path(p)
             if unsynced:
-                fsync_dir(self.path)
+                fsync_path(self.path)
             unsynced.clear()
 
         while True:

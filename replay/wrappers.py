@@ -1,4 +1,4 @@
-"""See through the wrappers training stacks put around models and optimizers.
+"""See through the wrappers training stacks put around models and optimizers, and name what is trained.
 
 The recorder must hook the torch optimizer that really updates the parameters, and name
 parameters as the plain model does, so that the same task replays a run whatever wrapped
@@ -41,3 +41,24 @@ def torch_optimizer(optimizer: object) -> torch.optim.Optimizer:
         opt = inner
     raise TypeError(f"optimizer: expected a torch.optim.Optimizer or a wrapper holding one (as .optimizer), "
                     f"got {type(optimizer).__name__}")
+
+
+def trainable_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], dict[str, str], list[str]]:
+    """(recorded (name, parameter) pairs, {alias: recorded name} of tied ones, frozen names).
+
+    A tied tensor (one Parameter under two names) is recorded once, under its first name in
+    `named_parameters()` order; its other names are aliases.
+    """
+    first: dict[int, str] = {}
+    params, aliases, frozen = [], {}, []
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            if p.requires_grad:
+                aliases[n] = first[id(p)]
+            continue
+        first[id(p)] = n
+        if p.requires_grad:
+            params.append((n, p))
+        else:
+            frozen.append(n)
+    return params, aliases, frozen

@@ -34,6 +34,7 @@ from replay.engine import parallel
 from replay.engine.checkpoint import Checkpoint
 from replay.engine.evaluate import LossEvaluator
 from replay.engine.fingerprint import task_fingerprint
+from replay.engine.model_check import check_model
 from replay.engine.parallel import Layout
 from replay.engine.simpson import allocation, is_grounded, refine_points, simpson_integral
 from replay.errors import ReplayError, ReplayWarning, RunError, TaskError
@@ -41,7 +42,6 @@ from replay.frames import Frames, FrameWriter, load, write_meta
 from replay.store import Run, open_run
 from replay.store.atomic import write_atomic
 from replay.task import Task, load_task
-from replay.wrappers import unwrap_model
 
 
 def compute(
@@ -88,7 +88,7 @@ def compute(
         if name not in t.data:
             raise TaskError(f"unknown loss {name!r}: the task's data sets are {sorted(t.data)}")
     datasets = losses + [d for d in per_class if d not in losses]
-    _check_model(t, run)
+    check_model(t, run)
     a, b = steps or (None, None)
     todo = [s for s in run.steps[:-1] if (a is None or s >= a) and (b is None or s < b)]
     if not todo:
@@ -157,41 +157,6 @@ def _write_failed(out: Path, e: OSError) -> ReplayError:
     where = e.filename or out
     return ReplayError(f"{where}: writing the LCA frames failed ({why}); run the same command again to resume "
                        f"from the last flush")
-
-
-def _check_model(task: Task, run: Run) -> None:
-    """The task's model must be the trained architecture: every recorded parameter, and no other
-    trainable one (it would keep the task's initial value in silence), tied as in training."""
-    model = unwrap_model(task.model)
-    have = dict(model.named_parameters(remove_duplicate=False))
-    recorded = {s.name: s for s in run.manifest.params}
-    hint = "is --task the model that was trained?"
-    for name, s in recorded.items():
-        p = have.get(name)
-        if p is None:
-            raise TaskError(f"the task's model has no parameter {name!r} recorded in {run.path}; {hint}")
-        if tuple(p.shape) != s.shape:
-            raise TaskError(f"parameter {name!r}: the task's model has shape {tuple(p.shape)}, "
-                            f"the run recorded {s.shape}; {hint}")
-        p.requires_grad_(True)  # trained, so it needs its gradient even if the task built it frozen
-    for alias, target in run.aliases.items():
-        if alias in have and have[alias] is not have[target]:
-            raise TaskError(f"parameter {alias!r} was tied to {target!r} in training (one tensor), but the task's "
-                            f"model holds them as two tensors; tie them in the task (e.g. tie_weights())")
-    frozen = set(run.manifest.frozen)
-    for name, p in have.items():
-        if name in recorded or name in run.aliases or not p.requires_grad:
-            continue
-        tied_to = next((r for r in recorded if have[r] is p), None)
-        if tied_to is not None:
-            raise TaskError(f"parameter {name!r} is tied to {tied_to!r} in the task's model, but training recorded "
-                            f"no such tie; untie them in the task as in training")
-        if name in frozen:  # frozen in training as well: a constant, the task's own value
-            p.requires_grad_(False)
-            continue
-        raise TaskError(f"parameter {name!r} of the task's model is trainable but {run.path} did not record it, so "
-                        f"replay would keep its initial value; if it was frozen in training, call "
-                        f"requires_grad_(False) on it in the task (it keeps the task's value), else {hint}")
 
 
 class _Replay:

@@ -49,19 +49,11 @@ def write_atomic(path: Path, *parts: bytes | memoryview, sync: bool = True) -> N
         tmp.unlink(missing_ok=True)
         raise
     if sync:
-        fsync_dir(path.parent)
+        fsync_path(path.parent)
 
 
-def fsync_dir(path: Path) -> None:
-    """Make renames inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file (its data), or a directory (the renames inside it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

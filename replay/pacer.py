@@ -1,0 +1,58 @@
+"""Notice, once, when recording slows training, and say by how much and what to do.
+
+The recorder must not slow training in silence. When states arrive faster than this machine
+can copy, encode and write them, the only remedies are the user's (record every k-th state,
+a faster disk), so the recorder measures and tells.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from pathlib import Path
+
+from replay.errors import ReplayWarning
+
+
+class Pacer:
+    """Notices, once, when training waits for the recorder because states arrive faster than they are written.
+
+    Slowing training in silence is the one thing a recorder must not do: after the first
+    100 states, if the training thread spent over 10% of its time on the recorder (encoding
+    inline, or waiting for it), or the writer was busy over 90% of the time (it is about to fall
+    behind), one warning line gives the rates, the shares and the remedy.
+    """
+
+    def __init__(self, path: Path, every: int):
+        self.path, self.every = path, every
+        self.start = time.perf_counter()
+        self.wait = self.own = 0.0
+        self.states = 0
+        self.bytes = 0
+        self.written = self.write_secs = 0.0
+        self.warned = False
+
+    def waited(self, secs: float, nbytes: int, own: float = 0.0) -> None:
+        self.wait += secs
+        self.own += own
+        if nbytes:
+            self.states += 1
+            self.bytes += nbytes
+        if self.states < 100 or self.warned:
+            return
+        elapsed = time.perf_counter() - self.start
+        busy = self.write_secs / elapsed
+        if (self.wait + self.own > 0.1 * elapsed or busy > 0.9) and self.write_secs > 0:
+            self.warned = True
+            demand = self.bytes / elapsed / 2**20
+            supply = self.written / self.write_secs / 2**20
+            k = max(2, math.ceil(1.25 * demand / max(supply, 1e-9)), math.ceil((self.wait + self.own) / elapsed / 0.03))
+            warnings.warn(f"{self.path}: recording slows training: states arrive at {demand:,.0f} MiB/s and the disk "
+                          f"takes {supply:,.0f} MiB/s here (busy {min(busy, 1):.0%} of the time); the training thread "
+                          f"spent {self.own / elapsed:.0%} encoding and {self.wait / elapsed:.0%} waiting; record "
+                          f"every={k * self.every} to stop slowing training", ReplayWarning, stacklevel=5)
+
+    def wrote(self, nbytes: int, secs: float) -> None:
+        self.written += nbytes
+        self.write_secs += secs
