@@ -198,3 +198,27 @@ def test_compiled_model_records_the_plain_names_and_replays_with_the_plain_model
     assert_bit_equal(run.state(10), params_of(model))
     fr = replay.compute(run, ["train"], out=tmp_path / "lca")  # the run's task: the plain model
     assert fr.steps.collect()["grounded"].all()
+
+
+def test_hf_trainer_loading_the_best_checkpoint_does_not_change_the_last_state(tmp_path):
+    """load_best_model_at_end loads an earlier checkpoint into the model after training: the run's last
+    state is still the last trained parameters (the recorder closed at the last epoch's end)."""
+    from replay.huggingface import ReplayCallback
+
+    data = lm_data()
+    ref = Reference()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=6, learning_rate=0.5,
+        report_to=[], eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+        load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,  # the worst is "best"
+        logging_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    model = tiny_gpt2()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=ListDataset(data),
+                                   eval_dataset=ListDataset(data), callbacks=[ReplayCallback(tmp_path / "run"), ref])
+    trainer.train()
+    run = replay.open_run(tmp_path / "run")
+    assert run.steps == list(range(7))
+    last = run.state(6)
+    assert_bit_equal(last, {n: ref.states[6][n] for n in last})
+    loaded = params_of(model)
+    assert any(not torch.equal(loaded[n], last[n]) for n in last), "the test needs a best checkpoint != the last"
