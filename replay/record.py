@@ -292,6 +292,7 @@ class Recorder:
             return
         t_wait = time.perf_counter()
         flat, views = self._get(self._pool)
+        waited = time.perf_counter() - t_wait
         versions = [p._version for _, p in self._params]
         with torch.no_grad():
             for n, b in self._buffers:  # buffers change in forward: copy now
@@ -315,8 +316,10 @@ class Recorder:
             self._pending = item  # sealed at the next step's pre-hook (in-place edits until then)
         else:
             item.sealed.set()  # capture() after a manual update: the user says the state is final
+        t_put = time.perf_counter()
         self._put(self._work, item)
-        self._pacer.waited(time.perf_counter() - t_wait, self.layout.nbytes)
+        waited += time.perf_counter() - t_put
+        self._pacer.waited(waited, self.layout.nbytes, own=time.perf_counter() - t_wait - waited)
 
     def _seal(self) -> None:
         """Before the parameters change again: finish the pending copy and re-copy what changed in place."""
