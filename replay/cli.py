@@ -51,6 +51,12 @@ def info(run: RunArg) -> None:
     if m.frozen:
         typer.echo(f"frozen     {len(m.frozen)} parameter(s) not recorded (requires_grad=False): "
                    + ", ".join(m.frozen[:5]) + (", ..." if len(m.frozen) > 5 else ""))
+    try:
+        b = r.batches
+        typer.echo("batches    " + (f"{b['step'].n_unique()} steps logged ({len(b):,} example ids)" if len(b)
+                                    else "none (Recorder.log_batch)"))
+    except ReplayError as e:
+        typer.echo(f"batches    damaged: {e}")
     typer.echo(f"task       {m.task or '(none: pass --task to compute)'}")
     typer.echo(f"torch      {m.torch_version}")
     typer.echo(f"run id     {m.run_id or '(format 1: none)'}")

@@ -4,11 +4,14 @@ A thin adapter from Lightning's events to a `Recorder`: state 0 when training st
 state per optimizer step whatever `accumulate_grad_batches` is (the torch optimizer's own
 step hooks), with manual optimization too; a step the AMP scaler skipped becomes a
 zero-change state, so states keep `trainer.global_step` numbering. Only global rank 0 records.
+With `ids`, each batch's example ids are logged (`Recorder.log_batch`, read back as `run.batches`):
+a key of dict batches (default "example_ids", used when present) or a function of the batch.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -23,8 +26,9 @@ from replay.wrappers import torch_optimizer
 class ReplayCallback(Callback):
     """Records the LightningModule's parameters into `path` (keyword arguments go to `replay.Recorder`)."""
 
-    def __init__(self, path: str | os.PathLike, *, task: str | None = None, **recorder_kwargs: object):
-        self.path, self.task, self.kwargs = path, task, recorder_kwargs
+    def __init__(self, path: str | os.PathLike, *, task: str | None = None,
+                 ids: str | Callable[[object], object] | None = "example_ids", **recorder_kwargs: object):
+        self.path, self.task, self.ids, self.kwargs = path, task, ids, recorder_kwargs
         self.recorder: Recorder | None = None
 
     def on_train_start(self, trainer: object, pl_module: object) -> None:
@@ -38,6 +42,14 @@ class ReplayCallback(Callback):
         self.recorder = Recorder(pl_module, self.path, optimizer=torch_optimizer(trainer.optimizers[0]),
                                  task=self.task, metadata=meta, **self.kwargs)
         self._first = trainer.global_step
+
+    def on_train_batch_start(self, trainer: object, pl_module: object, batch: object, batch_idx: int) -> None:
+        if self.recorder is None or self.ids is None:
+            return
+        if callable(self.ids):
+            self.recorder.log_batch(self.ids(batch))
+        elif isinstance(batch, Mapping) and self.ids in batch:
+            self.recorder.log_batch(batch[self.ids])
 
     def on_train_batch_end(self, trainer: object, pl_module: object, *args: object, **kwargs: object) -> None:
         if self.recorder is not None:

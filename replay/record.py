@@ -49,6 +49,7 @@ from torch import nn
 from replay.errors import RecordError
 from replay.pacer import Pacer
 from replay.store.atomic import fsync_path
+from replay.store.batches import write_batches
 from replay.store.chunk import MAX_CHUNK_STATES, ChunkBuilder, write_chunk
 from replay.store.claim import claim
 from replay.store.layout import StateLayout, spec_of
@@ -163,6 +164,9 @@ class Recorder:
         self._closed, self._hooks = False, []
         self._error: BaseException | None = None
         self._pending: _Pending | None = None
+        self._ids: list[np.ndarray] = []  # log_batch ids of the coming update
+        self._batch_rows: list[tuple[int, np.ndarray]] = []  # (update, ids) not yet written
+        self._batch_lock = threading.Lock()
         self.chunks_written = 0
         self.recording = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == rank
         if not self.recording:  # another process records this run: only count the steps
@@ -262,7 +266,7 @@ class Recorder:
                 self._encoder.join(timeout=5)
             self._flusher.join(timeout=5)
         for p in self.path.iterdir():
-            if p.name == MANIFEST or p.name.startswith("chunk-") or p.name.startswith("."):
+            if p.name == MANIFEST or p.name.startswith(("chunk-", "batches-", ".")):
                 p.unlink(missing_ok=True)
         os.close(self._lock)
         if created:
@@ -273,9 +277,26 @@ class Recorder:
 
     # ---- training thread -------------------------------------------------------------
 
+    def log_batch(self, ids: object) -> None:
+        """The ids (integers, e.g. data-set indices) of examples the coming update learns from.
+
+        Call once per micro-batch: ids accumulate until the optimizer step (the update from
+        state t to t+1 is step t, as in the LCA frames). Read back as `open_run(path).batches`.
+        """
+        arr = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids)
+        if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+            raise TypeError(f"log_batch: expected a 1-D sequence of integer example ids, got {arr.dtype} "
+                            f"of shape {arr.shape}")
+        if self.recording:
+            self._ids.append(arr.astype(np.int64))
+
     def capture(self) -> None:
         """Mark one update done (state index += 1) and record the new state if due."""
         self._raise_if_failed()
+        if self.recording and self._ids:  # the batch of update `step` (state step -> step + 1)
+            with self._batch_lock:
+                self._batch_rows.append((self.step, np.concatenate(self._ids)))
+            self._ids = []
         self.step += 1
         if self.recording and self.step % self.every == 0:
             self._snapshot(self.step)
@@ -540,18 +561,31 @@ class Recorder:
             chunk, sync = item
             try:
                 t0 = time.perf_counter()
-                path = write_chunk(self.path, self.layout, chunk.steps, chunk.stored, chunk.data,
-                                   self._manifest.run_id, sync=sync)
+                paths = [write_chunk(self.path, self.layout, chunk.steps, chunk.stored, chunk.data,
+                                     self._manifest.run_id, sync=sync)]
                 self._pacer.wrote(chunk.data.nbytes, time.perf_counter() - t0)
+                paths += self._write_batches(chunk.steps[-1], sync)
                 if sync:
                     sync_all()
                 else:
-                    unsynced.append((time.monotonic(), path))
+                    unsynced += [(time.monotonic(), p) for p in paths]
             except OSError as e:
                 raise _write_failed(self.path, chunk.steps, self.chunks_written, e) from None
             self.chunks_written += 1
             self._free_chunks.put(chunk.buf)
+        try:
+            self._write_batches(None, True)  # close: the batches of updates whose end state was not recorded too
+        except OSError as e:
+            raise _write_failed(self.path, [self.step, self.step], self.chunks_written, e) from None
         sync_all()
+
+    def _write_batches(self, last_state: int | None, sync: bool) -> list[Path]:
+        """Write the logged batches of the updates that end at or before `last_state` (all, if None)."""
+        with self._batch_lock:
+            n = len(self._batch_rows) if last_state is None else sum(
+                1 for t, _ in self._batch_rows if t + 1 <= last_state)
+            rows, self._batch_rows = self._batch_rows[:n], self._batch_rows[n:]
+        return [write_batches(self.path, rows, self._manifest.run_id, sync=sync)] if rows else []
 
     # ---- helpers ---------------------------------------------------------------------
 

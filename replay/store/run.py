@@ -13,11 +13,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import polars as pl
 import torch
 from safetensors.torch import save
 
 from replay.errors import ChunkDamaged, RunError
 from replay.store.atomic import is_tmp, write_atomic
+from replay.store.batches import read_batches
 from replay.store.chunk import CHUNK_RE, Chunk
 from replay.store.layout import StateLayout
 from replay.store.manifest import MANIFEST, Manifest
@@ -90,6 +92,12 @@ class Run:
             return None
         return (self.steps[-1] + self.manifest.every if self.steps else 0), self.orphans[-1].last
 
+    @property
+    def batches(self) -> pl.DataFrame:
+        """The logged training batches (`Recorder.log_batch`): `step, example`, one row per example id;
+        step t is the update from state t to t+1. Empty when the run logged none."""
+        return read_batches(self.path, self.manifest.run_id)
+
     def _chunk_of(self, t: int) -> Chunk:
         for c in self.chunks:
             if c.first <= t <= c.last and (t - c.first) % self.manifest.every == 0:
@@ -150,6 +158,10 @@ class Run:
                 c.verify()
             except ChunkDamaged as e:
                 problems.append(str(e))
+        try:
+            read_batches(self.path, self.manifest.run_id)
+        except ChunkDamaged as e:
+            problems.append(str(e))
         if self.orphans:
             a, b = self.missing
             problems.append(f"{self.path}: states from {a} are missing (a chunk is lost) but {len(self.orphans)} "
