@@ -99,7 +99,7 @@ def test_a_damaged_batches_file_is_named(tmp_path):
     victim.write_bytes(bytes(data))
     run = replay.open_run(tmp_path / "run")
     with pytest.raises(ChunkDamaged, match=victim.name):
-        run.batches
+        _ = run.batches
     assert any(victim.name in p for p in run.verify())
     assert len(run.state(5)) == 4, "the states are unaffected"
 
