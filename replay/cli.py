@@ -129,6 +129,8 @@ def compute(
     out: Annotated[Path | None, typer.Option(help="lca dir to write (default: RUN/lca)")] = None,
     dense: Annotated[bool, typer.Option("--dense", help="also write per-parameter per-step LCA")] = False,
     progress: Annotated[bool, typer.Option(help="progress bar on stderr")] = True,
+    per_example: Annotated[list[str] | None, typer.Option(
+        help="also each example's own LCA, per step and tensor, for this data set (repeat)")] = None,
     data_parallel: Annotated[bool, typer.Option(
         "--data-parallel", help="under torchrun: every process takes a shard of the data of every step "
                                 "(default: a block of steps each)")] = False,
@@ -144,7 +146,7 @@ def compute(
     try:
         fr = run_compute(run, loss, per_class, task=task, device=device, tol=tol, rtol=rtol, max_splits=max_splits,
                          first_order=first_order, steps=_parse_steps(steps), out=out, dense=dense, progress=progress,
-                         data_parallel=data_parallel)
+                         data_parallel=data_parallel, per_example=per_example)
     except (ReplayError, ValueError) as e:
         raise _fail(e) from None
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports for all

@@ -32,6 +32,14 @@ TENSORS_SCHEMA = {
     "step": pl.Int64, "loss": pl.String, "tensor": pl.String, "lca": pl.Float64,
     "n_params": pl.Int64, "n_helped": pl.Int64,
 }
+EXAMPLES_SCHEMA = {
+    "step": pl.Int64, "loss": pl.String, "example": pl.Int64, "tensor": pl.String, "lca": pl.Float64,
+}
+# per example and step (an addition): its own loss change, Σ over tensors, and whether they agree within tol
+EXAMPLE_STEPS_SCHEMA = {
+    "step": pl.Int64, "loss": pl.String, "example": pl.Int64, "loss_before": pl.Float64, "loss_after": pl.Float64,
+    "delta_loss": pl.Float64, "lca": pl.Float64, "residual": pl.Float64, "splits": pl.Int32, "grounded": pl.Boolean,
+}
 PARAMS_SCHEMA = {
     "loss": pl.String, "tensor": pl.String, "index": pl.Int64, "lca": pl.Float64,
     "n_helped": pl.Int64, "n_steps": pl.Int64,
@@ -47,6 +55,8 @@ class Frames:
     tensors: pl.LazyFrame
     params: pl.LazyFrame
     meta: dict
+    examples: pl.LazyFrame | None = None  # with per_example: step, loss, example, tensor, lca
+    example_steps: pl.LazyFrame | None = None  # with per_example: per example and step, its loss change and residual
 
     def __repr__(self) -> str:
         return f"Frames({str(self.path)!r}, losses={self.meta.get('losses')}, steps={self.meta.get('n_steps')})"
@@ -69,7 +79,8 @@ def load(path: str | Path) -> Frames:
         return pl.scan_parquet(files) if files else pl.LazyFrame(schema=schema)
 
     return Frames(path, scan("steps", STEPS_SCHEMA), scan("tensors", TENSORS_SCHEMA),
-                  scan("params", PARAMS_SCHEMA), meta)
+                  scan("params", PARAMS_SCHEMA), meta, scan("examples", EXAMPLES_SCHEMA),
+                  scan("example_steps", EXAMPLE_STEPS_SCHEMA))
 
 
 class FrameWriter:
@@ -84,6 +95,26 @@ class FrameWriter:
             (out / d).mkdir(parents=True, exist_ok=True)
         self._steps: list[dict] = []
         self._tensors: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self._examples: list[pl.DataFrame] = []
+        self._example_steps: list[pl.DataFrame] = []
+
+    def add_examples(self, step: int, loss: str, lca: np.ndarray, before: np.ndarray, after: np.ndarray,
+                     splits: np.ndarray, grounded: np.ndarray) -> None:
+        """One step of per-example LCA of one data set: lca [n, T] float64, per-example arrays [n]."""
+        n, T = lca.shape
+        (self.out / "examples").mkdir(exist_ok=True)
+        (self.out / "example_steps").mkdir(exist_ok=True)
+        self._examples.append(pl.DataFrame({
+            "step": np.full(n * T, step, dtype=np.int64), "loss": [loss] * (n * T),
+            "example": np.repeat(np.arange(n, dtype=np.int64), T),
+            "tensor": np.tile(np.array(self.tensor_names, dtype=object), n), "lca": lca.reshape(-1),
+        }, schema=EXAMPLES_SCHEMA))
+        total = lca.sum(1)
+        self._example_steps.append(pl.DataFrame({
+            "step": np.full(n, step, dtype=np.int64), "loss": [loss] * n, "example": np.arange(n, dtype=np.int64),
+            "loss_before": before, "loss_after": after, "delta_loss": after - before, "lca": total,
+            "residual": (after - before) - total, "splits": splits.astype(np.int32), "grounded": grounded,
+        }, schema=EXAMPLE_STEPS_SCHEMA))
 
     def add(self, step: int, step_to: int, before: np.ndarray, after: np.ndarray, lca: np.ndarray,
             splits: np.ndarray, grounded: np.ndarray, tensor_lca: np.ndarray, tensor_helped: np.ndarray) -> None:
@@ -122,11 +153,14 @@ class FrameWriter:
             "n_helped": np.concatenate([h.reshape(-1) for _, _, h in self._tensors]).astype(np.int64),
         }, schema=TENSORS_SCHEMA)
         files = []
-        for name, df in (("steps", steps), ("tensors", tensors)):
+        frames = [("steps", steps), ("tensors", tensors)]
+        if self._examples:
+            frames += [("examples", pl.concat(self._examples)), ("example_steps", pl.concat(self._example_steps))]
+        for name, df in frames:
             rel = f"{name}/{self.prefix}-{seq:06d}.parquet"
             _write_parquet(df, self.out / rel)
             files.append(rel)
-        self._steps, self._tensors = [], []
+        self._steps, self._tensors, self._examples, self._example_steps = [], [], [], []
         return files
 
     def write_params(self, lca: np.ndarray, helped: np.ndarray, n_steps: int, start: int = 0) -> str:

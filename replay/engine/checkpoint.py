@@ -48,6 +48,7 @@ class Checkpoint:
         if layout.writes_steps:
             keep = set(self.parts)
             for f in (self.own_files("steps/part", ".parquet") + self.own_files("tensors/part", ".parquet")
+                      + self.own_files("examples/part", ".parquet") + self.own_files("example_steps/part", ".parquet")
                       + self.own_files("dense/part", ".safetensors")):
                 if str(f.relative_to(out)) not in keep:
                     f.unlink()  # written after the last checkpoint: will be recomputed
@@ -134,7 +135,7 @@ def _only_leftovers(out: Path) -> bool:
     for p in out.iterdir():
         if is_tmp(p.name):
             continue
-        if p.is_dir() and p.name in ("steps", "tensors", "params", "dense") and all(
+        if p.is_dir() and p.name in ("steps", "tensors", "params", "dense", "examples", "example_steps") and all(
                 is_tmp(f.name) or f.suffix in (".parquet", ".safetensors") for f in p.iterdir()):
             continue
         return False

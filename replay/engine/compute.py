@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save
 
@@ -36,6 +37,7 @@ from replay.engine.evaluate import LossEvaluator
 from replay.engine.fingerprint import task_fingerprint
 from replay.engine.model_check import check_model
 from replay.engine.parallel import Layout
+from replay.engine.per_example import PerExample
 from replay.engine.simpson import allocation, is_grounded, refine_points, simpson_integral
 from replay.errors import ReplayError, ReplayWarning, RunError, TaskError
 from replay.frames import Frames, FrameWriter, load, write_meta
@@ -61,6 +63,7 @@ def compute(
     flush_every: int = 100,
     progress: bool = False,
     data_parallel: bool = False,
+    per_example: list[str] | None = None,
 ) -> Frames:
     """Compute LCA of `losses` (data set names; default: all of the task's) over the run.
 
@@ -88,6 +91,12 @@ def compute(
         if name not in t.data:
             raise TaskError(f"unknown loss {name!r}: the task's data sets are {sorted(t.data)}")
     datasets = losses + [d for d in per_class if d not in losses]
+    per_example = list(per_example or [])
+    for name in per_example:
+        if name not in t.data:
+            raise TaskError(f"--per-example {name!r}: the task's data sets are {sorted(t.data)}")
+    if per_example and data_parallel:
+        raise ReplayError("--per-example with --data-parallel is not supported: use steps mode (the default)")
     check_model(t, run)
     a, b = steps or (None, None)
     todo = [s for s in run.steps[:-1] if (a is None or s >= a) and (b is None or s < b)]
@@ -103,14 +112,14 @@ def compute(
                   "task_fingerprint": task_fingerprint(t, datasets, run.param_names),
                   "losses": ev.loss_names, "tol": tol, "rtol": rtol, "max_splits": max_splits,
                   "first_order": first_order, "steps": [todo[0], todo[-1]], "batchnorm": t.batchnorm,
-                  "batch_size": t.batch_size, "dense": dense}
+                  "batch_size": t.batch_size, "dense": dense, "per_example": per_example}
         try:
             state = Checkpoint(out, config, layout)
             parallel.barrier(layout)  # every rank has read the dir before any writes to it
             if state.complete:
                 return load(out)
             return _Replay(run, ev, parallel.segments(todo, layout), out, state, layout, tol, rtol, max_splits,
-                           first_order, dense, flush_every, progress, notes).execute()
+                           first_order, dense, flush_every, progress, notes, per_example).execute()
         except OSError as e:
             raise _write_failed(out, e) from None
     finally:
@@ -168,8 +177,10 @@ class _Replay:
 
     def __init__(self, run: Run, ev: LossEvaluator, segments: list[list[int]], out: Path, ckpt: Checkpoint,
                  layout: Layout, tol: float, rtol: float, max_splits: int, first_order: bool, dense: bool,
-                 flush_every: int, progress: bool, notes: dict):
+                 flush_every: int, progress: bool, notes: dict, per_example: list[str]):
         self.run, self.ev, self.out, self.ckpt, self.layout, self.notes = run, ev, out, ckpt, layout, notes
+        self.per_example = (PerExample(ev.task, ev.model, run.param_names, per_example, ev.device, tol, rtol,
+                                       max_splits) if per_example else None)
         self.tol, self.rtol, self.max_splits, self.first_order = tol, rtol, max_splits, first_order
         self.dense, self.flush_every, self.progress = dense, flush_every, progress and layout.rank == 0
         self.dev = ev.device
@@ -328,6 +339,8 @@ class _Replay:
                 v1, g1 = self._eval(th1, self.buf["g_b" if g0 is self.buf["g_a"] else "g_a"], partial=True)
                 lca, splits, ok, v1 = self._allocate(th0, d, v0, g0, v1, g1)
                 self._record(t0, t1, v0, v1, lca, splits, ok)
+            if self.per_example is not None and self.layout.writes_steps:
+                self._record_examples(t0, th0, th1)
             last = t0 == self.todo[-1]
             self._since_flush += 1
             if self._since_flush >= self.flush_every or last:
@@ -337,6 +350,19 @@ class _Replay:
                 self._last_print = time.perf_counter()
                 _print_progress(self._done, len(self.todo), self._last_print - self._started)
             t0, th0, v0, g0 = t1, th1, v1, g1
+
+    def _record_examples(self, t0: int, th0: torch.Tensor, th1: torch.Tensor) -> None:
+        """Per-example LCA of the step (nothing to evaluate when no parameter moved: all zeros)."""
+        if torch.equal(th0, th1):
+            for name, ex in self.per_example.data.items():
+                n, T = len(ex), len(self.per_example.names)
+                v = self.per_example._point(name, th0, self.per_example._params(th1 - th0),
+                                            torch.arange(n, device=self.dev))[0].cpu().numpy()
+                self.writer.add_examples(t0, name, np.zeros((n, T)), v, v, np.zeros(n, np.int64), np.ones(n, bool))
+            return
+        for name, r in self.per_example.step(th0, th1).items():
+            h = {k: v.cpu().numpy() for k, v in r.items()}
+            self.writer.add_examples(t0, name, h["lca"], h["before"], h["after"], h["splits"], h["grounded"])
 
     def _per_tensor(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[L, T] sums of x [L, S] over each tensor's columns (zeros for tensors outside the own slice)."""

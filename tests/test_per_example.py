@@ -1,0 +1,100 @@
+"""Per-example LCA: each example's own loss change, allocated per step and tensor, checked against the loss
+evaluated directly per example, the data set's own LCA, and an analytic separable loss."""
+
+import numpy as np
+import polars as pl
+import pytest
+import tasks
+import torch
+from test_engine import record_poly
+from typer.testing import CliRunner
+
+import replay
+from replay.cli import app
+from replay.digits import digits_mlp, load_digits_tensors, train_digits
+from replay.errors import ReplayError, TaskError
+
+
+def per_example_terms(state):
+    """The quartic loss is separable: example i's loss is Σ_j f(x_ij·w_j − y_ij); tensor w owns its j < 12."""
+    x, y = tasks.poly_data()
+    r = x * torch.cat([state["w"], state["b"]]) - y
+    f = 0.25 * r**4 - 0.5 * r**3 + r**2 + 0.3 * r  # [examples, 15]
+    return torch.stack([f[:, :tasks.P].sum(1), f[:, tasks.P:].sum(1)], 1)  # [examples, tensors w, b]
+
+
+def test_analytic_separable_loss_per_example_and_tensor(tmp_path):
+    run = record_poly(tmp_path / "run", steps=4)
+    fr = replay.compute(run, per_example=["train"], out=tmp_path / "lca")
+    ex = fr.examples.collect()
+    assert ex.columns == ["step", "loss", "example", "tensor", "lca"] and ex["lca"].dtype == pl.Float64
+    es = fr.example_steps.collect()
+    assert (es["splits"] == 2).all(), "Simpson is exact for a quartic: no example needs refinement"
+    for t in range(4):
+        expected = per_example_terms(run.state(t + 1)) - per_example_terms(run.state(t))  # [40, 2]
+        got = (ex.filter(pl.col("step") == t).pivot(on="tensor", index="example", values="lca").sort("example")
+               .select("w", "b").to_numpy())
+        max_diff = np.abs(got - expected.numpy()).max()
+        assert max_diff < 1e-10, f"step {t}: max_diff {max_diff:.3e}"
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pe") / "run"
+    train_digits(digits_mlp(), str(path), epochs=1, batch=128)
+    return path
+
+
+def test_per_example_lca_matches_the_loss_evaluated_directly(digits_run, tmp_path):
+    tol = 1e-4
+    fr = replay.compute(digits_run, ["val"], per_example=["val"], out=tmp_path / "lca", tol=tol)
+    es = fr.example_steps.collect()
+    run = replay.open_run(digits_run)
+    n_steps = len(run.steps) - 1
+    x, y = load_digits_tensors()["val"]
+    assert len(es) == n_steps * len(y) and es["grounded"].all()
+    assert es["residual"].abs().max() <= tol
+
+    def losses(t):  # every example's loss evaluated directly
+        m = digits_mlp()
+        m.load_state_dict(run.state(t))
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(m(x), y, reduction="none").double().numpy()
+
+    totals = fr.examples.group_by("example").agg(pl.col("lca").sum()).sort("example").collect()["lca"].to_numpy()
+    direct = losses(run.steps[-1]) - losses(0)
+    assert np.abs(totals - direct).max() <= n_steps * tol, "Σ over steps and tensors = ℓ_i(θ_T) − ℓ_i(θ_0)"
+    first = es.filter(pl.col("step") == 0).sort("example")["loss_before"].to_numpy()
+    np.testing.assert_allclose(first, losses(0), rtol=1e-6)
+    # the mean over examples is the data set's LCA (each within its own residual)
+    mean = es.group_by("step").agg(pl.col("lca").mean()).sort("step")["lca"].to_numpy()
+    val = fr.steps.sort("step").collect()["lca"].to_numpy()
+    assert np.abs(mean - val).max() <= 2 * tol
+    # per tensor: the examples' mean is the data set's per-tensor LCA up to the same residuals
+    pt = fr.examples.group_by("step", "tensor").agg(pl.col("lca").mean()).collect()
+    dt = fr.tensors.filter(pl.col("loss") == "val").select("step", "tensor", pl.col("lca").alias("ds")).collect()
+    j = pt.join(dt, on=["step", "tensor"])
+    assert len(j) == n_steps * 6 and (j["lca"] - j["ds"]).abs().max() <= 2 * tol
+
+
+def test_per_example_refinement_looks_at_the_examples(digits_run, tmp_path):
+    fr = replay.compute(digits_run, ["val"], per_example=["val"], out=tmp_path / "lca", tol=1e-6)
+    es = fr.example_steps.collect()
+    assert es["splits"].max() > fr.steps.collect()["splits"].max(), "single examples need more points (ReLU kinks)"
+    assert es.filter(pl.col("grounded"))["residual"].abs().max() <= 1e-6
+    assert (~es["grounded"]).sum() == es.filter(pl.col("splits") == 32).filter(~pl.col("grounded")).height
+
+
+def test_per_example_cli_and_refusals(digits_run, tmp_path):
+    res = CliRunner().invoke(app, ["compute", str(digits_run), "--loss", "val", "--per-example", "val",
+                                   "--out", str(tmp_path / "cli"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert replay.load(tmp_path / "cli").examples.select(pl.len()).collect().item() > 0
+    with pytest.raises(TaskError, match="per-example"):
+        replay.compute(digits_run, ["val"], per_example=["test"], out=tmp_path / "x")
+    with pytest.raises(ReplayError, match="data-parallel"):
+        replay.compute(digits_run, ["val"], per_example=["val"], data_parallel=True, out=tmp_path / "y")
+    bn = tmp_path / "bn"
+    train_digits(tasks.BNDropNet(), str(bn), epochs=1, batch=512, task="tasks:bn_drop")
+    with pytest.raises(TaskError, match="batch-norm with batch statistics"):
+        replay.compute(bn, ["val"], per_example=["val"], out=tmp_path / "z")
