@@ -170,3 +170,39 @@ def oscillation(run: object, start: int = 0, stop: int | None = None) -> pl.Data
         last = st
     return pl.DataFrame({"tensor": list(flips), "flips": list(flips.values()),
                          "frac_reversals": [flips[n] / max(1, moves[n]) for n in flips]}).sort("tensor")
+
+
+# ---- which data moved the loss (per-example LCA and the batches of the run) --------------------------
+
+def example_extremes(fr: Frames, loss: str, top: int = 5) -> pl.DataFrame:
+    """Per tensor, the `top` examples of `loss` it helped most (most negative LCA summed over the
+    steps) and hurt most: `tensor, kind ('helped'/'hurt'), rank, example, lca`."""
+    totals = fr.examples.filter(pl.col("loss") == loss).group_by("tensor", "example").agg(pl.col("lca").sum())
+    helped = totals.sort("lca").group_by("tensor", maintain_order=True).head(top).with_columns(kind=pl.lit("helped"))
+    hurt = (totals.sort("lca", descending=True).group_by("tensor", maintain_order=True).head(top)
+            .filter(pl.col("lca") > 0).with_columns(kind=pl.lit("hurt")))
+    both = pl.concat([helped.filter(pl.col("lca") < 0), hurt])
+    return (both.with_columns(rank=pl.col("lca").abs().rank("ordinal", descending=True).over("tensor", "kind"))
+            .select("tensor", "kind", "rank", "example", "lca").sort("tensor", "kind", "rank").collect())
+
+
+def forgetting_events(fr: Frames, loss: str, train: str = "train") -> pl.DataFrame:
+    """Steps that lowered the `train` loss but raised the loss of an example of `loss`:
+    `step, example, delta_loss` (the example's), `train_delta_loss`, largest rise first."""
+    lowered = (fr.steps.filter((pl.col("loss") == train) & (pl.col("delta_loss") < 0))
+               .select("step", pl.col("delta_loss").alias("train_delta_loss")))
+    rose = fr.example_steps.filter((pl.col("loss") == loss) & (pl.col("delta_loss") > 0))
+    return (rose.join(lowered, on="step").select("step", "example", "delta_loss", "train_delta_loss")
+            .sort("delta_loss", descending=True).collect())
+
+
+def batches_behind(fr: Frames, batches: pl.DataFrame, loss: str = "val", steps: tuple[int, int] | None = None,
+                   top: int = 5) -> pl.DataFrame:
+    """The `top` steps (in `steps` = (a, b), a ≤ step < b) with the largest change of `loss`, each with the
+    training batch that caused it (`run.batches`): `step, delta_loss, examples` (a list of example ids)."""
+    s = fr.steps.filter(pl.col("loss") == loss)
+    if steps is not None:
+        s = s.filter(pl.col("step").is_between(steps[0], steps[1], closed="left"))
+    biggest = s.select("step", "delta_loss").sort(pl.col("delta_loss").abs(), descending=True).head(top).collect()
+    ids = batches.group_by("step", maintain_order=True).agg(pl.col("example").alias("examples"))
+    return biggest.join(ids, on="step", how="left").sort(pl.col("delta_loss").abs(), descending=True)

@@ -1,7 +1,7 @@
 """`replay demo`: the whole product in under a minute on 2 CPU cores, on real data.
 
-Trains the digits MLP with SGD + momentum while recording every step, computes train, val
-and per-class train LCA, and returns the frames.
+Trains the digits MLP with SGD + momentum while recording every step and its batch, computes
+train, val, per-class train and per-example val LCA, and returns the frames.
 """
 
 from __future__ import annotations
@@ -21,4 +21,5 @@ def run_demo(out: Path, epochs: int = 2) -> Frames:
         shutil.rmtree(run_dir)  # the demo's own output: re-running the demo starts over
     shutil.rmtree(out / "lca", ignore_errors=True)
     train_digits(digits_mlp(), str(run_dir), epochs=epochs)
-    return compute(run_dir, ["train", "val"], per_class=["train"], out=out / "lca", progress=True)
+    return compute(run_dir, ["train", "val"], per_class=["train"], per_example=["val"], out=out / "lca",
+                   progress=True)

@@ -64,6 +64,8 @@ def train_digits(model: nn.Module, recorder_path: str | None = None, *, epochs: 
         perm = torch.randperm(len(y), generator=g)
         for i in range(0, len(y), batch):
             idx = perm[i:i + batch]
+            if rec is not None:
+                rec.log_batch(idx)  # which examples this step learns from: run.batches
             opt.zero_grad()
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()

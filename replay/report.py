@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from replay import analysis
+from replay.errors import ReplayError
 from replay.frames import Frames
 
 
@@ -93,3 +94,33 @@ def print_summary(fr: Frames, console: Console | None = None) -> None:
         con.print(_table(analysis.train_vs_val(fr),
                          "Train vs validation LCA per layer (overfit = helped train, hurt val)"))
     con.print(_table(analysis.prune_candidates(fr, main), f"Prune/freeze candidates ({main})"))
+    print_examples(fr, con, main)
+
+
+def print_examples(fr: Frames, con: Console, main: str) -> None:
+    """With per-example LCA: the examples each layer helped and hurt most, forgetting, the batches behind jumps."""
+    per = fr.meta.get("config", {}).get("per_example") or []
+    if not per or fr.examples is None:
+        return
+    loss = per[0]
+    es = fr.example_steps.filter(pl.col("loss") == loss)
+    g = es.select(pl.col("grounded").mean(), pl.col("residual").abs().max(), pl.col("splits").max()).collect().row(0)
+    con.print(f"per-example LCA of {loss!r}: {g[0]:.0%} of example-steps grounded, max |residual| {g[1]:.1e}, "
+              f"up to {g[2]} sub-intervals")
+    con.print(_table(analysis.example_extremes(fr, loss, top=3),
+                     f"Examples of {loss!r} each tensor helped and hurt most (Σ LCA over steps)"))
+    if main != loss:
+        f = analysis.forgetting_events(fr, loss, train=main)
+        con.print(f"{len(f)} forgetting events: a step lowered {main!r} but raised an example of {loss!r}"
+                  + (f"; largest: step {f['step'][0]}, example {f['example'][0]}, +{f['delta_loss'][0]:.3g}"
+                     if len(f) else ""))
+    try:
+        from replay.store import open_run
+
+        batches = open_run(fr.meta["run"]).batches
+    except ReplayError:
+        return
+    if len(batches):
+        con.print(_table(analysis.batches_behind(fr, batches, loss, top=3).with_columns(
+            pl.col("examples").list.len().alias("batch size"), pl.col("examples").list.head(6)),
+            f"The training batches behind the largest changes of {loss!r}"))

@@ -1,5 +1,7 @@
 """Every analysis against frames whose answers are known by construction."""
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -148,3 +150,42 @@ def test_plot_writes_every_figure(tmp_path):
     assert all((tmp_path / "lca" / "plots" / n).read_bytes()[:4] == b"\x89PNG" for n in names)
     res = CliRunner().invoke(app, ["plot", str(tmp_path / "lca"), "--loss", "nope"])
     assert res.exit_code == 1 and "not in this lca dir" in res.output
+
+
+# ---- per-example analyses, on hand-built frames with known answers ------------------------------------
+
+@pytest.fixture
+def ex_frames():
+    examples = pl.DataFrame({
+        "step": [0, 0, 0, 0, 1, 1, 1, 1], "loss": ["val"] * 8, "example": [0, 1, 0, 1, 0, 1, 0, 1],
+        "tensor": ["a", "a", "b", "b", "a", "a", "b", "b"],
+        "lca": [-1.0, 0.5, 0.2, -0.1, -0.5, 0.25, 0.3, -0.4],
+    })  # totals: a: ex0 -1.5, ex1 +0.75; b: ex0 +0.5, ex1 -0.5
+    example_steps = pl.DataFrame({
+        "step": [0, 0, 1, 1], "loss": ["val"] * 4, "example": [0, 1, 0, 1],
+        "delta_loss": [-0.8, 0.4, -0.2, -0.15],
+    })
+    steps = pl.DataFrame({"step": [0, 1, 0, 1], "loss": ["train", "train", "val", "val"],
+                          "delta_loss": [-0.5, 0.1, -0.2, -0.175]})
+    return Frames(Path("."), steps.lazy(), pl.LazyFrame(), pl.LazyFrame(), {}, examples.lazy(), example_steps.lazy())
+
+
+def test_example_extremes(ex_frames):
+    e = analysis.example_extremes(ex_frames, "val", top=1)
+    rows = {(r["tensor"], r["kind"]): (r["example"], r["lca"]) for r in e.iter_rows(named=True)}
+    assert rows == {("a", "helped"): (0, -1.5), ("a", "hurt"): (1, 0.75), ("b", "helped"): (1, -0.5),
+                    ("b", "hurt"): (0, pytest.approx(0.5))}
+
+
+def test_forgetting_events(ex_frames):
+    f = analysis.forgetting_events(ex_frames, "val")
+    # step 0 lowered train (-0.5) but raised example 1 (+0.4); step 1 raised train: not a candidate
+    assert f.rows() == [(0, 1, 0.4, -0.5)]
+
+
+def test_batches_behind(ex_frames):
+    batches = pl.DataFrame({"step": [0, 0, 1], "example": [7, 9, 3]})
+    b = analysis.batches_behind(ex_frames, batches, "val", top=2)
+    assert b["step"].to_list() == [0, 1] and b["examples"].to_list() == [[7, 9], [3]]
+    b = analysis.batches_behind(ex_frames, batches, "val", steps=(1, 2), top=2)
+    assert b["step"].to_list() == [1]
