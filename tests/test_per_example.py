@@ -23,7 +23,15 @@ def per_example_terms(state):
     return torch.stack([f[:, :tasks.P].sum(1), f[:, tasks.P:].sum(1)], 1)  # [examples, tensors w, b]
 
 
-def test_analytic_separable_loss_per_example_and_tensor(tmp_path):
+@pytest.mark.parametrize("products", ["batched", "one-by-one"])
+def test_analytic_separable_loss_per_example_and_tensor(tmp_path, products, monkeypatch):
+    if products == "one-by-one":  # a model whose ops have no vmap rule: the products run one after another
+        import replay.engine.per_example as pe
+
+        def no_vmap(*args, **kwargs):
+            raise NotImplementedError("no batching rule")
+
+        monkeypatch.setattr(pe, "vmap", no_vmap)
     run = record_poly(tmp_path / "run", steps=4)
     fr = replay.compute(run, per_example=["train"], out=tmp_path / "lca")
     ex = fr.examples.collect()

@@ -159,6 +159,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--nproc", type=int, default=0, help="measure torchrun scaling with this many processes")
     ap.add_argument("--data-parallel", action="store_true", help="with --nproc: shard each step's data instead")
+    ap.add_argument("--per-example", action="store_true", help="measure the cost of --per-example val instead")
     ap.add_argument("--worker", nargs=3, metavar=("RUN", "OUT", "TIMING"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     globals()["HIDDEN"], globals()["MODEL"] = a.hidden, a.model
@@ -170,6 +171,8 @@ def main() -> None:
         train_digits(make_model(), str(tmp / "run"), epochs=a.epochs, task=task)
         if a.nproc:
             return scaling(a, tmp)
+        if a.per_example:
+            return per_example_cost(a, tmp)
         data = {k: (x.to(a.device), y.to(a.device)) for k, (x, y) in load_digits_tensors().items()}
         print("replay: 2 gradient evaluations per step + refinement; naive: 3 per step per loss")
         n_steps = len(replay.open_run(tmp / "run").steps) - 1
@@ -208,6 +211,50 @@ def main() -> None:
         print(f"    grounded at tol 1e-4: {grounded:.1%} of step-losses")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def per_example_cost(a, tmp: Path) -> None:
+    """Cost of --per-example val: total ratio, (a) evaluation points per step, (b) cost of one point."""
+    import resource
+
+    from replay.engine.per_example import PerExample
+
+    run = replay.open_run(tmp / "run")
+    with_pe, without = [], []
+    for r in range(a.repeat):
+        t0 = time.perf_counter()
+        base = replay.compute(tmp / "run", ["val"], task=task_obj(), device=a.device, out=tmp / f"base{r}")
+        without.append(time.perf_counter() - t0)
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
+        fr = replay.compute(tmp / "run", ["val"], task=task_obj(), device=a.device, out=tmp / f"pe{r}",
+                            per_example=["val"])
+        with_pe.append(time.perf_counter() - t0)
+        print(f"round {r}: without {without[-1]:.2f}s  with --per-example val {with_pe[-1]:.2f}s")
+    es = fr.example_steps.collect()
+    n_steps, n_ex = len(run.steps) - 1, es["example"].n_unique()
+    # points per step: 3 for every example, then n/2 more for each example refined from n to 2n
+    extra = sum(int((es["splits"] >= 2 * n).sum()) * n for n in (2, 4, 8, 16)) / n_ex / n_steps
+    ev = LossEvaluator(task_obj(), run.param_names, ["val"], [], torch.device(a.device))
+    pe = PerExample(ev.task, ev.model, run.param_names, ["val"], torch.device(a.device), 1e-4, 0.0, 32)
+    theta = torch.cat([v.reshape(-1).double() for v in run.state(0).values()])
+    d = torch.cat([v.reshape(-1).double() for v in run.state(1).values()]) - theta
+    rows = torch.arange(n_ex)
+    delta = pe._params(d)
+    unit = plain_fb(ev, a.device, False)
+    pe._point("val", theta, delta, rows)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        pe._point("val", theta, delta, rows)
+    point = (time.perf_counter() - t0) / 5
+    print(f"\n--per-example val ({n_ex} examples, {len(run.param_names)} tensors, {n_steps} steps): "
+          f"{statistics.median(with_pe) / statistics.median(without):.2f}x the compute without it")
+    print(f"(a) evaluation points per step per example: {3 + extra:.2f} (3 = plain Simpson, no endpoint reuse: "
+          f"the direction changes every step); the data set's own: {base.meta['grad_evals'] / n_steps:.2f}")
+    print(f"(b) one point for every example: {point * 1e3:.1f} ms = {point / unit:.1f}x a plain forward+backward "
+          f"over val ({unit * 1e3:.2f} ms): one forward-mode product per tensor")
+    print(f"peak RSS after the per-example compute: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} "
+          f"MiB (before it: {rss0 / 1024:.0f} MiB); memory holds one batch of examples, not examples x parameters")
 
 
 HIDDEN, MODEL = 256, "mlp"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp
+from torch.func import functional_call, jvp, vmap
 
 from replay.engine.simpson import refine_points
 from replay.errors import TaskError
@@ -44,6 +44,7 @@ class PerExample:
         self.tol, self.rtol, self.max_splits = tol, rtol, max_splits
         self.data = {d: Examples(task.data[d]).to(device) for d in datasets}
         self.batch = {d: task.batch_size or len(self.data[d]) for d in datasets}
+        self._vmap_ok = True
 
     def _params(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = torch.split(theta[:sum(self.numels)], self.numels)
@@ -66,13 +67,28 @@ class PerExample:
                     functional_call(self.model, p, (t[0],))
                 return self.loss_fn(out, t if isinstance(t, dict) else t[1])
 
-            cols = []
-            for key in params:  # one forward-mode product per tensor: Δθ restricted to it
-                value, d = jvp(losses, (params,), ({**zeros, key: delta[key]},))
-                cols.append(d.double())
+            value, d = self._products(losses, params, zeros, delta)
             values.append(value.detach().double())
-            derivs.append(torch.stack(cols, 1))
+            derivs.append(d.double())
         return torch.cat(values), torch.cat(derivs)
+
+    def _products(self, losses: object, params: dict, zeros: dict, delta: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(losses [m], d [m, T]): the T forward-mode products, batched in one vmap when the model allows it
+        (a T-fold tangent costs T × the parameters' memory: up to 256 MiB), else one after another."""
+        keys = list(params)
+        if self._vmap_ok and len(keys) * sum(v.numel() * v.element_size() for v in params.values()) <= 256 << 20:
+            tangents = {k: torch.stack([delta[k] if j == i else zeros[k] for j in range(len(keys))])
+                        for i, k in enumerate(keys)}
+            try:
+                value, d = vmap(lambda t: jvp(losses, (params,), (t,)), randomness="same")(tangents)
+                return value[0], d.T
+            except (RuntimeError, NotImplementedError, ValueError):  # an op without a batching rule
+                self._vmap_ok = False
+        cols = []
+        for key in keys:  # one forward-mode product per tensor: Δθ restricted to it
+            value, d = jvp(losses, (params,), ({**zeros, key: delta[key]},))
+            cols.append(d)
+        return value, torch.stack(cols, 1)
 
     def step(self, th0: torch.Tensor, th1: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """Per data set: lca [n, T], before/after losses [n], splits [n], grounded [n] (float64 / int / bool)."""
