@@ -5,6 +5,10 @@ per real optimizer step (never per accumulation micro-batch; a step the AMP scal
 becomes a zero-change state, so states keep the Trainer's `global_step` numbering), closed at
 the last epoch's end, before the Trainer may load a "best" checkpoint into the model. Under
 distributed training only the main process records.
+
+Batches: give each example an id column (default `example_ids`) and set
+`TrainingArguments(remove_unused_columns=False)` so that it reaches the model; the callback takes
+it out of the model's inputs before forward and logs it (`Recorder.log_batch`, `run.batches`).
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ from replay.wrappers import torch_optimizer
 class ReplayCallback(TrainerCallback):
     """Records the Trainer's model into `path` (keyword arguments go to `replay.Recorder`)."""
 
-    def __init__(self, path: str | os.PathLike, *, task: str | None = None, **recorder_kwargs: object):
-        self.path, self.task, self.kwargs = path, task, recorder_kwargs
+    def __init__(self, path: str | os.PathLike, *, task: str | None = None, ids: str | None = "example_ids",
+                 **recorder_kwargs: object):
+        self.path, self.task, self.ids, self.kwargs = path, task, ids, recorder_kwargs
         self.recorder: Recorder | None = None
         self._steps = 0
+        self._hook = None
 
     def on_train_begin(self, args: object, state: object, control: object, model: object = None,
                        optimizer: object = None, **kwargs: object) -> None:
@@ -39,6 +45,17 @@ class ReplayCallback(TrainerCallback):
         self.recorder = Recorder(model, self.path, optimizer=torch_optimizer(optimizer), task=self.task,
                                  metadata=meta, **self.kwargs)
         self._steps = 0
+        if self.ids:
+            self._hook = model.register_forward_pre_hook(self._take_ids, with_kwargs=True)
+
+    def _take_ids(self, module: object, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The batch's example ids: out of the model's inputs, into the run (training forwards only)."""
+        if self.ids in kwargs:
+            kwargs = dict(kwargs)
+            ids = kwargs.pop(self.ids)
+            if module.training and self.recorder is not None:
+                self.recorder.log_batch(ids)
+        return args, kwargs
 
     def on_optimizer_step(self, args: object, state: object, control: object, **kwargs: object) -> None:
         if self.recorder is None:
@@ -57,3 +74,6 @@ class ReplayCallback(TrainerCallback):
     def _close(self) -> None:
         if self.recorder is not None:
             self.recorder.close()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None

@@ -222,3 +222,21 @@ def test_hf_trainer_loading_the_best_checkpoint_does_not_change_the_last_state(t
     assert_bit_equal(last, {n: ref.states[6][n] for n in last})
     loaded = params_of(model)
     assert any(not torch.equal(loaded[n], last[n]) for n in last), "the test needs a best checkpoint != the last"
+
+
+def test_hf_trainer_logs_the_batch_of_every_step(tmp_path):
+    from replay.huggingface import ReplayCallback
+
+    data = lm_data()
+    data["example_ids"] = torch.arange(len(data["input_ids"]))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=3,
+        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0,
+        disable_tqdm=True, remove_unused_columns=False)
+    trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=ListDataset(data),
+                                   callbacks=[ReplayCallback(tmp_path / "run")])
+    trainer.train()
+    b = replay.open_run(tmp_path / "run").batches
+    assert b["step"].unique().sort().to_list() == [0, 1, 2]
+    assert (b.group_by("step").len()["len"] == 16).all(), "two micro-batches of 8 per optimizer step"
+    assert sorted(b["example"].to_list()) == list(range(48)), "each example once (one epoch of 48)"
