@@ -1,6 +1,7 @@
 """Recording inside real training stacks (transformers.Trainer, lightning.Trainer, accelerate, torch.compile),
 each state checked bit for bit against a reference taken in the same training."""
 
+import polars as pl
 import pytest
 import torch
 from conftest import assert_bit_equal, params_of
@@ -240,3 +241,27 @@ def test_hf_trainer_logs_the_batch_of_every_step(tmp_path):
     assert b["step"].unique().sort().to_list() == [0, 1, 2]
     assert (b.group_by("step").len()["len"] == 16).all(), "two micro-batches of 8 per optimizer step"
     assert sorted(b["example"].to_list()) == list(range(48)), "each example once (one epoch of 48)"
+
+
+def test_per_example_lca_of_a_causal_lm(tmp_path):
+    """Per-sequence LCA of a GPT-2 run (dict data, causal_lm); attention without forward-mode AD is one line."""
+    from replay.errors import TaskError
+    from replay.huggingface import ReplayCallback
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=3, report_to=[],
+        save_strategy="no", logging_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+    transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=ListDataset(lm_data()),
+                         callbacks=[ReplayCallback(tmp_path / "run")]).train()
+    eager = tiny_gpt2()
+    eager.config._attn_implementation = "eager"
+    data = lm_data()
+    fr = replay.compute(tmp_path / "run", task=replay.Task(eager, {"train": data}, loss_fn=replay.losses.causal_lm),
+                        per_example=["train"], out=tmp_path / "lca", tol=1e-5)
+    es = fr.example_steps.collect()
+    assert len(es) == 3 * 48 and es["grounded"].all()
+    mean = es.group_by("step").agg(pl.col("lca").mean()).sort("step")["lca"].to_numpy()
+    assert abs(mean - fr.steps.sort("step").collect()["lca"].to_numpy()).max() <= 2e-5
+    sdpa = replay.Task(tiny_gpt2(), {"train": data}, loss_fn=replay.losses.causal_lm)
+    with pytest.raises(TaskError, match="attn_implementation='eager'"):
+        replay.compute(tmp_path / "run", task=sdpa, per_example=["train"], out=tmp_path / "sdpa")

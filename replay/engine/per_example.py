@@ -21,7 +21,7 @@ from torch.func import functional_call, jvp, vmap
 
 from replay.engine.simpson import refine_points
 from replay.errors import TaskError
-from replay.task import Examples, Task
+from replay.task import Examples, Task, user_error
 from replay.wrappers import unwrap_model
 
 
@@ -86,7 +86,14 @@ class PerExample:
                 self._vmap_ok = False
         cols = []
         for key in keys:  # one forward-mode product per tensor: Δθ restricted to it
-            value, d = jvp(losses, (params,), ({**zeros, key: delta[key]},))
+            try:
+                value, d = jvp(losses, (params,), ({**zeros, key: delta[key]},))
+            except (NotImplementedError, RuntimeError) as e:
+                if "forward AD" not in str(e) and "forward-mode" not in str(e):
+                    raise
+                raise TaskError(f"per-example LCA differentiates forward (torch.func.jvp), which an op of the task's "
+                                f"model does not support ({user_error(e)}); use an implementation that does (for HF "
+                                f"attention: attn_implementation='eager')") from None
             cols.append(d)
         return value, torch.stack(cols, 1)
 
