@@ -258,3 +258,14 @@ def test_sharded_parameters_are_refused(tmp_path):
         assert not (tmp_path / "run").exists()
     finally:
         dist.destroy_process_group()
+
+
+def test_a_rank_that_lists_the_out_dir_before_another_writes_its_progress(tmp_path):
+    """torchrun ranks start the same compute at once: rank 1 may list the lca dir before rank 0's progress
+    file exists and look again after it does; that file is the same compute's, not a foreign dir."""
+    from replay.engine.checkpoint import Checkpoint, _finished
+
+    out, config = tmp_path / "lca", {"losses": ["train"]}
+    Checkpoint(out, config, Layout(0, 2))  # rank 0: writes progress-r000.json before its first flush
+    assert _finished(out, config, []) is False  # rank 1's earlier listing saw no progress file
+    assert Checkpoint(out, config, Layout(1, 2)).next_step is None

@@ -131,9 +131,12 @@ def _differences(old: object, new: dict) -> str:
 
 
 def _only_leftovers(out: Path) -> bool:
-    """An lca dir whose compute was killed before it wrote its progress: empty frame folders and temp files."""
+    """An lca dir whose compute was killed before it wrote its progress: empty frame folders and temp files.
+
+    Under torchrun another rank may be writing its own progress file meanwhile: that is ours too.
+    """
     for p in out.iterdir():
-        if is_tmp(p.name):
+        if is_tmp(p.name) or re.fullmatch(r"progress(-r\d{3})?\.json|totals(-r\d{3})?-\d+\.safetensors", p.name):
             continue
         if p.is_dir() and p.name in ("steps", "tensors", "params", "dense", "examples", "example_steps") and all(
                 is_tmp(f.name) or f.suffix in (".parquet", ".safetensors") for f in p.iterdir()):
