@@ -205,9 +205,12 @@ class Recorder:
         device = self._params[0][1].device
         self._cuda = device.type == "cuda"
         self._side = torch.cuda.Stream(device) if self._cuda else None
-        # staging pool: the states in flight + the encoder's "previous" + one being filled
+        # inline: a small CPU state is encoded on the training thread when it is sealed — two passes
+        # over a small state cost less than waking another thread for it (tools/bench_record.py)
+        self._inline = not self._cuda and self.layout.nbytes < DEFER_BYTES
+        # staging pool: the states in flight + the encoder's "previous" + one being filled (inline: current, previous)
         self._pool: queue.Queue = queue.Queue()
-        for _ in range(queue_size + 2):
+        for _ in range(2 if self._inline else queue_size + 2):
             flat = torch.zeros(self.layout.nbytes, dtype=torch.uint8, pin_memory=self._cuda)  # pad bytes stay 0
             self._pool.put((flat, self.layout.views(flat)))
         self._work: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -220,9 +223,6 @@ class Recorder:
             self._free_chunks.put(np.empty(slots * self.layout.nbytes, dtype=np.uint8))
         self._deferred = opt is not None  # a pre-hook seals each state before the parameters change
         self._pacer = Pacer(self.path, self.every)
-        # inline: a small CPU state is encoded on the training thread when it is sealed — two passes
-        # over a small state cost less than waking another thread for it (tools/bench_record.py)
-        self._inline = not self._cuda and self.layout.nbytes < DEFER_BYTES
         self._encoder = None
         if self._inline:
             self._cur, self._prev = (self._pool.get(), self._pool.get())

@@ -106,3 +106,18 @@ def test_per_example_cli_and_refusals(digits_run, tmp_path):
     train_digits(tasks.BNDropNet(), str(bn), epochs=1, batch=512, task="tasks:bn_drop")
     with pytest.raises(TaskError, match="batch-norm with batch statistics"):
         replay.compute(bn, ["val"], per_example=["val"], out=tmp_path / "z")
+
+
+def test_unchanged_steps_have_zero_per_example_lca(tmp_path):
+    from test_exactness import train_with_accumulation
+
+    train_with_accumulation(tmp_path / "run", capture_micro_batches=True)  # every other step changes nothing
+    fr = replay.compute(tmp_path / "run", ["val"], per_example=["val"], out=tmp_path / "lca")
+    es = fr.example_steps.sort("step", "example").collect()
+    still = es.filter(pl.col("step") % 2 == 0)
+    assert (still["lca"] == 0).all() and (still["splits"] == 0).all() and still["grounded"].all()
+    assert (still["loss_before"] == still["loss_after"]).all()
+    # the loss there is the example's own, continuous with the steps around it
+    nxt = es.filter(pl.col("step") % 2 == 1).with_columns(pl.col("step") - 1)
+    j = still.join(nxt, on=["step", "example"])
+    np.testing.assert_allclose(j["loss_after"].to_numpy(), j["loss_before_right"].to_numpy(), rtol=1e-6)

@@ -103,6 +103,8 @@ def compute(
     if not todo:
         raise RunError(f"{run.path}: no step to compute in {a}:{b} (recorded states {run.steps[0]}..{run.steps[-1]})")
     notes = _notes(run, t, todo)
+    if t.batchnorm == "running" and run.manifest.buffers:  # the last recorded statistics, for every step
+        t.model.load_state_dict(run.state(run.steps[-1], buffers=True), strict=False)
     layout, dev = parallel.join(device, data_parallel)
     try:
         ev = LossEvaluator(t, run.param_names, datasets, per_class, dev, layout)
@@ -143,7 +145,6 @@ def _notes(run: Run, t: Task, todo: list[int]) -> dict:
     if t.batchnorm == "running":
         if run.manifest.buffers:
             last = run.steps[-1]
-            t.model.load_state_dict(run.state(last, buffers=True), strict=False)
             notes["batchnorm_stats"] = f"recorded buffers of state {last} (the last), for every step"
         else:
             notes["batchnorm_stats"] = "the task model's own buffers: the run recorded none"
@@ -356,8 +357,7 @@ class _Replay:
         if torch.equal(th0, th1):
             for name, ex in self.per_example.data.items():
                 n, T = len(ex), len(self.per_example.names)
-                v = self.per_example._point(name, th0, self.per_example._params(th1 - th0),
-                                            torch.arange(n, device=self.dev))[0].cpu().numpy()
+                v = self.per_example.losses(name, th0).cpu().numpy()
                 self.writer.add_examples(t0, name, np.zeros((n, T)), v, v, np.zeros(n, np.int64), np.ones(n, bool))
             return
         for name, r in self.per_example.step(th0, th1).items():

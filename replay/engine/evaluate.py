@@ -149,8 +149,10 @@ class LossEvaluator:
         sums = torch.zeros(L, dtype=torch.float64, device=self.device)
         grads = out if out is not None else torch.empty(L, S, dtype=self.grad_dtype, device=self.device)
         target = (self._send if self._send is not None else grads.view(1, L, S)).zero_()
-        # views [L, n] of the target, per parameter: where its flat gradient's pieces go
-        blocks = [[(target[r, :, a:b], sa, sb) for r, a, b, sa, sb in pieces] for pieces in self._pieces]
+        # views [L, n] of the target, per parameter, where its gradient's pieces go: needed only without
+        # the flat gradient buffer (mixed parameter dtypes)
+        blocks = [] if self._flat is not None else [[(target[r, :, a:b], sa, sb) for r, a, b, sa, sb in pieces]
+                                                     for pieces in self._pieces]
         for plan in self.plans:
             if plan.mixed:
                 self._mixed_pass(plan, sums, target, blocks)

@@ -97,6 +97,18 @@ class PerExample:
             cols.append(d)
         return value, torch.stack(cols, 1)
 
+    def losses(self, name: str, theta: torch.Tensor) -> torch.Tensor:
+        """Every example's loss [n] (float64) at θ: forward only."""
+        params, ex, bs = self._params(theta), self.data[name], self.batch[name]
+        out = []
+        with torch.no_grad():
+            for a in range(0, len(ex), bs):
+                t = ex.slice(a, a + bs).tensors
+                y = functional_call(self.model, params, (), t) if isinstance(t, dict) else \
+                    functional_call(self.model, params, (t[0],))
+                out.append(self.loss_fn(y, t if isinstance(t, dict) else t[1]).double())
+        return torch.cat(out)
+
     def step(self, th0: torch.Tensor, th1: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """Per data set: lca [n, T], before/after losses [n], splits [n], grounded [n] (float64 / int / bool)."""
         d = th1 - th0
