@@ -333,10 +333,14 @@ class Recorder:
                     views[n].copy_(p.detach())
                 copied = None
         item = _Pending(t, flat, views, copied, versions)
-        if self._deferred or self._cuda:
+        if self._deferred:
             self._pending = item  # sealed at the next step's pre-hook (in-place edits until then)
-        else:
-            item.sealed.set()  # capture() after a manual update: the user says the state is final
+        else:  # capture() after a manual update: the user says the state is final. No pre-hook will
+            # seal it, so the next update must not start before the copy is done (a GPU-side wait);
+            # sealing it at the next capture() would take that update's values for this state.
+            if self._cuda:
+                torch.cuda.current_stream().wait_event(copied)
+            item.sealed.set()
         t_put = time.perf_counter()
         self._put(self._work, item)
         waited += time.perf_counter() - t_put

@@ -237,15 +237,18 @@ def per_example_cost(a, tmp: Path) -> None:
     extra = sum(int((es["splits"] >= 2 * n).sum()) * n for n in (2, 4, 8, 16)) / n_ex / n_steps
     ev = LossEvaluator(task_obj(), run.param_names, ["val"], [], torch.device(a.device))
     pe = PerExample(ev.task, ev.model, run.param_names, ["val"], torch.device(a.device), 1e-4, 0.0, 32)
-    theta = torch.cat([v.reshape(-1).double() for v in run.state(0).values()])
-    d = torch.cat([v.reshape(-1).double() for v in run.state(1).values()]) - theta
-    rows = torch.arange(n_ex)
+    theta = torch.cat([v.reshape(-1).double() for v in run.state(0).values()]).to(a.device)
+    d = torch.cat([v.reshape(-1).double() for v in run.state(1).values()]).to(a.device) - theta
+    rows = torch.arange(n_ex, device=a.device)
     delta = pe._params(d)
     unit = plain_fb(ev, a.device, False)
+    sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
     pe._point("val", theta, delta, rows)
+    sync()
     t0 = time.perf_counter()
     for _ in range(5):
         pe._point("val", theta, delta, rows)
+    sync()
     point = (time.perf_counter() - t0) / 5
     print(f"\n--per-example val ({n_ex} examples, {len(run.param_names)} tensors, {n_steps} steps): "
           f"{statistics.median(with_pe) / statistics.median(without):.2f}x the compute without it")
