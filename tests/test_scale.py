@@ -17,7 +17,7 @@ from polars.testing import assert_frame_equal
 import replay
 from replay.digits import train_digits
 from replay.engine.checkpoint import Checkpoint
-from replay.engine.parallel import BLOCKS_PER_RANK, MIN_BLOCK_STEPS, Layout, segments, shard_batches
+from replay.engine.parallel import BLOCKS_PER_RANK, MIN_BLOCK_STEPS, Placement, segments, shard_batches
 from replay.errors import ReplayError
 
 TESTS = Path(__file__).parent
@@ -82,7 +82,7 @@ def test_torchrun_steps_mode_equals_one_process(ddp_run, tmp_path):
     assert not list((tmp_path / "two").glob("progress*")) and not list((tmp_path / "two").glob("totals*"))
     assert got.meta["processes"] == 2 and got.meta["parallel"] == "steps"
     # each block after the first evaluates its first state itself, instead of reusing the previous step's end
-    blocks = sum(len(segments(list(range(40)), Layout(r, 2))) for r in (0, 1))
+    blocks = sum(len(segments(list(range(40)), Placement(r, 2))) for r in (0, 1))
     assert got.meta["grad_evals"] == ref.meta["grad_evals"] + blocks - 1
     a, b = frames(ref), frames(got)
     assert_frame_equal(a["steps"], b["steps"], check_exact=True)  # every step: the same computation
@@ -144,7 +144,7 @@ def test_blocks_and_shards_cover_everything_once():
     for n in [0, 1, 7, 15, 16, 17, 30, 88, 129, 1000]:
         todo = list(range(100, 100 + 3 * n, 3))
         for world in range(1, 6):
-            mine = [segments(todo, Layout(r, world)) for r in range(world)]
+            mine = [segments(todo, Placement(r, world)) for r in range(world)]
             assert sorted(t for segs in mine for seg in segs for t in seg) == todo
             for segs in mine:
                 assert len(segs) <= BLOCKS_PER_RANK
@@ -154,17 +154,17 @@ def test_blocks_and_shards_cover_everything_once():
                     assert len(seg) >= min(MIN_BLOCK_STEPS, n // world)
             sizes = [sum(map(len, segs)) for segs in mine]
             assert max(sizes) - min(sizes) <= BLOCKS_PER_RANK, "blocks differ by at most one step"
-            assert segments(todo, Layout(0, world, data_parallel=True)) == ([todo] if todo else [])
-    rank_1 = segments(list(range(88)), Layout(1, 2))
+            assert segments(todo, Placement(0, world, data_parallel=True)) == ([todo] if todo else [])
+    rank_1 = segments(list(range(88)), Placement(1, 2))
     assert [seg[0] for seg in rank_1] == [9, 27, 45, 63, 80], "10 blocks of 8-9 steps, dealt in turn"
     batches = [(0, 256, 0), (256, 300, 0), (300, 556, 1), (556, 700, 2)]
     for world in (2, 3, 7):
-        cut = [shard_batches(batches, Layout(r, world, data_parallel=True), False) for r in range(world)]
+        cut = [shard_batches(batches, Placement(r, world, data_parallel=True), False) for r in range(world)]
         covered = sorted((a, b) for part in cut for a, b, _ in part)
         assert sum(b - a for a, b in covered) == 700 and all(a < b for a, b in covered)
         assert all(x[1] <= y[0] for x, y in zip(covered, covered[1:], strict=False)), "shards overlap"
         assert max(sum(b - a for a, b, _ in p) for p in cut) - min(sum(b - a for a, b, _ in p) for p in cut) <= 1
-        whole = [shard_batches(batches, Layout(r, world, data_parallel=True), True) for r in range(world)]
+        whole = [shard_batches(batches, Placement(r, world, data_parallel=True), True) for r in range(world)]
         assert sorted(sum(whole, [])) == batches, "batch-norm batches must stay whole"
 
 
@@ -173,20 +173,20 @@ def test_resume_with_another_process_layout_is_refused(tmp_path):
     out.mkdir()
     totals = {"n_steps": torch.zeros(1, dtype=torch.int64)}
     for r in (0, 1):
-        Checkpoint(out, config, Layout(r, 2)).save(7, totals, 3)
-    assert Checkpoint(out, config, Layout(1, 2)).next_step == 7, "the same layout resumes"
+        Checkpoint(out, config, Placement(r, 2)).save(7, totals, 3)
+    assert Checkpoint(out, config, Placement(1, 2)).next_step == 7, "the same place resumes"
     with pytest.raises(ReplayError, match=r"unfinished compute started by 2 processes in steps mode .* same proc"):
-        Checkpoint(out, config, Layout())  # one process
+        Checkpoint(out, config, Placement())  # one process
     with pytest.raises(ReplayError, match="started by 2 processes in steps mode"):
-        Checkpoint(out, config, Layout(0, 3))  # blocks of 3 are other steps than blocks of 2
+        Checkpoint(out, config, Placement(0, 3))  # blocks of 3 are other steps than blocks of 2
     with pytest.raises(ReplayError, match="started by 2 processes in steps mode"):
-        Checkpoint(out, config, Layout(0, 2, data_parallel=True))  # slices of parameters, not blocks of steps
+        Checkpoint(out, config, Placement(0, 2, data_parallel=True))  # slices of parameters, not blocks of steps
     one = tmp_path / "one"
     one.mkdir()
-    Checkpoint(one, config, Layout()).save(5, totals, 2)
-    assert Checkpoint(one, config, Layout()).next_step == 5
+    Checkpoint(one, config, Placement()).save(5, totals, 2)
+    assert Checkpoint(one, config, Placement()).next_step == 5
     with pytest.raises(ReplayError, match="started by one process"):
-        Checkpoint(one, config, Layout(0, 2))
+        Checkpoint(one, config, Placement(0, 2))
 
 
 def test_torchrun_resumes_after_a_rank_dies(ddp_run, tmp_path):
@@ -204,7 +204,7 @@ def test_torchrun_resumes_after_a_rank_dies(ddp_run, tmp_path):
     assert p.returncode != 0 and "rank 1 dies here" in p.stderr
     left = json.loads((out / "progress-r001.json").read_text())
     # rank 1's blocks are steps 10..19 and 30..39 (4 blocks of 10, dealt in turn)
-    assert [seg[0] for seg in segments(list(range(40)), Layout(1, 2))] == [10, 30]
+    assert [seg[0] for seg in segments(list(range(40)), Placement(1, 2))] == [10, 30]
     assert 30 < left["next_step"] < 40, "rank 1 did its first block and flushed part of its second before dying"
     assert not (out / "meta.json").exists()
     torchrun(str(TESTS / "dist_compute.py"), str(tmp_path / "jobs.json"))
@@ -266,6 +266,6 @@ def test_a_rank_that_lists_the_out_dir_before_another_writes_its_progress(tmp_pa
     from replay.engine.checkpoint import Checkpoint, _finished
 
     out, config = tmp_path / "lca", {"losses": ["train"]}
-    Checkpoint(out, config, Layout(0, 2))  # rank 0: writes progress-r000.json before its first flush
+    Checkpoint(out, config, Placement(0, 2))  # rank 0: writes progress-r000.json before its first flush
     assert _finished(out, config, []) is False  # rank 1's earlier listing saw no progress file
-    assert Checkpoint(out, config, Layout(1, 2)).next_step is None
+    assert Checkpoint(out, config, Placement(1, 2)).next_step is None

@@ -3,7 +3,7 @@
 In the lca dir, per process (tag '' alone, '-r001' under torchrun): progress{tag}.json (the
 settings, the next step, the parquet parts written so far, evaluations done) and
 totals{tag}-{next}.safetensors (the per-parameter totals so far). A resume must use the
-same process layout: its blocks of steps, or slices of parameters, belong to it.
+same placement of processes: its blocks of steps, or slices of parameters, belong to it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from replay.engine.parallel import Layout
+from replay.engine.parallel import Placement
 from replay.errors import ReplayError
 from replay.store.atomic import is_tmp, write_atomic
 
@@ -23,8 +23,8 @@ from replay.store.atomic import is_tmp, write_atomic
 class Checkpoint:
     """Reads the resume state of this process at start (or finds the compute complete), and saves it."""
 
-    def __init__(self, out: Path, config: dict, layout: Layout):
-        self.out, self.config, self.layout, self.tag = out, config, layout, layout.tag
+    def __init__(self, out: Path, config: dict, place: Placement):
+        self.out, self.config, self.place, self.tag = out, config, place, place.tag
         self.parts: list[str] = []
         self.next_step: int | None = None
         self.seq = self.evals = 0
@@ -45,7 +45,7 @@ class Checkpoint:
                 self.parts, self.next_step, self.seq, self.evals = p["parts"], p["next_step"], p["seq"], p["evals"]
                 self.totals = load_file(out / p["totals"])
         out.mkdir(parents=True, exist_ok=True)
-        if layout.writes_steps:
+        if place.writes_steps:
             keep = set(self.parts)
             for f in (self.own_files("steps/part", ".parquet") + self.own_files("tensors/part", ".parquet")
                       + self.own_files("examples/part", ".parquet") + self.own_files("example_steps/part", ".parquet")
@@ -56,9 +56,9 @@ class Checkpoint:
             self._write_progress(None, None, 0)
 
     def _check_layout(self, found: list[Path]) -> None:
-        """Unfinished files of another layout: its blocks of steps or parameter slices are not ours."""
-        key = [self.layout.mode, self.layout.world]
-        expected = {f"progress{t}.json" for t in self.layout.tags()}
+        """Unfinished files of another placement: its blocks of steps or parameter slices are not ours."""
+        key = [self.place.mode, self.place.world]
+        expected = {f"progress{t}.json" for t in self.place.tags()}
         theirs = [json.loads(f.read_text()).get("layout") for f in found]
         if all(f.name in expected for f in found) and all(k == key for k in theirs):
             return
@@ -84,7 +84,7 @@ class Checkpoint:
 
     def _write_progress(self, next_step: int | None, totals: str | None, evals: int) -> None:
         prog = {"config": self.config, "parts": self.parts, "next_step": next_step, "seq": self.seq, "totals": totals,
-                "evals": evals, "layout": [self.layout.mode, self.layout.world]}
+                "evals": evals, "layout": [self.place.mode, self.place.world]}
         write_atomic(self.out / f"progress{self.tag}.json", json.dumps(prog).encode())
 
     def remove(self) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from replay.engine.parallel import Layout, all_reduce, param_pieces, reduce_scatter, shard_batches
+from replay.engine.parallel import Placement, param_pieces, reduce_scatter, shard_batches
 from replay.errors import ReplayError, TaskError
 from replay.task import Examples, Task, user_error
 from replay.wrappers import unwrap_model
@@ -39,15 +39,15 @@ class _DataPlan:
 class LossEvaluator:
     """Evaluates `loss_names` (float64) and their gradients (model dtype, flat over `param_names`).
 
-    With a data-parallel `layout`, this process evaluates only its shard of each data set's
+    With a data-parallel `place`, this process evaluates only its shard of each data set's
     examples; the loss sums are all-reduced and the gradients reduce-scattered, so it returns
     every loss and the whole gradients of its own columns `own` of the flat parameter vector
     (padded to `padded` = world × slice, so that every rank's slice has one size).
     """
 
     def __init__(self, task: Task, param_names: list[str], datasets: list[str], per_class: list[str],
-                 device: torch.device, layout: Layout | None = None):
-        self.task, self.device, self.layout = task, device, layout or Layout()
+                 device: torch.device, place: Placement | None = None):
+        self.task, self.device, self.place = task, device, place or Placement()
         self.model = task.model.to(device)
         # batch statistics make a batch's composition part of the loss: batches are never regrouped
         # by class, and data shards keep them whole
@@ -60,9 +60,9 @@ class LossEvaluator:
         self.loss_sizes: list[int] = []
         self.plans = [self._plan(d, d in per_class) for d in datasets]
         self.n_examples = torch.tensor(self.loss_sizes, dtype=torch.float64, device=device)
-        P, N = sum(self.numels), self.layout.world if self.layout.shards_data else 1
+        P, N = sum(self.numels), self.place.world if self.place.shards_data else 1
         S = -(-P // N)
-        r = self.layout.rank if N > 1 else 0
+        r = self.place.rank if N > 1 else 0
         self.own, self.padded = (r * S, (r + 1) * S), N * S
         self._pieces = param_pieces(self.numels, S)
         self.inv_sizes = [1.0 / n for n in self.loss_sizes]
@@ -77,6 +77,7 @@ class LossEvaluator:
         # rank slice, not one per parameter. Mixed parameter dtypes keep per-parameter gradients.
         uniform = len({(p.dtype, p.device) for p in self.params}) == 1
         self._flat = torch.zeros(P, dtype=self.grad_dtype, device=device) if uniform else None
+        self._views: list[torch.Tensor] | None = None  # the p.grad views of _flat during an evaluation
         self._flat_pieces = [(r, 0, min(P, (r + 1) * S) - r * S, r * S, min(P, (r + 1) * S))
                              for r in range(N) if r * S < P]
         _set_deterministic_mode(self.model, task.batchnorm)
@@ -123,7 +124,7 @@ class LossEvaluator:
             batches = []
             for a, b in zip([0] + bounds, bounds + [n], strict=True):
                 batches += [(s, min(s + bs, b), int(cell_of[a])) for s in range(a, b, bs)]
-        batches = shard_batches(batches, self.layout, self._batch_stats)
+        batches = shard_batches(batches, self.place, self._batch_stats)
         lo = batches[0][0] if batches else 0  # data mode: only this rank's examples go to the device
         hi = batches[-1][1] if batches else 0
         mixed = {a - lo: [(c, i.to(self.device)) for c, i in segs] for a, segs in mixed.items() if lo <= a < hi}
@@ -160,9 +161,10 @@ class LossEvaluator:
                 self._sorted_pass(plan, sums, target, blocks)
         for p in self.params:  # the views must not outlive the evaluation (a later one re-binds them)
             p.grad = None
+        self._views = None
         if self._send is not None:  # each rank holds its shard's share of every sum
             if not partial:
-                all_reduce(sums)
+                self.place.sum_shards(sums)
             reduce_scatter(grads, self._send)
         return sums / self.n_examples, grads
 
@@ -183,22 +185,30 @@ class LossEvaluator:
         return per_example
 
     def _start_cell(self) -> None:
-        """Zero the gradients a cell accumulates: the flat buffer's views, or per-parameter ones."""
+        """Zero the gradients a cell accumulates: the flat buffer (its views are p.grad), or per-parameter ones."""
         if self._flat is None:
             for p in self.params:
                 p.grad = None
             return
         self._flat.zero_()
-        for p, v in zip(self.params, self._flat.split(self.numels), strict=True):
-            p.grad = v.view(p.shape)  # re-bound every cell: user code may have replaced it
+        if self._views is None:  # bound once per evaluation; a cell's end checks they still are
+            self._views = [v.view(p.shape) for p, v in zip(self.params, self._flat.split(self.numels), strict=True)]
+            for p, v in zip(self.params, self._views, strict=True):
+                p.grad = v
 
     def _add_grads(self, target: torch.Tensor, blocks: list, cell_losses: list[int]) -> None:
         """Add one cell's gradient sums (accumulated since _start_cell) to every loss it belongs to, as a mean."""
-        for li in cell_losses:
-            if self._flat is not None:
+        if self._flat is not None:
+            for p, v in zip(self.params, self._views, strict=True):
+                if p.grad is not v:  # user code replaced p.grad during the cell: take what it holds too
+                    if p.grad is not None:
+                        v.add_(p.grad.reshape(v.shape))
+                    p.grad = v
+            for li in cell_losses:
                 for r, a, b, fa, fb in self._flat_pieces:
                     target[r, li, a:b].add_(self._flat[fa:fb], alpha=self.inv_sizes[li])
-                continue
+            return
+        for li in cell_losses:
             for views, p in zip(blocks, self.params, strict=True):
                 if p.grad is not None:
                     g = p.grad.reshape(-1)

@@ -35,8 +35,12 @@ from replay.errors import ReplayError
 
 
 @dataclass(frozen=True)
-class Layout:
-    """This process's place: rank of world, the mode, and whether we own the process group."""
+class Placement:
+    """This process's place among the others: rank of world, the mode, whether we own the process group.
+
+    Its methods are the only collectives the engine uses; each names the mode it serves and
+    does nothing in any other (in particular, nothing at all in one process).
+    """
 
     rank: int = 0
     world: int = 1
@@ -62,12 +66,42 @@ class Layout:
         return f"-r{self.rank:03d}" if self.world > 1 else ""
 
     def tags(self) -> list[str]:
-        """The file suffixes of every rank of this layout."""
+        """The file suffixes of every rank of this placement."""
         return [f"-r{r:03d}" for r in range(self.world)] if self.world > 1 else [""]
 
     @property
     def mode(self) -> str:
         return "steps" if self.shards_steps else "data" if self.shards_data else "none"
+
+    def sum_shards(self, *tensors: torch.Tensor) -> None:
+        """Data mode: sum each rank's share (of its shard of the data, or its slice's sums) in place, on every rank."""
+        if self.shards_data:
+            for t in tensors:
+                dist.all_reduce(t)
+
+    def sum_shards_onto_first(self, *tensors: torch.Tensor) -> None:
+        """Data mode: sum onto rank 0, in place (other ranks' values become undefined)."""
+        if self.shards_data:
+            for t in tensors:
+                dist.reduce(t, 0)
+
+    def sum_blocks_onto_first(self, *tensors: torch.Tensor) -> None:
+        """Steps mode: sum every rank's totals over its blocks of steps onto rank 0, in place."""
+        if self.shards_steps:
+            for t in tensors:
+                dist.reduce(t, 0)
+
+    def columns_on_first(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Data mode: every rank's column slice of x, side by side, on rank 0 (None elsewhere); else x."""
+        if not self.shards_data:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world)] if self.rank == 0 else None
+        dist.gather(x, parts, 0)
+        return torch.cat(parts, 1) if parts is not None else None
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
 
 
 def parse_device(device: str) -> torch.device:
@@ -85,7 +119,7 @@ def parse_device(device: str) -> torch.device:
     return dev
 
 
-def join(device: str, data_parallel: bool) -> tuple[Layout, torch.device]:
+def join(device: str, data_parallel: bool) -> tuple[Placement, torch.device]:
     """Join the caller's process group, or torchrun's (from its environment); pick this rank's device.
 
     `cuda` without an index becomes `cuda:LOCAL_RANK`, one GPU per process; an explicit index
@@ -94,7 +128,7 @@ def join(device: str, data_parallel: bool) -> tuple[Layout, torch.device]:
     dev = parse_device(device)
     joined = dist.is_available() and dist.is_initialized()
     if not joined and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Layout(data_parallel=data_parallel), dev
+        return Placement(data_parallel=data_parallel), dev
     if not dist.is_available():
         raise ReplayError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
     if dev.type == "cuda":
@@ -111,12 +145,12 @@ def join(device: str, data_parallel: bool) -> tuple[Layout, torch.device]:
     if dist.get_backend() == "nccl" and dev.type != "cuda":
         raise ReplayError(f"--device {device} under an nccl process group: nccl reduces CUDA tensors only; "
                           f"use --device cuda, or a gloo group for the CPU")
-    return Layout(dist.get_rank(), dist.get_world_size(), data_parallel, owns_group=not joined), dev
+    return Placement(dist.get_rank(), dist.get_world_size(), data_parallel, owns_group=not joined), dev
 
 
-def leave(layout: Layout) -> None:
+def leave(place: Placement) -> None:
     """Destroy the process group if `join` created it."""
-    if layout.owns_group and dist.is_initialized():
+    if place.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -124,19 +158,19 @@ BLOCKS_PER_RANK = 8
 MIN_BLOCK_STEPS = 8
 
 
-def segments(todo: list[int], layout: Layout) -> list[list[int]]:
+def segments(todo: list[int], place: Placement) -> list[list[int]]:
     """This rank's steps as contiguous segments (each replayed from its first state)."""
-    if not layout.shards_steps:
+    if not place.shards_steps:
         return [todo] if todo else []
-    per_rank = max(1, min(BLOCKS_PER_RANK, len(todo) // (layout.world * MIN_BLOCK_STEPS)))
-    n_blocks = layout.world * per_rank
+    per_rank = max(1, min(BLOCKS_PER_RANK, len(todo) // (place.world * MIN_BLOCK_STEPS)))
+    n_blocks = place.world * per_rank
     q, r = divmod(len(todo), n_blocks)
     bounds = [i * q + min(i, r) for i in range(n_blocks + 1)]  # sizes differ by at most one
-    return [todo[bounds[i]:bounds[i + 1]] for i in range(layout.rank, n_blocks, layout.world)
+    return [todo[bounds[i]:bounds[i + 1]] for i in range(place.rank, n_blocks, place.world)
             if bounds[i] < bounds[i + 1]]
 
 
-def shard_batches(batches: list[tuple[int, int, int]], layout: Layout,
+def shard_batches(batches: list[tuple[int, int, int]], place: Placement,
                   keep_whole: bool) -> list[tuple[int, int, int]]:
     """This rank's share of a data set's evaluation batches (start, stop, cell) in data mode.
 
@@ -144,10 +178,10 @@ def shard_batches(batches: list[tuple[int, int, int]], layout: Layout,
     (batch-norm with batch statistics: a batch's composition is part of the loss) instead
     gives each batch whole to the rank whose range holds its first example.
     """
-    if not layout.shards_data or not batches:
+    if not place.shards_data or not batches:
         return batches
     n = batches[-1][1]
-    lo, hi = n * layout.rank // layout.world, n * (layout.rank + 1) // layout.world
+    lo, hi = n * place.rank // place.world, n * (place.rank + 1) // place.world
     if keep_whole:
         return [b for b in batches if lo <= b[0] < hi]
     return [(max(a, lo), min(b, hi), c) for a, b, c in batches if a < hi and b > lo]
@@ -188,12 +222,6 @@ def slice_cuts(sizes: list[int], lo: int, hi: int, device: torch.device) -> tupl
     return cuts, torch.tensor(ids, device=device)
 
 
-def all_reduce(*tensors: torch.Tensor) -> None:
-    """Sum in place over ranks (data mode: each rank holds its shard's share)."""
-    for t in tensors:
-        dist.all_reduce(t)
-
-
 def reduce_scatter(out: torch.Tensor, chunks: torch.Tensor) -> None:
     """out = Σ over ranks of chunks[rank]; `chunks` is [world, *out.shape], contiguous (and overwritten)."""
     if dist.get_backend() == "gloo":
@@ -204,23 +232,3 @@ def reduce_scatter(out: torch.Tensor, chunks: torch.Tensor) -> None:
         return
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.14
     fn(out.view(-1), chunks.view(-1))
-
-
-def gather_columns(x: torch.Tensor, layout: Layout) -> torch.Tensor | None:
-    """Data mode: every rank's column slice of x, side by side, on rank 0 (None elsewhere)."""
-    if not layout.shards_data:
-        return x
-    parts = [torch.empty_like(x) for _ in range(layout.world)] if layout.rank == 0 else None
-    dist.gather(x, parts, 0)
-    return torch.cat(parts, 1) if parts is not None else None
-
-
-def reduce_to_first(*tensors: torch.Tensor) -> None:
-    """Sum onto rank 0, in place (other ranks' values become undefined)."""
-    for t in tensors:
-        dist.reduce(t, 0)
-
-
-def barrier(layout: Layout) -> None:
-    if layout.world > 1:
-        dist.barrier()
