@@ -43,6 +43,71 @@ def test_simpson_pure_functions():
     assert is_grounded(torch.tensor([-2e-4]), torch.tensor([1.0]), 1e-4, 1e-3).tolist() == [True]
 
 
+def composite_simpson(f, n):
+    """The textbook rule, independently: h/3·(f0 + 4f1 + 2f2 + … + 4f(n−1) + fn) on the grid k/n."""
+    w = np.array([1.0] + [4.0 if k % 2 else 2.0 for k in range(1, n)] + [1.0])
+    return sum(wk * f(k / n) for k, wk in enumerate(w)) / (3.0 * n)
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_simpson_levels_per_parameter_against_the_analytic_integral(n):
+    """L(θ) = Σ_j cos(θ_j): parameter j's exact share of a step is cos(θ_j + Δ_j) − cos(θ_j). The levels reached
+    by `refine` equal the textbook composite rule per parameter, and are within its error bound of the exact share,
+    |Δ_j|⁵ / (180 n⁴), which they approach at n⁻⁴."""
+    from replay.engine.simpson import Level, allocation, refine
+
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(2, 50, generator=g, dtype=torch.float64)  # [losses, params]: two "losses" of one θ
+    delta = torch.randn(50, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, 50, dtype=torch.float64)
+    grad = lambda s: -torch.sin(theta + s * delta)  # noqa: E731 - ∂L/∂θ along the step
+    points_seen = []
+
+    def evaluate(points):
+        points_seen.append(points)
+        return sum(grad(s) for s in points)
+
+    level = Level(2, grad(0.0), grad(1.0), grad(0.5))
+    while level.n < n:
+        level = refine(level, evaluate)
+    assert level.n == n and points_seen[-1] == [(2 * j + 1) / n for j in range(n // 2)], "only the new odd points"
+    lca = allocation(level, delta)
+    textbook = composite_simpson(lambda s: delta * grad(s), n)
+    torch.testing.assert_close(lca, textbook, rtol=1e-13, atol=1e-14)
+    exact = torch.cos(theta + delta) - torch.cos(theta)
+    err = (lca - exact).abs()
+    assert (err <= delta.abs() ** 5 / (180 * n**4) + 1e-15).all()
+    coarse = allocation(Level(2, grad(0.0), grad(1.0), grad(0.5)), delta)
+    big = delta.abs() > 2  # where the error is far above rounding: it shrinks like n⁻⁴
+    ratio = ((coarse - exact).abs()[:, big] / err[:, big]).median()
+    assert 0.3 * (n / 2) ** 4 < ratio < 3 * (n / 2) ** 4
+    # rows: the same numbers for a subset of the losses
+    torch.testing.assert_close(allocation(level, delta, rows=torch.tensor([1])), lca[1:], rtol=0, atol=0)
+
+
+def test_refined_steps_are_the_composite_rule_per_parameter(tmp_path):
+    """Through compute(): a cosine loss refined to n sub-intervals; each parameter's dense LCA is the textbook
+    composite Simpson rule at that step's n, evaluated here from autograd gradients of the loss itself."""
+    run = record_poly(tmp_path / "run", steps=3, scale=0.5)
+    x, y = tasks.poly_data()
+    loss_fn = lambda o, y: torch.cos(3 * (o - y)).sum(1)  # noqa: E731
+    task = replay.Task(tasks.Scale(), {"train": (x, y)}, loss_fn=loss_fn)
+    fr = replay.compute(run, task=task, tol=1e-7, max_splits=8, dense=True, out=tmp_path / "lca")
+    steps = fr.steps.sort("step").collect()
+    assert set(steps["splits"].to_list()) <= {4, 8} and (steps["splits"] > 2).all()
+    dense = {}
+    for f in sorted((tmp_path / "lca" / "dense").glob("*.safetensors")):
+        dense.update(load_file(f))
+
+    def grad(w):
+        w = w.clone().requires_grad_(True)
+        return torch.autograd.grad(loss_fn(x * w, y).mean(), w)[0]
+
+    for t, n in enumerate(steps["splits"].to_list()):
+        w0, w1 = (torch.cat([run.state(s)["w"], run.state(s)["b"]]) for s in (t, t + 1))
+        expected = composite_simpson(lambda s: (w1 - w0) * grad(w0 + s * (w1 - w0)), n)  # noqa: B023
+        torch.testing.assert_close(dense[str(t)][0], expected, rtol=1e-9, atol=1e-12)  # flat order: w, then b
+
+
 def test_quartic_loss_matches_analytic_allocation_per_step(tmp_path):
     run = record_poly(tmp_path / "run")
     fr = replay.compute(run, dense=True, out=tmp_path / "lca")
