@@ -9,7 +9,7 @@ from safetensors import safe_open
 from torch import nn
 
 import replay
-from replay.errors import RecordError
+from replay.errors import RecordError, ReplayWarning
 
 # small chunks so every test crosses chunk boundaries (a 8-16-3 MLP state is ~0.8 KiB)
 SMALL = {"chunk_bytes": 3000}
@@ -224,3 +224,25 @@ def test_parameter_set_change_is_an_error_and_keeps_data(tmp_path, recorder_mode
         rec.close()
     run = replay.open_run(tmp_path / "run")
     assert run.steps[:4] == [0, 1, 2, 3] and run.verify() == []
+
+
+def test_a_recorder_slower_than_training_says_so_once(tmp_path, monkeypatch):
+    """A disk that takes states slower than training makes them: one warning line with the rates and the remedy."""
+    import time as _time
+
+    import replay.record
+
+    real = replay.record.write_chunk
+
+    def slow_disk(*args, **kwargs):
+        _time.sleep(0.02)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(replay.record, "write_chunk", slow_disk)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(ReplayWarning, match=r"recording slows training: states arrive at .* MiB/s and the "
+                                                  r"disk takes .* record every=\d+ to stop") as said:
+        train_recording(model, opt, {"chunk_bytes": 1000, "queue_size": 1}, tmp_path / "run", steps=120)
+    assert sum("slows training" in str(w.message) for w in said) == 1, "once"
+    assert replay.open_run(tmp_path / "run").steps == list(range(121)), "slowed, never dropped"

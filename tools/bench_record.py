@@ -3,13 +3,14 @@
 Rounds interleave the modes so that machine noise hits all alike; the median of per-round
 ratios is printed:
   plain     no recording
-  clone     a bare per-step copy of the parameters on the training thread (the floor of any
-            recorder that copies on that thread)
+  clone     a bare copy of the parameters on the training thread every `every` steps (the floor of
+            any recorder that copies on that thread; to host memory, from a GPU)
   recorder  replay.Recorder with the optimizer (deferred copy, sealed at the next step)
 Then a breakdown: the cost per state of each piece of the background work (copy, XOR,
 zero test, checksum, write), against the time of one training step.
 
-    python tools/bench_record.py [--model mlp512|mlp784] [--batch 64] [--threads 1] [--steps 300]
+    python tools/bench_record.py [--model mlp512|mlp784|mlp4k] [--device cuda] [--every k] [--batch 64]
+                                 [--threads 1] [--steps 300]
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from torch import nn
 
 import replay
 
-MODELS = {"mlp512": (64, 512, 512, 10), "mlp784": (784, 512, 384, 10)}
+MODELS = {"mlp512": (64, 512, 512, 10), "mlp784": (784, 512, 384, 10),
+          "mlp4k": (1024, 4096, 4096, 10)}  # 21M parameters: a GPU-sized step
 
 
 def make(name: str, device: str):
@@ -57,7 +59,7 @@ def train(mode: str, model_name: str, steps: int, batch: int, device: str, out: 
         opt.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(xs[i % 16]), ys[i % 16]).backward()
         opt.step()
-        if mode == "clone":
+        if mode == "clone" and i % every == 0:
             with torch.no_grad():
                 for c, p in zip(copies, params, strict=True):
                     c.copy_(p)
