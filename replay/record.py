@@ -56,6 +56,7 @@ from replay.store.atomic import fsync_path
 from replay.store.batches import write_batches
 from replay.store.chunk import MAX_CHUNK_STATES, ChunkBuilder, write_chunk
 from replay.store.claim import claim
+from replay.store.compress import compress, zstd
 from replay.store.layout import StateLayout, spec_of
 from replay.store.manifest import MANIFEST, Manifest
 from replay.store.run import LOCK
@@ -141,6 +142,8 @@ class Recorder:
     stored. A crash loses at most `flush_secs` of recording. Use as a context manager or call
     `close()`. A DistributedDataParallel or torch.compile'd model is recorded under the plain
     model's names; under DDP by process `rank` only (`recording` says which one this is).
+    `compress=True` stores chunks zstd-compressed (needs zstandard; see `store.compress` for
+    what it saves: 1.6x for float32, ~4x for bfloat16), at one core's work per ~470 MB/s of states.
     """
 
     def __init__(
@@ -157,6 +160,7 @@ class Recorder:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         queue_size: int = 4,
         rank: int = 0,
+        compress: bool = False,
     ):
         _check_arguments(model, every, task, chunk_bytes, queue_size, flush_secs)
         model = unwrap_model(model)
@@ -165,6 +169,9 @@ class Recorder:
         self._unpatch: Callable[[], object] = lambda: None
         self.path, self.model, self.every, self.step = Path(path), model, every, 0
         self.flush_secs = float(flush_secs)
+        if compress:
+            zstd()  # one line now, not a failure in the background later
+        self._compress = bool(compress)
         self._closed, self._hooks = False, []
         self._error: BaseException | None = None
         self._pending: _Pending | None = None
@@ -546,25 +553,33 @@ class Recorder:
             if item is _STOP:
                 break
             chunk, sync = item
-            try:
-                t0 = time.perf_counter()
-                paths = [write_chunk(self.path, self.layout, chunk.steps, chunk.stored, chunk.data,
-                                     self._manifest.run_id, sync=sync)]
-                self._pacer.wrote(chunk.data.nbytes, time.perf_counter() - t0)
-                paths += self._write_batches(chunk.steps[-1], sync)
-                if sync:
-                    sync_all()
-                else:
-                    unsynced += [(time.monotonic(), p) for p in paths]
-            except OSError as e:
-                raise _write_failed(self.path, chunk.steps, self.chunks_written, e) from None
-            self.chunks_written += 1
-            self._free_chunks.put(chunk.buf)
+            paths = self._write(chunk, sync)
+            if sync:
+                sync_all()
+            else:
+                unsynced += [(time.monotonic(), p) for p in paths]
         try:
             self._write_batches(None, True)  # close: the batches of updates whose end state was not recorded too
         except OSError as e:
             raise _write_failed(self.path, [self.step, self.step], self.chunks_written, e) from None
         sync_all()
+
+    def _write(self, chunk: ChunkBuilder, sync: bool) -> list[Path]:
+        """Write a chunk (compressed, if asked) and the batches logged up to its last state; free its buffer."""
+        try:
+            t0, nbytes, data = time.perf_counter(), chunk.data.nbytes, chunk.data
+            if self._compress:
+                data = compress(chunk.data, self.layout)
+            paths = [write_chunk(self.path, self.layout, chunk.steps, chunk.stored, data,
+                                 self._manifest.run_id, sync=sync, compressed=self._compress)]
+            self._pacer.wrote(nbytes, time.perf_counter() - t0)
+            paths += self._write_batches(chunk.steps[-1], sync)
+        except OSError as e:
+            raise _write_failed(self.path, chunk.steps, self.chunks_written, e) from None
+        finally:
+            self._free_chunks.put(chunk.buf)
+        self.chunks_written += 1
+        return paths
 
     def _write_batches(self, last_state: int | None, sync: bool) -> list[Path]:
         """Write the logged batches of the updates that end at or before `last_state` (all, if None)."""

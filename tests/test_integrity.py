@@ -22,13 +22,13 @@ from replay.store.manifest import Manifest
 TESTS = Path(__file__).parent
 
 
-def tiny_run(path, steps=3, seed=0):
+def tiny_run(path, steps=3, seed=0, **rec_kwargs):
     """A 2-tensor model, every state in one chunk: small enough to flip every header bit."""
     torch.manual_seed(seed)
     model = nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ref = {0: params_of(model)}
-    with replay.Recorder(model, path, optimizer=opt):
+    with replay.Recorder(model, path, optimizer=opt, **rec_kwargs):
         for i in range(steps):
             opt.zero_grad()
             model(torch.randn(4, 3)).square().mean().backward()
@@ -45,6 +45,31 @@ def test_every_single_bit_flip_of_a_chunk_header_is_detected(tmp_path):
     assert counts["detected"] == sum(counts.values()), f"every header byte is under the checksum: {counts}"
     data = sweep(tmp_path / "run", chunk, ref, header_length(chunk))  # and the tensor data
     assert set(data) == {"detected"}, data
+
+
+def test_every_single_bit_flip_of_a_compressed_chunk_is_detected(tmp_path):
+    pytest.importorskip("zstandard")
+    ref = tiny_run(tmp_path / "run", compress=True)
+    chunk = replay.open_run(tmp_path / "run").chunks[0]
+    chunk.verify()
+    assert chunk.zlen is not None, "compressed"
+    counts = sweep(tmp_path / "run", chunk.path, ref)  # header and compressed data alike
+    assert set(counts) == {"detected"}, counts
+
+
+def test_a_compressed_chunk_that_does_not_decompress_is_named(tmp_path):
+    """A hostile chunk whose checksum was recomputed over garbage data: detected at decoding, one line."""
+    pytest.importorskip("zstandard")
+    from replay.store.chunk import write_chunk
+
+    tiny_run(tmp_path / "run", compress=True)
+    run = replay.open_run(tmp_path / "run")
+    c = run.chunks[0]
+    c.verify()
+    write_chunk(tmp_path / "run", run.layout, c.steps, c.stored, b"\x28\xb5\x2f\xfd" + bytes(40), run.manifest.run_id,
+                compressed=True)
+    with pytest.raises(ChunkDamaged, match=r"chunk-.*does not decompress to its states.*replay verify"):
+        dict(replay.open_run(tmp_path / "run").states())
 
 
 def test_every_single_bit_flip_of_the_manifest_is_detected(tmp_path):

@@ -45,11 +45,12 @@ def make(name: str, device: str):
     return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
 
-def train(mode: str, model_name: str, steps: int, batch: int, device: str, out: Path, every: int = 1) -> float:
+def train(mode: str, model_name: str, steps: int, batch: int, device: str, out: Path, every: int = 1,
+          compress: bool = False) -> float:
     model, opt = make(model_name, device)
     xs = torch.randn(16, batch, MODELS[model_name][0], device=device)
     ys = torch.randint(0, 10, (16, batch), device=device)
-    rec = replay.Recorder(model, out, optimizer=opt, every=every) if mode == "recorder" else None
+    rec = replay.Recorder(model, out, optimizer=opt, every=every, compress=compress) if mode == "recorder" else None
     params = [p for p in model.parameters()]
     copies = [torch.empty_like(p, device="cpu") for p in params]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -113,6 +114,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--every", type=int, default=1, help="Recorder(every=k)")
+    ap.add_argument("--compress", action="store_true", help="Recorder(compress=True)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -128,7 +130,7 @@ def main() -> None:
         for r in range(a.rounds):
             secs = {}
             for m in modes if r % 2 == 0 else modes[::-1]:
-                secs[m] = train(m, a.model, a.steps, a.batch, a.device, tmp / f"{m}{r}", a.every)
+                secs[m] = train(m, a.model, a.steps, a.batch, a.device, tmp / f"{m}{r}", a.every, a.compress)
             for m in modes[1:]:
                 ratios[m].append(secs[m] / secs["plain"])
             plain_times.append(secs["plain"])
@@ -137,6 +139,7 @@ def main() -> None:
         n = sum(p.numel() for p in model.parameters())
         info = replay.open_run(tmp / "recorder0").info()
         print(f"\nmodel {a.model} {MODELS[a.model]}, {n:,} params, batch {a.batch}, every {a.every}, "
+              f"{'compressed, ' if a.compress else ''}"
               f"device {a.device}, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} cores")
         for m in modes[1:]:
             print(f"slowdown ({m}): {statistics.median(ratios[m]):.3f}x "

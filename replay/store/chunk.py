@@ -54,10 +54,15 @@ def pad_key(t: int, version: int) -> str:
 
 
 def chunk_header(layout: StateLayout, steps: list[int], stored: list[int], run_id: str, crc: str,
-                 version: int = 2) -> bytes:
-    """The exact header bytes (8-byte length prefix + JSON) of a chunk: the writer's and the verifier's."""
+                 version: int = 2, zlen: int | None = None) -> bytes:
+    """The exact header bytes (8-byte length prefix + JSON) of a chunk: the writer's and the verifier's.
+
+    `zlen`: a compressed chunk, whose data is one U8 tensor `z` of zlen bytes (see store.compress).
+    """
     header: dict = {}
-    for i, t in enumerate(stored):
+    if zlen is not None:
+        header["z"] = {"dtype": "U8", "shape": [zlen], "data_offsets": [0, zlen]}
+    for i, t in enumerate(stored if zlen is None else []):
         base = i * layout.nbytes
         for s in layout.packed:
             o = base + layout.offsets[s.name]
@@ -66,7 +71,7 @@ def chunk_header(layout: StateLayout, steps: list[int], stored: list[int], run_i
         if layout.pad:
             o = base + layout.data_bytes
             header[pad_key(t, version)] = {"dtype": "U8", "shape": [layout.pad], "data_offsets": [o, o + layout.pad]}
-    meta = {"format": CHUNK_FORMAT[version], "encoding": "xor"}
+    meta = {"format": CHUNK_FORMAT[version], "encoding": "xor" if zlen is None else "xor-planes-zstd"}
     if version >= 2:
         meta["run"] = run_id
     # the checksum last: see _CRC_FIELD (format 1: CRC-32 of the data only; 2: xxHash3 of every other byte)
@@ -77,16 +82,18 @@ def chunk_header(layout: StateLayout, steps: list[int], stored: list[int], run_i
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_chunk(run_dir: Path, layout: StateLayout, steps: list[int], stored: list[int], data: np.ndarray,
-                run_id: str, sync: bool = False) -> Path:
-    """Write one chunk. `data` holds len(stored) flat states (keyframe, then deltas)."""
-    assert stored and stored[0] == steps[0] and data.nbytes == len(stored) * layout.nbytes
-    head = chunk_header(layout, steps, stored, run_id, PLACEHOLDER.decode())
+def write_chunk(run_dir: Path, layout: StateLayout, steps: list[int], stored: list[int], data: np.ndarray | bytes,
+                run_id: str, sync: bool = False, compressed: bool = False) -> Path:
+    """Write one chunk. `data` holds len(stored) flat states (keyframe, then deltas), or (`compressed`)
+    their `store.compress.compress` bytes."""
+    body = memoryview(data).cast("B")
+    assert stored and stored[0] == steps[0] and (compressed or body.nbytes == len(stored) * layout.nbytes)
+    head = chunk_header(layout, steps, stored, run_id, PLACEHOLDER.decode(), zlen=body.nbytes if compressed else None)
     m = _CRC_FIELD.search(head, 8)
     a, b = m.span(1)
-    head = head[:a] + digest_skipping(head, a, b, memoryview(data).cast("B")).encode() + head[b:]
+    head = head[:a] + digest_skipping(head, a, b, body).encode() + head[b:]
     path = run_dir / chunk_name(steps[0], steps[-1])
-    write_atomic(path, head, memoryview(data).cast("B"), sync=sync)
+    write_atomic(path, head, body, sync=sync)
     return path
 
 
@@ -136,6 +143,7 @@ class Chunk:
         self.first, self.last = int(m.group(1)), int(m.group(2))
         self.steps = list(range(self.first, self.last + 1, every))
         self.stored: list[int] | None = None  # set by verify()
+        self.zlen: int | None = None  # compressed chunks: the length of their data (set by verify())
 
     def _damaged(self, why: str) -> ChunkDamaged:
         run = self.path.parent
@@ -157,10 +165,10 @@ class Chunk:
             raise self._damaged(f"unreadable ({e.strerror or e})") from None
         if isinstance(stored, str):
             raise self._damaged(stored)
-        self.stored = stored
+        self.stored, self.zlen = stored
 
-    def _check(self, buf: mmap.mmap, size: int) -> list[int] | str:
-        """The stored states, or what is wrong with the chunk."""
+    def _check(self, buf: mmap.mmap, size: int) -> tuple[list[int], int | None] | str:
+        """(the stored states, the compressed data's length or None), or what is wrong with the chunk."""
         (n,) = struct.unpack("<Q", buf[:8])
         if n > min(MAX_HEADER, size - 8):
             return f"header length {n} exceeds the file ({size} bytes; truncated?)"
@@ -168,10 +176,12 @@ class Chunk:
             return why
         raw = buf[:8 + n]
         try:
-            meta = json.loads(raw[8:])["__metadata__"]
+            header = json.loads(raw[8:])
+            meta = header["__metadata__"]
             steps, stored = json.loads(meta["steps"]), json.loads(meta["stored"])
             crc = meta["crc32" if self.version == 1 else "xxh3"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            zlen = header["z"]["shape"][0] if self.version >= 2 and "z" in header else None
+        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
             return f"unreadable header ({type(e).__name__}: {e})"
         if self.version >= 2 and meta.get("run") != self.run_id:
             return f"it belongs to another run (run id {meta.get('run')!r}, this run is {self.run_id})"
@@ -181,16 +191,19 @@ class Chunk:
                 and all(isinstance(t, int) for t in stored) and stored == sorted(set(stored))
                 and set(stored) <= set(steps)):
             return "its list of stored states is inconsistent"
-        if not isinstance(crc, str) or raw != chunk_header(self.layout, steps, stored, self.run_id, crc, self.version):
+        if zlen is not None and (not isinstance(zlen, int) or isinstance(zlen, bool) or zlen < 0):
+            return "its compressed data length is not a byte count"
+        if not isinstance(crc, str) or raw != chunk_header(self.layout, steps, stored, self.run_id, crc, self.version,
+                                                           zlen):
             return ("its header does not match the run's manifest (tensor names, dtypes, shapes or offsets differ)")
-        expected = 8 + n + len(stored) * self.layout.nbytes
+        expected = 8 + n + (len(stored) * self.layout.nbytes if zlen is None else zlen)
         if size != expected:
             return f"size {size} bytes, expected {expected} (truncated?)"
         if self.version == 1:  # format 1: the CRC-32 covered the data section only
             got = f"{zlib.crc32(memoryview(buf)[8 + n:]):08x}"
             if got != crc:
                 return f"checksum mismatch (crc32 {got}, header says {crc})"
-        return stored
+        return stored, zlen
 
     def states(self, start: int | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Yield (t, {name: int-view tensor}) for every state from `start` on.
@@ -199,6 +212,9 @@ class Chunk:
         overwritten by the next iteration: copy what you keep.
         """
         self.verify()
+        if self.zlen is not None:
+            yield from self._compressed_states(start)
+            return
         stored = set(self.stored)
         specs = self.layout.specs
         with safe_open(self.path, framework="pt") as f:
@@ -212,6 +228,30 @@ class Chunk:
                         cur[s.name].bitwise_xor_(f.get_tensor(f"{t}/{s.name}"))
                 if start is None or t >= start:
                     yield t, cur
+
+
+    def _compressed_states(self, start: int | None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        from replay.store.compress import decompress
+
+        with open(self.path, "rb") as f:
+            f.seek(8 + struct.unpack("<Q", f.read(8))[0])
+            z = f.read(self.zlen)
+        flat = decompress(z, self.layout, len(self.stored))
+        if flat is None:  # the checksum held: written so, by a bug or by hand
+            raise self._damaged("its compressed data does not decompress to its states")
+        flat, nb, slot = torch.from_numpy(flat), self.layout.nbytes, {t: i for i, t in enumerate(self.stored)}
+        cur: dict[str, torch.Tensor] = {}
+        for t in self.steps:
+            if t in slot:
+                views = self.layout.views(flat[slot[t] * nb:(slot[t] + 1) * nb])
+                for s in self.layout.specs:
+                    bits = views[s.name].view(getattr(torch, _int_name(s.itemsize)))
+                    if t == self.first:  # keyframe
+                        cur[s.name] = bits.clone()
+                    else:
+                        cur[s.name].bitwise_xor_(bits)
+            if start is None or t >= start:
+                yield t, cur
 
 
 def _int_name(itemsize: int) -> str:
