@@ -217,12 +217,12 @@ class Recorder:
         device = self._params[0][1].device
         self._cuda = device.type == "cuda"
         self._side = torch.cuda.Stream(device) if self._cuda else None
-        # inline: a small CPU state is copied on the training thread when it is sealed (one pass, as
-        # cheap as waking another thread to copy it); the XOR and the rest happen on the encoder thread
+        # inline: a small CPU state is encoded on the training thread when it is sealed — two passes
+        # over a small state cost less than waking another thread for it (tools/bench_record.py)
         self._inline = not self._cuda and self.layout.nbytes < DEFER_BYTES
-        # staging pool: the states in flight + the encoder's "previous" + one being filled
+        # staging pool: the states in flight + the encoder's "previous" + one being filled (inline: current, previous)
         self._pool: queue.Queue = queue.Queue()
-        for _ in range(queue_size + 2):
+        for _ in range(2 if self._inline else queue_size + 2):
             flat = torch.zeros(self.layout.nbytes, dtype=torch.uint8, pin_memory=self._cuda)  # pad bytes stay 0
             self._pool.put((flat, self.layout.views(flat)))
         self._work: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -235,9 +235,16 @@ class Recorder:
             self._free_chunks.put(np.empty(slots * self.layout.nbytes, dtype=np.uint8))
         self._deferred = opt is not None  # a pre-hook seals each state before the parameters change
         self._pacer = Pacer(self.path, self.every)
-        self._due: tuple[int, torch.Tensor, dict[str, torch.Tensor], float] | None = None  # inline: to copy at seal
-        self._encoder = threading.Thread(target=self._guard(self._encode_loop), name="replay-encoder", daemon=True)
-        self._encoder.start()
+        self._encoder = None
+        if self._inline:
+            self._cur, self._prev = (self._pool.get(), self._pool.get())
+            self._due: int | None = None
+            self._open: ChunkBuilder | None = None
+            self._open_lock = threading.Lock()
+        else:
+            self._encoder = threading.Thread(target=self._guard(self._encode_loop), name="replay-encoder",
+                                             daemon=True)
+            self._encoder.start()
         self._flusher = threading.Thread(target=self._guard(self._flush_loop), name="replay-flusher", daemon=True)
         self._flusher.start()
         ours, me = {id(m) for m in self.model.modules()}, weakref.ref(self)  # global hooks: hold no Recorder
@@ -275,7 +282,8 @@ class Recorder:
         if getattr(self, "_flusher", None) is not None and self._flusher.is_alive():
             self._error = self._error or RecordError("abandoned")
             self._chunks.put(_STOP)
-            self._encoder.join(timeout=5)
+            if self._encoder is not None:
+                self._encoder.join(timeout=5)
             self._flusher.join(timeout=5)
         for p in self.path.iterdir():
             if p.name == MANIFEST or p.name.startswith(("chunk-", "batches-", ".")):
@@ -329,17 +337,17 @@ class Recorder:
 
     def _snapshot(self, t: int) -> None:
         self._seal()
-        t_wait = time.perf_counter()
-        flat, views = self._get(self._pool)
-        waited = time.perf_counter() - t_wait
         if self._inline:
             with torch.no_grad():
                 for n, b in self._buffers:  # buffers change in forward: copy now
-                    views[n].copy_(b)
-            self._due = (t, flat, views, waited)
+                    self._cur[1][n].copy_(b)
+            self._due = t
             if not self._deferred:  # capture() after a manual update: the user says the state is final
                 self._seal()
             return
+        t_wait = time.perf_counter()
+        flat, views = self._get(self._pool)
+        waited = time.perf_counter() - t_wait
         versions = [p._version for _, p in self._params]
         with torch.no_grad():
             for n, b in self._buffers:  # buffers change in forward: copy now
@@ -402,21 +410,44 @@ class Recorder:
             item.sealed.set()  # always: the encoder must never wait for a state nobody will seal
 
     def _encode_inline(self) -> None:
-        """Copy the due state from the parameters as they are now (the next forward's), on this thread, and
-        hand it to the encoder (the copy is one pass: it costs training less than a thread hand-off of it)."""
+        """Encode the due state from the parameters as they are now (the next forward's), on this thread."""
         if self._due is None:
             return
-        (t, flat, views, waited), self._due = self._due, None
+        t, self._due = self._due, None
         t_own = time.perf_counter()
+        (cur, views), prev = self._cur, self._prev[0]
         with torch.no_grad():
             for n, p in self._params:
                 views[n].copy_(p.detach())
-        item = _Pending(t, flat, views, None, [])
-        item.sealed.set()
-        t_put = time.perf_counter()
-        self._put(self._work, item)
-        put = time.perf_counter() - t_put
-        self._pacer.waited(waited + put, self.layout.nbytes, own=time.perf_counter() - t_own - put)
+        buf, waited = None, 0.0
+        while True:
+            with self._open_lock:  # the flusher may take the open chunk (flush_secs) at any moment
+                if self._open is None and buf is not None:
+                    self._open, buf = ChunkBuilder(self.layout, buf), None
+                chunk = self._open
+                if chunk is not None:
+                    chunk.add(t, cur.numpy(), prev.numpy() if chunk.steps else None)
+                    if chunk.full():
+                        self._open = None
+                        self._chunks.put((chunk, False))
+                    break
+            if buf is None:
+                t_wait = time.perf_counter()
+                buf = self._get(self._free_chunks)  # waits only when writes lag behind
+                waited += time.perf_counter() - t_wait
+        if buf is not None:
+            self._free_chunks.put(buf)
+        self._pacer.waited(waited, self.layout.nbytes, own=time.perf_counter() - t_own - waited)
+        self._cur, self._prev = self._prev, self._cur
+
+    def _take_open(self, max_age: float) -> ChunkBuilder | None:
+        """Inline mode: the open chunk, if its oldest state is max_age old (the flusher's flush_secs clock)."""
+        with self._open_lock:
+            chunk = self._open
+            if chunk is None or not chunk.steps or time.monotonic() - chunk.since < max_age:
+                return None
+            self._open = None
+            return chunk
 
     def close(self) -> None:
         """Seal the last state, flush the partial chunk, stop the threads, detach the hooks. Idempotent.
@@ -446,6 +477,13 @@ class Recorder:
         self._raise_if_failed()
 
     def _stop_threads(self) -> None:
+        if self._encoder is None:  # inline: the open chunk goes to the flusher, then the flusher stops
+            chunk = self._take_open(0.0)
+            if chunk is not None:
+                self._chunks.put((chunk, True))
+            self._chunks.put(_STOP)
+            self._flusher.join()
+            return
         while self._encoder.is_alive():  # the encoder may be dead (error): don't block on a full queue
             try:
                 self._work.put(_STOP, timeout=0.1)
@@ -547,7 +585,9 @@ class Recorder:
             try:
                 item = self._chunks.get(timeout=0.25)
             except queue.Empty:
-                if unsynced and time.monotonic() - unsynced[0][0] >= self.flush_secs:
+                if self._encoder is None and (chunk := self._take_open(self.flush_secs)) is not None:
+                    self._chunks.put((chunk, True))  # inline: the training thread's open chunk is flush_secs old
+                elif unsynced and time.monotonic() - unsynced[0][0] >= self.flush_secs:
                     sync_all()
                 continue
             if item is _STOP:
