@@ -257,3 +257,28 @@ def test_frames_schema_is_the_contract(digits_run, tmp_path):
         assert lf.collect_schema()["lca"] == pl.Float64
     again = replay.load(tmp_path / "lca")
     assert_frame_equal(again.steps.collect(), fr.steps.collect())
+
+
+def test_helped_counts_add_up_over_many_steps(tmp_path):
+    """Per parameter, n_helped (steps in which its LCA was negative) over 300 steps — past the 255 steps a one-byte
+    counter holds — equals the per-step per-tensor counts summed, and the direct count from the dense LCA."""
+    m, (x, y) = tasks.Scale(), tasks.poly_data()
+    with replay.Recorder(m, tmp_path / "run", task="tasks:poly") as rec:
+        for _ in range(300):  # gradient descent: most parameters help in (nearly) every step
+            m.zero_grad()
+            tasks.quartic(m(x), y).mean().backward()
+            with torch.no_grad():
+                for p in m.parameters():
+                    p -= 1e-3 * p.grad
+            rec.capture()
+    run = replay.open_run(tmp_path / "run")
+    fr = replay.compute(run, dense=True, flush_every=1000, out=tmp_path / "lca")
+    per_step = fr.tensors.group_by("tensor").agg(pl.col("n_helped").sum()).sort("tensor").collect()
+    totals = fr.params.group_by("tensor").agg(pl.col("n_helped").sum()).sort("tensor").collect()
+    assert per_step["n_helped"].to_list() == totals["n_helped"].to_list()
+    dense = {}
+    for f in sorted((tmp_path / "lca" / "dense").glob("*.safetensors")):
+        dense.update(load_file(f))
+    direct = sum((dense[str(t)][0] < 0).long() for t in range(300))
+    got = fr.params.sort("tensor", "index", descending=[True, False]).collect()["n_helped"].to_numpy()
+    assert got.tolist() == direct.tolist() and max(got) > 255

@@ -60,6 +60,11 @@ class Ledger:
         # inside the reduction is ~2x slower on CPU than a copy and a plain float64 sum)
         self._scratch = torch.empty(L * max(self.cut_sizes), dtype=torch.float64, device=device)
         self._helped = torch.empty(L, S, dtype=torch.bool, device=device)
+        # helped counts of the last < 255 steps, in one byte per count: a quarter of the int32 totals'
+        # memory traffic per step (measured 0.05 vs 0.5 ms for [12 × 85k]); folded into the totals
+        # before they are read (flush, finish) and before a byte could overflow
+        self._recent = torch.zeros(L, S, dtype=torch.uint8, device=device)
+        self._recent_steps = 0
         self.dense_buf: dict[str, torch.Tensor] = {}
         self.since_flush = 0
 
@@ -98,7 +103,10 @@ class Ledger:
             th = self._place_tensors(torch.stack([c.sum(1, dtype=torch.int32) for c in
                                                   helped.split(self.cut_sizes, 1)], 1)).long()
             self.totals["lca"] += lca
-            self.totals["helped"] += helped
+            self._recent += helped.view(torch.uint8)
+            self._recent_steps += 1
+            if self._recent_steps == 255:
+                self._fold()
             self.totals["n_steps"] += 1
             self.place.sum_shards_onto_first(th)  # data mode: each rank counted its slice; rank 0 writes
             tl = step.tensor_lca
@@ -112,6 +120,13 @@ class Ledger:
                 self.dense_buf[str(t0)] = full[:, :self.P].to("cpu", torch.float64, copy=True)
         if self.place.writes_steps:
             self.writer.add(t0, t1, host[0], host[1], host[2], splits, host[3], host[4], host[5])
+
+    def _fold(self) -> None:
+        """Add the recent helped counts to the totals (exact: integers)."""
+        if self._recent_steps:
+            self.totals["helped"] += self._recent
+            self._recent.zero_()
+            self._recent_steps = 0
 
     def record_examples(self, t0: int, name: str, r: dict[str, torch.Tensor]) -> None:
         h = {k: v.cpu().numpy() for k, v in r.items()}
@@ -128,6 +143,7 @@ class Ledger:
             ck.parts.append(rel)
             self.dense_buf = {}
         ck.seq += 1
+        self._fold()
         ck.save(next_step, self.totals, evals)
         self.since_flush = 0
 
@@ -135,6 +151,7 @@ class Ledger:
         """params rows (own slice, or the totals summed onto rank 0 in steps mode), meta.json, then the
         resume state goes."""
         place = self.place
+        self._fold()
         totals = {**self.totals, "evals": torch.tensor([evals], dtype=torch.int64, device=self.dev)}
         place.sum_blocks_onto_first(*(totals[k] for k in sorted(totals)))
         tot = {k: v.cpu() for k, v in totals.items()}
