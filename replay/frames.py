@@ -8,9 +8,8 @@ additions. Negative LCA = the parameter helped (the loss went down).
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import polars as pl
 
 from replay.errors import RunError
-from replay.store.atomic import tmp_name, write_atomic
+from replay.store.atomic import write_atomic
 
 STEPS_SCHEMA = {
     "step": pl.Int64, "loss": pl.String, "loss_before": pl.Float64, "loss_after": pl.Float64,
@@ -183,18 +182,11 @@ class FrameWriter:
 
 
 def _write_parquet(df: pl.DataFrame, path: Path) -> None:
-    """Whole file or nothing (temp name, rename); a failed write is an OSError with its errno, as any other."""
-    tmp = tmp_name(path)
-    try:
-        df.write_parquet(tmp)
-    except pl.exceptions.PolarsError as e:
-        tmp.unlink(missing_ok=True)
-        m = re.search(r"os error (\d+)", str(e))
-        if m is None:
-            raise
-        code = int(m.group(1))
-        raise OSError(code, os.strerror(code), str(path)) from None
-    tmp.replace(path)
+    """Whole file or nothing, durable before the resume state names it: encoded in memory (a part is one
+    flush of rows), then written like every other file (`store.atomic.write_atomic`)."""
+    buf = io.BytesIO()
+    df.write_parquet(buf)
+    write_atomic(path, buf.getbuffer())
 
 
 def write_meta(out: Path, meta: dict) -> None:

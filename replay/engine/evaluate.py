@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from replay.engine.parallel import Placement, param_pieces, reduce_scatter, shard_batches
+from replay.engine.parallel import Placement, param_pieces, shard_batches
 from replay.errors import ReplayError, TaskError
 from replay.task import Examples, Task, user_error
 from replay.wrappers import unwrap_model
@@ -165,7 +165,7 @@ class LossEvaluator:
         if self._send is not None:  # each rank holds its shard's share of every sum
             if not partial:
                 self.place.sum_shards(sums)
-            reduce_scatter(grads, self._send)
+            self.place.sum_scattered(grads, self._send)
         return sums / self.n_examples, grads
 
 
