@@ -41,28 +41,24 @@ def _planes(layout: StateLayout) -> list[tuple[int, int, int]]:
     return parts
 
 
-def to_planes(data: np.ndarray, layout: StateLayout) -> np.ndarray:
-    """Flat states [n × nbytes] uint8 → the same bytes, each tensor's grouped by byte plane."""
-    n = data.nbytes // layout.nbytes
+def _regroup(data: np.ndarray, layout: StateLayout, planes: bool) -> np.ndarray:
+    """Each tensor's bytes of flat states [n × nbytes] grouped by byte plane (planes), or back (not planes)."""
     out = np.empty_like(data)
-    for i in range(n):
-        base = i * layout.nbytes
+    for base in range(0, data.nbytes, layout.nbytes):
         for o, nb, k in _planes(layout):
             src = data[base + o:base + o + nb]
-            out[base + o:base + o + nb] = src.reshape(-1, k).T.reshape(-1) if k > 1 else src
+            out[base + o:base + o + nb] = (src if k == 1 else src.reshape((-1, k) if planes else (k, -1)).T.reshape(-1))
     return out
+
+
+def to_planes(data: np.ndarray, layout: StateLayout) -> np.ndarray:
+    """Flat states [n × nbytes] uint8 → the same bytes, each tensor's grouped by byte plane."""
+    return _regroup(data, layout, True)
 
 
 def from_planes(data: np.ndarray, layout: StateLayout) -> np.ndarray:
     """The inverse of `to_planes`."""
-    n = data.nbytes // layout.nbytes
-    out = np.empty_like(data)
-    for i in range(n):
-        base = i * layout.nbytes
-        for o, nb, k in _planes(layout):
-            src = data[base + o:base + o + nb]
-            out[base + o:base + o + nb] = src.reshape(k, -1).T.reshape(-1) if k > 1 else src
-    return out
+    return _regroup(data, layout, False)
 
 
 def compress(data: np.ndarray, layout: StateLayout) -> bytes:
