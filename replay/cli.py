@@ -44,7 +44,8 @@ def info(run: RunArg) -> None:
     typer.echo(f"steps      {i.steps} recorded (states {i.first}..{i.last}, every {m.every})")
     typer.echo(f"tensors    {len(m.params)} parameters ({i.params:,} values)"
                + (f" + {len(m.buffers)} buffers" if m.buffers else ""))
-    typer.echo(f"chunks     {i.chunks}, {i.bytes_on_disk / 2**20:.2f} MiB on disk")
+    zstd = f" ({i.compressed} zstd-compressed)" if i.compressed else ""
+    typer.echo(f"chunks     {i.chunks}, {i.bytes_on_disk / 2**20:.2f} MiB on disk{zstd}")
     typer.echo(f"bytes      {i.bytes_per_param_step:.3f} per parameter per step")
     if m.aliases:
         typer.echo("tied       " + ", ".join(f"{a} = {t}" for a, t in m.aliases.items()) + " (recorded once)")

@@ -272,6 +272,7 @@ def test_compressed_recording_is_bit_exact_and_smaller(tmp_path, dtype):
                 ref[i + 1] = {**params_of(model), **{n: b.clone() for n, b in model.named_buffers()}}
         run = replay.open_run(path)
         assert run.verify() == [] and len(run.chunks) > 1
+        assert run.info().compressed == (len(run.chunks) if compress else 0)
         for t in run.steps[1:]:
             assert_bit_equal({**run.state(t), **run.state(t, buffers=True)}, ref[t], f"state {t}")
         refs.append(dict(run.states()))

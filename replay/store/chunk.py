@@ -145,6 +145,15 @@ class Chunk:
         self.stored: list[int] | None = None  # set by verify()
         self.zlen: int | None = None  # compressed chunks: the length of their data (set by verify())
 
+    def says_compressed(self) -> bool:
+        """What the header claims, read without verifying (for `replay info`; readers verify first)."""
+        try:
+            with open(self.path, "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                return b'"encoding":"xor-planes-zstd"' in f.read(min(n, MAX_HEADER))
+        except (OSError, struct.error):
+            return False
+
     def _damaged(self, why: str) -> ChunkDamaged:
         run = self.path.parent
         return ChunkDamaged(f"{self.path}: {why} — the chunk is damaged (steps {self.first}..{self.last}); "

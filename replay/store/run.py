@@ -39,6 +39,7 @@ class RunInfo:
     bytes_per_param_step: float
     orphans: list[str]
     leftovers: list[str]
+    compressed: int = 0  # chunks stored zstd-compressed (Recorder(compress=True))
 
 
 class Run:
@@ -184,6 +185,7 @@ class Run:
             bytes_per_param_step=size / max(1, n_params * steps),
             orphans=[c.path.name for c in self.orphans],
             leftovers=list(self.leftovers),
+            compressed=sum(c.says_compressed() for c in self.chunks),
         )
 
 
