@@ -234,7 +234,7 @@ class Recorder:
         for _ in range(max(3, min(8, (64 << 20) // (slots * self.layout.nbytes)))):
             self._free_chunks.put(np.empty(slots * self.layout.nbytes, dtype=np.uint8))
         self._deferred = opt is not None  # a pre-hook seals each state before the parameters change
-        self._pacer = Pacer(self.path, self.every)
+        self._pacer = Pacer(self.path, self.every, self._compress)
         self._encoder = None
         if self._inline:
             self._cur, self._prev = (self._pool.get(), self._pool.get())

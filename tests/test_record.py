@@ -245,6 +245,8 @@ def test_a_recorder_slower_than_training_says_so_once(tmp_path, monkeypatch):
                                                   r"disk takes .* record every=\d+ to stop") as said:
         train_recording(model, opt, {"chunk_bytes": 1000, "queue_size": 1}, tmp_path / "run", steps=120)
     assert sum("slows training" in str(w.message) for w in said) == 1, "once"
+    line = next(str(w.message) for w in said if "slows training" in str(w.message))
+    assert "the disk is the limit, so Recorder(compress=True) may do" in line, "the writer is busy all the time"
     assert replay.open_run(tmp_path / "run").steps == list(range(121)), "slowed, never dropped"
 
 
