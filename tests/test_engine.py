@@ -282,3 +282,19 @@ def test_helped_counts_add_up_over_many_steps(tmp_path):
     direct = sum((dense[str(t)][0] < 0).long() for t in range(300))
     got = fr.params.sort("tensor", "index", descending=[True, False]).collect()["n_helped"].to_numpy()
     assert got.tolist() == direct.tolist() and max(got) > 255
+
+
+def test_per_tensor_sums_agree_with_and_without_the_float64_copy(digits_run, tmp_path, monkeypatch):
+    """Per-tensor float64 sums: through a float64 copy (small tensors, CPU) or with the cast inside the reduction
+    (big tensors, CUDA): the same numbers to rounding, and the same refinement decisions."""
+    import replay.engine.ledger
+
+    def tensors(out):
+        fr = replay.compute(digits_run, ["val"], per_class=["val"], out=out)
+        return fr.tensors.sort("step", "loss", "tensor").collect()
+
+    a = tensors(tmp_path / "a")
+    monkeypatch.setattr(replay.engine.ledger, "COPY_BYTES", 0)
+    b = tensors(tmp_path / "b")
+    np.testing.assert_allclose(b["lca"].to_numpy(), a["lca"].to_numpy(), rtol=1e-12, atol=1e-15)
+    assert b["n_helped"].to_list() == a["n_helped"].to_list()

@@ -22,6 +22,8 @@ from replay.engine.parallel import Placement
 from replay.frames import Frames, FrameWriter, load, write_meta
 from replay.store.atomic import write_atomic
 
+COPY_BYTES = 64 << 20  # the largest float64 copy of one tensor's columns that tensor_sums makes
+
 
 @dataclass
 class StepLCA:
@@ -56,9 +58,12 @@ class Ledger:
                                       "n_steps": torch.zeros(1, dtype=torch.int64),
                                       "n_unchanged": torch.zeros(1, dtype=torch.int64)}
         self.totals = {k: v.to(device) for k, v in self.totals.items()}
-        # scratch for the float64 copy of one tensor's columns (summing float32 in float64 with a cast
-        # inside the reduction is ~2x slower on CPU than a copy and a plain float64 sum)
-        self._scratch = torch.empty(L * max(self.cut_sizes), dtype=torch.float64, device=device)
+        # CPU: scratch for the float64 copy of one tensor's columns (summing float32 in float64 with a
+        # cast inside the reduction is ~2x slower there than a copy and a plain float64 sum), for
+        # tensors whose copy fits in 64 MiB; bigger ones (an LM's embedding) and CUDA sum with the cast
+        fit = COPY_BYTES // (8 * L) if device.type == "cpu" else 0
+        self._copy_cols = fit
+        self._scratch = torch.empty(L * min(fit, max(self.cut_sizes)), dtype=torch.float64, device=device)
         self._helped = torch.empty(L, S, dtype=torch.bool, device=device)
         # helped counts of the last < 255 steps, in one byte per count: a quarter of the int32 totals'
         # memory traffic per step (measured 0.05 vs 0.5 ms for [12 × 85k]); folded into the totals
@@ -72,8 +77,10 @@ class Ledger:
         """[rows, T] float64 sums of x [rows, own columns] over each tensor's columns (0 outside the own slice)."""
         rows, sums, a = x.shape[0], [], 0
         for n in self.cut_sizes:
-            s = self._scratch[:rows * n].view(rows, n)
-            sums.append(s.copy_(x[:, a:a + n]).sum(1))
+            if n <= self._copy_cols:
+                sums.append(self._scratch[:rows * n].view(rows, n).copy_(x[:, a:a + n]).sum(1))
+            else:
+                sums.append(x[:, a:a + n].sum(1, dtype=torch.float64))
             a += n
         return self._place_tensors(torch.stack(sums, 1))
 
