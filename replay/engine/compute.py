@@ -118,7 +118,7 @@ def compute(
             if state.complete:
                 return load(out)
             ledger = Ledger(out, ev.loss_names, ev.loss_sizes, [s.name for s in run.manifest.params],
-                            [s.numel for s in run.manifest.params], ev.own, dev, ev.grad_dtype, state, place, dense)
+                            [s.numel for s in run.manifest.params], ev.own, dev, state, place, dense)
             pe = (PerExample(ev.task, ev.model, run.param_names, per_example, ev.device, tol, rtol, max_splits)
                   if per_example else None)
             return _StepLoop(run, ev, parallel.segments(todo, place), ledger, place, tol, rtol, max_splits,

@@ -44,7 +44,7 @@ class Ledger:
     """Per-step rows and per-parameter totals of this process's columns `own` (all, but in data mode)."""
 
     def __init__(self, out: Path, loss_names: list[str], loss_sizes: list[int], names: list[str], sizes: list[int],
-                 own: tuple[int, int], device: torch.device, dtype: torch.dtype, ckpt: Checkpoint, place: Placement,
+                 own: tuple[int, int], device: torch.device, ckpt: Checkpoint, place: Placement,
                  dense: bool):
         self.out, self.loss_names, self.loss_sizes, self.ckpt, self.place = out, loss_names, loss_sizes, ckpt, place
         self.dense, self.dev = dense, device

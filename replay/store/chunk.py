@@ -238,7 +238,6 @@ class Chunk:
                 if start is None or t >= start:
                     yield t, cur
 
-
     def _compressed_states(self, start: int | None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         from replay.store.compress import decompress
 
