@@ -27,3 +27,19 @@ class TaskError(ReplayError):
 
 class ReplayWarning(UserWarning):
     """Something the user must know to read the numbers right; the CLI prints it as one line."""
+
+
+def os_reason(e: OSError) -> str:
+    """What an OSError of a write means for the user, in words (one table for every writer of replay)."""
+    import errno
+
+    return {
+        errno.ENOSPC: "no space left on the device",
+        errno.EDQUOT: "the disk quota is exhausted",
+        errno.ENOENT: "the directory was deleted or moved meanwhile",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EROFS: "the file system is read-only",
+        errno.ENOTDIR: "a component of the path is a file, not a directory",
+        errno.EFBIG: "the file is larger than this process may write",
+    }.get(e.errno, e.strerror or str(e))

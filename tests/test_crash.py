@@ -118,7 +118,7 @@ def test_truncated_chunk_is_detected(recorded):
         run.state(victim.last)
     garbage = run.chunks[0].path
     garbage.write_bytes(b"\xff" * 30)
-    with pytest.raises(ChunkDamaged, match="header length .* exceeds the file"):
+    with pytest.raises(ChunkDamaged, match="length prefix claims a header of .* bytes"):
         replay.open_run(run_dir).state(0)
 
 

@@ -73,7 +73,7 @@ def digest_skipping(buf: bytes | memoryview, start: int, stop: int, *more: bytes
 
 
 def seal(doc: bytes, field: re.Pattern) -> bytes:
-    """Fill the 8 placeholder digits that `field` (a pattern whose group 1 is them) finds in `doc`."""
+    """Fill the 16 placeholder digits that `field` (a pattern whose group 1 is them) finds in `doc`."""
     m = field.search(doc)
     assert m is not None and m.group(1) == PLACEHOLDER, "document has no checksum placeholder"
     a, b = m.span(1)

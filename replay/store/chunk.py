@@ -1,46 +1,58 @@
 """Chunk files: a keyframe and the following states as XOR deltas, in safetensors.
 
 A chunk `chunk-{first:010d}-{last:010d}.safetensors` holds states first..last (every
-`every`-th). Its first state is stored as-is (key `"{t}/{name}"`, the tensor's own dtype),
-each later state as the XOR of its bit pattern with the previous state's (same key, a
-signed integer dtype of the same width). XOR is exactly invertible, so decoding gives
-the recorded bits back; a state whose delta is all zeros (an optimizer step that changed
-nothing) stores no tensors at all and is listed only in the metadata.
+`every`-th). Its first state is stored as-is, each later state as the XOR of its bit
+pattern with the previous state's; XOR is exactly invertible, so decoding gives the
+recorded bits back. A state whose delta is all zeros (an optimizer step that changed
+nothing) stores no bytes and is listed only in the metadata (`steps` all, `stored` those
+with bytes). The data section is always the stored flat states back to back (see
+`store.layout`), whatever the encoding, which only changes how the header names them:
 
-What a reader trusts is checked before any state is returned (`Chunk.verify`):
-- an xxHash3 checksum over every byte of the file but its own 16 digits (header, length prefix, data);
-- the metadata's run id equals the manifest's (a chunk from another run is refused);
-- the header is byte-for-byte the one this manifest's layout gives for the chunk's steps
-  (names, dtypes, shapes, offsets): a manifest that lies about a dtype cannot decode;
-- the file's size is exactly header + data.
-The file is written whole under a temp name and renamed, so a visible chunk is complete.
+- `xor`: one tensor per state and parameter, key `"{t}/{name}"`, the keyframe in the
+  tensor's own dtype and the deltas as signed integers of its width; plain safetensors
+  tools read it by name.
+- `xor-flat`: one U8 tensor `"{t}"` per state. For models of many small tensors, whose
+  per-tensor header would be larger than their data (5,000 scalars: 300 KB of header for
+  20 KB of state) and would make every read O(tensors × states) in Python.
+- `xor-planes-zstd`: one U8 tensor `z`, the deltas grouped by byte plane and zstd-compressed
+  (see `store.compress`).
+
+A writer never writes what the reader refuses: a chunk holds at most `chunk_capacity` states
+(what its buffer fits, MAX_CHUNK_STATES, and what keeps its header under HEADER_CAP).
+
+What a reader trusts is checked before any state is returned (`Chunk.verify`), cheap
+facts first so that nothing a damaged file claims sizes the work: a regular file
+(`store.files`), its name's step count, the length prefix against the size, the size the
+header implies against the real one; then the xxHash3 checksum over every other byte of
+the file (streamed), the run id, and last the header byte for byte as this manifest's
+layout gives it for the chunk's steps (names, dtypes, shapes, offsets).
 """
 
 from __future__ import annotations
 
 import json
-import mmap
-import os
 import re
-import struct
-import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from replay.errors import ChunkDamaged
-from replay.store.atomic import PLACEHOLDER, check_seal, digest_skipping, write_atomic
+from replay.store.atomic import PLACEHOLDER
+from replay.store.files import open_regular, size_of, why_unreadable
 from replay.store.layout import StateLayout
+from replay.store.sealed import Unsealed, check_seal, encode_header, read_header, write_sealed
 
 CHUNK_FORMAT = {1: "replay-chunk/1", 2: "replay-chunk/2"}
 CHUNK_RE = re.compile(r"^chunk-(\d{10})-(\d{10})\.safetensors$")
-_CRC_FIELD = re.compile(rb'"xxh3":"([0-9a-f]{16})"\}\} *\Z')
-MAX_HEADER = 100_000_000  # safetensors' own limit
+ENCODINGS = ("xor", "xor-flat", "xor-planes-zstd")
 MAX_CHUNK_STATES = 1024  # so that a tiny model does not keep thousands of steps in one file
+HEADER_CAP = 16 << 20  # a writer closes a chunk before its header passes this (readers accept up to 100 MB)
+# per-tensor headers are kept unless one state's entries pass both FLAT_HEADER (~1,000 tensors) and this share
+# of the state's bytes: then writing and verifying them (O(tensors) JSON per state) would cost more than the data
+FLAT_HEADER, FLAT_SHARE = 64 << 10, 1 / 16
 
 
 def chunk_name(first: int, last: int) -> str:
@@ -53,214 +65,228 @@ def pad_key(t: int, version: int) -> str:
     return f"{t}/" if version >= 2 else f"{t}/__pad__"
 
 
-def chunk_header(layout: StateLayout, steps: list[int], stored: list[int], run_id: str, crc: str,
-                 version: int = 2, zlen: int | None = None) -> bytes:
-    """The exact header bytes (8-byte length prefix + JSON) of a chunk: the writer's and the verifier's.
-
-    `zlen`: a compressed chunk, whose data is one U8 tensor `z` of zlen bytes (see store.compress).
-    """
-    header: dict = {}
-    if zlen is not None:
-        header["z"] = {"dtype": "U8", "shape": [zlen], "data_offsets": [0, zlen]}
-    for i, t in enumerate(stored if zlen is None else []):
+def _entries_xor(layout: StateLayout, stored: list[int], version: int) -> dict:
+    entries: dict = {}
+    for i, t in enumerate(stored):
         base = i * layout.nbytes
         for s in layout.packed:
             o = base + layout.offsets[s.name]
             dtype = s.dtype if i == 0 else s.delta_dtype
-            header[f"{t}/{s.name}"] = {"dtype": dtype, "shape": list(s.shape), "data_offsets": [o, o + s.nbytes]}
+            entries[f"{t}/{s.name}"] = {"dtype": dtype, "shape": list(s.shape), "data_offsets": [o, o + s.nbytes]}
         if layout.pad:
             o = base + layout.data_bytes
-            header[pad_key(t, version)] = {"dtype": "U8", "shape": [layout.pad], "data_offsets": [o, o + layout.pad]}
-    meta = {"format": CHUNK_FORMAT[version], "encoding": "xor" if zlen is None else "xor-planes-zstd"}
+            entries[pad_key(t, version)] = {"dtype": "U8", "shape": [layout.pad], "data_offsets": [o, o + layout.pad]}
+    return entries
+
+
+def chunk_header(layout: StateLayout, steps: list[int], stored: list[int], run_id: str, digest: str,
+                 version: int = 2, zlen: int | None = None, encoding: str | None = None) -> bytes:
+    """The exact header bytes (8-byte length prefix + JSON) of a chunk: the writer's and the verifier's.
+
+    `encoding` None: the layout's own (`default_encoding`), or the compressed one when `zlen`
+    (the length of the compressed data, one U8 tensor `z`) is given.
+    """
+    encoding = encoding or ("xor-planes-zstd" if zlen is not None else default_encoding(layout))
+    nb = layout.nbytes
+    if encoding == "xor-planes-zstd":
+        entries = {"z": {"dtype": "U8", "shape": [zlen], "data_offsets": [0, zlen]}}
+    elif encoding == "xor-flat":
+        entries = {str(t): {"dtype": "U8", "shape": [nb], "data_offsets": [i * nb, (i + 1) * nb]}
+                   for i, t in enumerate(stored)}
+    else:
+        entries = _entries_xor(layout, stored, version)
+    meta = {"format": CHUNK_FORMAT[version], "encoding": encoding}
     if version >= 2:
         meta["run"] = run_id
-    # the checksum last: see _CRC_FIELD (format 1: CRC-32 of the data only; 2: xxHash3 of every other byte)
-    meta.update({"steps": json.dumps(steps), "stored": json.dumps(stored), "crc32" if version == 1 else "xxh3": crc})
-    header["__metadata__"] = meta
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * ((-len(raw)) % 8)  # safetensors pads its header to 8 bytes with spaces
-    return struct.pack("<Q", len(raw)) + raw
+    # the checksum last (store.sealed; format 1: CRC-32 of the data only; 2: xxHash3 of every other byte)
+    meta.update({"steps": json.dumps(steps), "stored": json.dumps(stored), "crc32" if version == 1 else "xxh3": digest})
+    return encode_header(entries, meta)
 
 
-def write_chunk(run_dir: Path, layout: StateLayout, steps: list[int], stored: list[int], data: np.ndarray | bytes,
-                run_id: str, sync: bool = False, compressed: bool = False) -> Path:
-    """Write one chunk. `data` holds len(stored) flat states (keyframe, then deltas), or (`compressed`)
-    their `store.compress.compress` bytes."""
-    body = memoryview(data).cast("B")
-    assert stored and stored[0] == steps[0] and (compressed or body.nbytes == len(stored) * layout.nbytes)
-    head = chunk_header(layout, steps, stored, run_id, PLACEHOLDER.decode(), zlen=body.nbytes if compressed else None)
-    m = _CRC_FIELD.search(head, 8)
-    a, b = m.span(1)
-    head = head[:a] + digest_skipping(head, a, b, body).encode() + head[b:]
-    path = run_dir / chunk_name(steps[0], steps[-1])
-    write_atomic(path, head, body, sync=sync)
-    return path
+def _state_header_bytes(layout: StateLayout) -> int:
+    """An upper bound of the bytes one stored state adds to a per-tensor header (10-digit step, 19-digit offsets)."""
+    one = len(json.dumps(_entries_xor(layout, [0], 2), separators=(",", ":")))
+    digits = 9 + 2 * 18  # the step's 10 digits (one counted) and two offsets of up to 19 digits (one each counted)
+    return one + (len(layout.packed) + 1) * digits + 1
 
 
-class ChunkBuilder:
-    """The open chunk of a recorder: states appended as a keyframe then XOR deltas, in `buf`.
+def default_encoding(layout: StateLayout) -> str:
+    """Per-tensor keys, unless their header would outweigh the data (thousands of tiny tensors)."""
+    per_state = _header_bytes_cache(layout)
+    return "xor-flat" if per_state > max(FLAT_HEADER, FLAT_SHARE * layout.nbytes) else "xor"
 
-    The encoder side of the format (`Chunk.states` is the decoder): a state whose delta is
-    all zeros is listed in `steps` but stores no bytes.
-    """
 
-    def __init__(self, layout: StateLayout, buf: np.ndarray):
-        self.nbytes, self.buf = layout.nbytes, buf
-        self.steps: list[int] = []
-        self.stored: list[int] = []
-        self.since = time.monotonic()  # when the oldest state arrived (the flush_secs clock)
+def _header_bytes_cache(layout: StateLayout) -> int:
+    cached = getattr(layout, "_state_header", None)
+    if cached is None:
+        cached = _state_header_bytes(layout)
+        layout._state_header = cached  # type: ignore[attr-defined]
+    return cached
 
-    def add(self, t: int, cur: np.ndarray, prev: np.ndarray | None) -> None:
-        """Append state t (flat bytes `cur`); `prev` is the previous state's bytes (None for a keyframe)."""
-        i = len(self.stored)
-        slot = self.buf[i * self.nbytes:(i + 1) * self.nbytes]
-        if not self.steps:
-            np.copyto(slot, cur)
-            self.stored.append(t)
-            self.since = time.monotonic()
-        else:
-            np.bitwise_xor(cur, prev, out=slot)
-            words = slot.view(np.uint64)
-            if words[:8192].any() or words.any():  # a changed state shows it in its first 64 KiB: one short pass
-                self.stored.append(t)
-        self.steps.append(t)
 
-    def full(self) -> bool:
-        return (len(self.stored) + 1) * self.nbytes > self.buf.nbytes or len(self.steps) >= MAX_CHUNK_STATES
+def write_chunk(run_dir: Path, layout: StateLayout, steps: list[int], stored: list[int],
+                data: np.ndarray | bytes | list, run_id: str, sync: bool = False, compressed: bool = False) -> Path:
+    """Write one chunk. `data` holds len(stored) flat states (keyframe, then deltas; one buffer, or a list of
+    them, one per state), or (`compressed`) their `store.compress.compress` bytes."""
+    parts = [memoryview(d).cast("B") for d in (data if isinstance(data, list) else [data])]
+    size = sum(p.nbytes for p in parts)
+    assert stored and stored[0] == steps[0] and (compressed or size == len(stored) * layout.nbytes)
+    head = chunk_header(layout, steps, stored, run_id, PLACEHOLDER.decode(), zlen=size if compressed else None)
+    return write_sealed(run_dir / chunk_name(steps[0], steps[-1]), head, *parts, sync=sync)
 
-    @property
-    def data(self) -> np.ndarray:
-        return self.buf[: len(self.stored) * self.nbytes]
+
+def _data_end(header: dict) -> int:
+    """The end of the data section as the header's own offsets give it (the file's size must follow)."""
+    end = 0
+    for k, e in header.items():
+        if k == "__metadata__":
+            continue
+        try:
+            a, b = e["data_offsets"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise Unsealed(f"unreadable header (entry {k[:40]!r}: {type(err).__name__})") from None
+        if type(b) is not int or type(a) is not int or not 0 <= a <= b:
+            raise Unsealed(f"unreadable header (entry {k[:40]!r} has bad offsets)")
+        end = max(end, b)
+    return end
+
+
+def chunk_capacity(layout: StateLayout, buf_bytes: int) -> int:
+    """The most states one chunk of a recorder holds: what its buffer fits, MAX_CHUNK_STATES, and what keeps
+    its header under HEADER_CAP (every state may be stored; each lists its step twice in the metadata)."""
+    per_state = (_header_bytes_cache(layout) if default_encoding(layout) == "xor" else 48) + 2 * 12
+    return max(1, min(buf_bytes // layout.nbytes, MAX_CHUNK_STATES, (HEADER_CAP - 4096) // per_state))
 
 
 class Chunk:
-    """One chunk file on disk, verified once (on first use) against the run's manifest."""
+    """One chunk file on disk, verified once (on first use) against the run's manifest.
+
+    A name that claims more than MAX_CHUNK_STATES states is damaged on its face (no writer
+    makes one): `steps` is then empty and `verify` names it, without building the claim.
+    """
 
     def __init__(self, path: Path, every: int, layout: StateLayout, run_id: str, version: int):
         self.path, self.layout, self.run_id, self.version = path, layout, run_id, version
         m = CHUNK_RE.match(path.name)
         assert m, path
         self.first, self.last = int(m.group(1)), int(m.group(2))
-        self.steps = list(range(self.first, self.last + 1, every))
+        count = (self.last - self.first) // every + 1 if self.last >= self.first else 0
+        self.claim_ok = 0 < count <= MAX_CHUNK_STATES and (self.last - self.first) % every == 0
+        self.steps = list(range(self.first, self.last + 1, every)) if self.claim_ok else []
         self.stored: list[int] | None = None  # set by verify()
         self.zlen: int | None = None  # compressed chunks: the length of their data (set by verify())
+        self.data_start = 0  # offset of the data section (set by verify())
 
     def says_compressed(self) -> bool:
         """What the header claims, read without verifying (for `replay info`; readers verify first)."""
         try:
-            with open(self.path, "rb") as f:
-                n = struct.unpack("<Q", f.read(8))[0]
-                return b'"encoding":"xor-planes-zstd"' in f.read(min(n, MAX_HEADER))
-        except (OSError, struct.error):
+            with open_regular(self.path) as f:
+                head, _ = read_header(f, size_of(f))
+                return b'"encoding":"xor-planes-zstd"' in head
+        except (OSError, Unsealed):
             return False
 
-    def _damaged(self, why: str) -> ChunkDamaged:
-        run = self.path.parent
-        return ChunkDamaged(f"{self.path}: {why} — the chunk is damaged (steps {self.first}..{self.last}); "
-                            f"run `replay verify {run}`; other chunks are unaffected")
+    def _damaged(self, why: str, hint: bool = True) -> ChunkDamaged:
+        more = f"; `replay verify {self.path.parent}` lists every damaged chunk" if hint else ""
+        return ChunkDamaged(f"{self.path}: {why} — the chunk is damaged (steps {self.first}..{self.last}); the other "
+                            f"chunks are unaffected{more}")
 
-    def verify(self) -> None:
-        """Check checksum, identity, header and size; raises ChunkDamaged naming the file."""
+    def verify(self, hint: bool = True) -> None:
+        """Check cheap facts, size, checksum, identity and header; raises ChunkDamaged naming the file
+        (and, with `hint`, how to list the others: verify itself passes False)."""
         if self.stored is not None:
             return
+        if not self.claim_ok:
+            raise self._damaged(f"its name claims states {self.first}..{self.last}, which no chunk of this run can "
+                                f"hold (at most {MAX_CHUNK_STATES} states)", hint)
         try:
-            with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < 16:
-                    raise self._damaged(f"{size} bytes, too short for a chunk (truncated?)")
-                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                    stored = self._check(mm, size)  # returns, never raises: no view of mm may outlive this
+            with open_regular(self.path) as f:
+                size = size_of(f)
+                result = self._check(f, size)
         except OSError as e:
-            raise self._damaged(f"unreadable ({e.strerror or e})") from None
-        if isinstance(stored, str):
-            raise self._damaged(stored)
-        self.stored, self.zlen = stored
+            raise self._damaged(why_unreadable(e), hint) from None
+        except Unsealed as e:
+            raise self._damaged(str(e), hint) from None
+        self.stored, self.zlen, self.data_start = result
 
-    def _check(self, buf: mmap.mmap, size: int) -> tuple[list[int], int | None] | str:
-        """(the stored states, the compressed data's length or None), or what is wrong with the chunk."""
-        (n,) = struct.unpack("<Q", buf[:8])
-        if n > min(MAX_HEADER, size - 8):
-            return f"header length {n} exceeds the file ({size} bytes; truncated?)"
-        if self.version >= 2 and (why := check_seal(buf, _CRC_FIELD, 8 + n)):
-            return why
-        raw = buf[:8 + n]
+    def _check(self, f: object, size: int) -> tuple[list[int], int | None, int]:
+        """(the stored states, the compressed data's length or None, the data offset); Unsealed if damaged."""
+        head, header = read_header(f, size)
+        meta = header["__metadata__"]
         try:
-            header = json.loads(raw[8:])
-            meta = header["__metadata__"]
             steps, stored = json.loads(meta["steps"]), json.loads(meta["stored"])
-            crc = meta["crc32" if self.version == 1 else "xxh3"]
+            digest = meta["crc32" if self.version == 1 else "xxh3"]
+            encoding = meta.get("encoding", "xor")
             zlen = header["z"]["shape"][0] if self.version >= 2 and "z" in header else None
-        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
-            return f"unreadable header ({type(e).__name__}: {e})"
-        if self.version >= 2 and meta.get("run") != self.run_id:
-            return f"it belongs to another run (run id {meta.get('run')!r}, this run is {self.run_id})"
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
+            raise Unsealed(f"unreadable header ({type(e).__name__}: {e})") from None
         if steps != self.steps:
-            return "its steps do not match its file name"
+            raise Unsealed("its steps do not match its file name")
         if not (isinstance(stored, list) and stored and stored[0] == self.first
-                and all(isinstance(t, int) for t in stored) and stored == sorted(set(stored))
+                and all(type(t) is int for t in stored) and stored == sorted(set(stored))
                 and set(stored) <= set(steps)):
-            return "its list of stored states is inconsistent"
-        if zlen is not None and (not isinstance(zlen, int) or isinstance(zlen, bool) or zlen < 0):
-            return "its compressed data length is not a byte count"
-        if not isinstance(crc, str) or raw != chunk_header(self.layout, steps, stored, self.run_id, crc, self.version,
-                                                           zlen):
-            return ("its header does not match the run's manifest (tensor names, dtypes, shapes or offsets differ)")
-        expected = 8 + n + (len(stored) * self.layout.nbytes if zlen is None else zlen)
-        if size != expected:
-            return f"size {size} bytes, expected {expected} (truncated?)"
+            raise Unsealed("its list of stored states is inconsistent")
+        if zlen is not None and type(zlen) is not int or (zlen or 0) < 0 or encoding not in ENCODINGS:
+            raise Unsealed("its encoding or compressed data length is not one replay writes")
+        expected = len(head) + _data_end(header)
+        if size != expected:  # before the checksum reads every byte: a sparse 16 GB file costs nothing
+            raise Unsealed(f"size {size:,} bytes, but its header describes {expected:,} (truncated, or a damaged "
+                           f"header)")
+        if self.version >= 2:
+            check_seal(f, head, size)
+            if meta.get("run") != self.run_id:
+                raise Unsealed(f"it belongs to another run (run id {meta.get('run')!r}, this run is {self.run_id})")
+        if not isinstance(digest, str) or head != chunk_header(self.layout, steps, stored, self.run_id, digest,
+                                                               self.version, zlen, encoding):
+            raise Unsealed("its header does not match the run's manifest (tensor names, dtypes, shapes or offsets "
+                           "differ)")
         if self.version == 1:  # format 1: the CRC-32 covered the data section only
-            got = f"{zlib.crc32(memoryview(buf)[8 + n:]):08x}"
-            if got != crc:
-                return f"checksum mismatch (crc32 {got}, header says {crc})"
-        return stored, zlen
+            f.seek(len(head))
+            crc = 0
+            while block := f.read(8 << 20):
+                crc = zlib.crc32(block, crc)
+            if f"{crc:08x}" != digest:
+                raise Unsealed(f"checksum mismatch (crc32 {crc:08x}, header says {digest})")
+        return stored, zlen, len(head)
 
-    def states(self, start: int | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        """Yield (t, {name: int-view tensor}) for every state from `start` on.
+    def flat_states(self, start: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (t, flat uint8 state [nbytes]) for every state from `start` on: one read and one XOR per stored
+        state, whatever the number of tensors.
 
-        The yielded tensors are the decoder's working buffers (bit patterns as integers),
-        overwritten by the next iteration: copy what you keep.
+        The yielded tensor is the decoder's working buffer, overwritten by the next iteration:
+        copy what you keep. Memory: two states (compressed chunks: the chunk's states).
         """
         self.verify()
-        if self.zlen is not None:
-            yield from self._compressed_states(start)
-            return
-        stored = set(self.stored)
-        specs = self.layout.specs
-        with safe_open(self.path, framework="pt") as f:
-            cur: dict[str, torch.Tensor] = {}
-            for i, t in enumerate(self.steps):
-                if i == 0:  # keyframe: own dtype, reinterpreted as integers for XOR
-                    for s in specs:
-                        cur[s.name] = f.get_tensor(f"{t}/{s.name}").view(getattr(torch, _int_name(s.itemsize)))
-                elif t in stored:
-                    for s in specs:
-                        cur[s.name].bitwise_xor_(f.get_tensor(f"{t}/{s.name}"))
+        nb = self.layout.nbytes
+        data = self._decompressed() if self.zlen is not None else None
+        slot = {t: i for i, t in enumerate(self.stored)}
+        cur, delta = np.empty(nb, dtype=np.uint8), np.empty(nb, dtype=np.uint8)
+        out = torch.from_numpy(cur)
+        with open_regular(self.path) as f:
+            for t in self.steps:
+                i = slot.get(t)
+                if i is not None:
+                    if data is not None:
+                        block = data[i * nb:(i + 1) * nb]
+                    else:
+                        f.seek(self.data_start + i * nb)
+                        if f.readinto(memoryview(delta)) != nb:
+                            raise self._damaged("it ended early while it was read (changed since it was verified?)")
+                        block = delta
+                    if i == 0:  # keyframe
+                        np.copyto(cur, block)
+                    else:
+                        np.bitwise_xor(cur.view(np.uint64), block.view(np.uint64), out=cur.view(np.uint64))
                 if start is None or t >= start:
-                    yield t, cur
+                    yield t, out
 
-    def _compressed_states(self, start: int | None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    def _decompressed(self) -> np.ndarray:
         from replay.store.compress import decompress
 
-        with open(self.path, "rb") as f:
-            f.seek(8 + struct.unpack("<Q", f.read(8))[0])
+        with open_regular(self.path) as f:
+            f.seek(self.data_start)
             z = f.read(self.zlen)
         flat = decompress(z, self.layout, len(self.stored))
         if flat is None:  # the checksum held: written so, by a bug or by hand
             raise self._damaged("its compressed data does not decompress to its states")
-        flat, nb, slot = torch.from_numpy(flat), self.layout.nbytes, {t: i for i, t in enumerate(self.stored)}
-        cur: dict[str, torch.Tensor] = {}
-        for t in self.steps:
-            if t in slot:
-                views = self.layout.views(flat[slot[t] * nb:(slot[t] + 1) * nb])
-                for s in self.layout.specs:
-                    bits = views[s.name].view(getattr(torch, _int_name(s.itemsize)))
-                    if t == self.first:  # keyframe
-                        cur[s.name] = bits.clone()
-                    else:
-                        cur[s.name].bitwise_xor_(bits)
-            if start is None or t >= start:
-                yield t, cur
-
-
-def _int_name(itemsize: int) -> str:
-    return {8: "int64", 4: "int32", 2: "int16", 1: "int8"}[itemsize]
+        return flat

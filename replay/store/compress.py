@@ -33,19 +33,11 @@ def zstd() -> ModuleType:
     return zstandard
 
 
-def _planes(layout: StateLayout) -> list[tuple[int, int, int]]:
-    """(offset, bytes, itemsize) of each tensor in a flat state, in layout order; the padding as itemsize 1."""
-    parts = [(layout.offsets[s.name], s.nbytes, s.itemsize) for s in layout.packed]
-    if layout.pad:
-        parts.append((layout.data_bytes, layout.pad, 1))
-    return parts
-
-
 def _regroup(data: np.ndarray, layout: StateLayout, planes: bool) -> np.ndarray:
     """Each tensor's bytes of flat states [n × nbytes] grouped by byte plane (planes), or back (not planes)."""
     out = np.empty_like(data)
     for base in range(0, data.nbytes, layout.nbytes):
-        for o, nb, k in _planes(layout):
+        for o, nb, k in layout.segments:
             src = data[base + o:base + o + nb]
             out[base + o:base + o + nb] = (src if k == 1 else src.reshape((-1, k) if planes else (k, -1)).T.reshape(-1))
     return out

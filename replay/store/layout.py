@@ -4,8 +4,11 @@ One flat buffer per state lets the recorder copy, XOR, checksum and write a whol
 with a handful of vectorized operations whatever the number of tensors. Tensors are
 ordered by element size (largest first, stable) so that every tensor starts at an offset
 divisible by its element size, and the state is padded to 8 bytes so consecutive states
-in a chunk stay aligned. That padding is an explicit `__pad__` tensor because safetensors
-forbids holes between tensors.
+in a chunk stay aligned. In a per-tensor chunk that padding is an explicit tensor (key
+`"{t}/"`) because safetensors forbids holes between tensors.
+
+`segments` describe the same bytes without names: (offset, bytes, element size) runs, the
+unit of byte-plane compression and of the slices a rank records (`Slice`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from replay.errors import RecordError
 
 # safetensors dtype codes <-> torch dtypes (the ones a parameter or buffer can have)
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -31,6 +36,11 @@ TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 # XOR deltas are stored as signed integers of the same width (bit patterns, not values)
 INT_OF_SIZE = {8: "I64", 4: "I32", 2: "I16", 1: "I8"}
 ALIGN = 8
+
+
+def int_dtype(itemsize: int) -> torch.dtype:
+    """The signed integer dtype of one element's width: the bit pattern of any recorded dtype."""
+    return {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[itemsize]
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,9 @@ class TensorSpec:
 
 def spec_of(name: str, t: torch.Tensor, kind: str = "param") -> TensorSpec:
     if t.dtype not in TORCH_TO_ST:
-        raise TypeError(f"{name}: dtype {t.dtype} cannot be recorded (supported: {sorted(TORCH_TO_ST)})")
+        known = ", ".join(str(d).removeprefix("torch.") for d in ST_DTYPES.values())
+        raise RecordError(f"{kind} {name!r}: dtype {str(t.dtype).removeprefix('torch.')} cannot be recorded (replay "
+                          f"records {known}); keep it out of the recorded set (requires_grad_(False)) or convert it")
     return TensorSpec(name, tuple(t.shape), TORCH_TO_ST[t.dtype], kind)
 
 
@@ -93,6 +105,14 @@ class StateLayout:
         self.data_bytes = off
         self.pad = (-off) % ALIGN
         self.nbytes = off + self.pad
+
+    @property
+    def segments(self) -> list[tuple[int, int, int]]:
+        """(offset, bytes, element size) of each tensor in the flat state, in byte order; the padding as size 1."""
+        out = [(self.offsets[s.name], s.nbytes, s.itemsize) for s in self.packed if s.nbytes]
+        if self.pad:
+            out.append((self.data_bytes, self.pad, 1))
+        return out
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Typed, shaped views into a flat uint8 tensor holding one state (no copy)."""

@@ -18,12 +18,15 @@ from pathlib import Path
 
 from replay.errors import RunError
 from replay.store.atomic import PLACEHOLDER, check_seal, seal, write_atomic
+from replay.store.files import open_regular, read_exactly, size_of, why_unreadable
 from replay.store.layout import ST_DTYPES, TensorSpec
 
 FORMAT = "replay-run/2"
 LEGACY_FORMAT = "replay-run/1"  # 0.1.0: no checksum, no run id (still readable)
 MANIFEST = "manifest.json"
-_CRC_FIELD = re.compile(rb'"xxh3": "([0-9a-f]{16})"\n\}\n\Z')
+_SEAL_FIELD = re.compile(rb'"xxh3": "([0-9a-f]{16})"\n\}\n\Z')
+# ~120 bytes per tensor: a manifest of this size already names ~4 million tensors; more is no model's
+MAX_MANIFEST = 512 << 20
 
 
 @dataclass
@@ -36,6 +39,8 @@ class Manifest:
     chunk_bytes: int = 0
     aliases: dict[str, str] = field(default_factory=dict)  # tied parameter's other name -> recorded name
     frozen: list[str] = field(default_factory=list)  # parameters with requires_grad=False: not recorded
+    # xxh3 of each frozen parameter and unrecorded buffer at state 0 (store.constants), compared at compute
+    constants: dict[str, dict] = field(default_factory=dict)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     format: str = FORMAT
 
@@ -62,13 +67,14 @@ class Manifest:
             "metadata": self.metadata,
             "aliases": self.aliases,
             "frozen": self.frozen,
+            "constants": self.constants,
             "tensors": [s.to_json() for s in self.tensors],
         }
 
     def encode(self) -> bytes:
         body = json.dumps(self.to_json(), indent=1)
         assert body.endswith("\n}")
-        return seal(f'{body[:-2]},\n "xxh3": "{PLACEHOLDER.decode()}"\n}}\n'.encode(), _CRC_FIELD)
+        return seal(f'{body[:-2]},\n "xxh3": "{PLACEHOLDER.decode()}"\n}}\n'.encode(), _SEAL_FIELD)
 
     def write(self, run_dir: Path) -> None:
         write_atomic(run_dir / MANIFEST, self.encode())
@@ -76,16 +82,20 @@ class Manifest:
     @staticmethod
     def read(run_dir: Path) -> Manifest:
         path = Path(run_dir) / MANIFEST
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             raise RunError(f"{run_dir}: not a replay run (no {MANIFEST}); pass the directory given to Recorder")
         try:
-            raw = path.read_bytes()
+            with open_regular(path) as f:
+                size = size_of(f)
+                if size > MAX_MANIFEST:
+                    raise _damaged(path, f"{size:,} bytes, more than any run's manifest ({MAX_MANIFEST:,})")
+                raw = read_exactly(f, size)
         except OSError as e:
-            raise RunError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
+            raise RunError(f"{path}: cannot read the manifest ({why_unreadable(e)})") from None
         try:
             d = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise _damaged(path, f"not JSON ({e})") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise _damaged(path, f"not JSON ({type(e).__name__})") from None
         if not isinstance(d, dict):
             raise _damaged(path, f"expected a JSON object, got {type(d).__name__}")
         fmt = d.get("format")
@@ -93,7 +103,7 @@ class Manifest:
             if isinstance(fmt, str) and fmt.startswith("replay-run/"):
                 raise RunError(f"{path}: format {fmt!r} is newer than this replay reads ({FORMAT!r}); upgrade replay")
             raise _damaged(path, f"format {fmt!r} is not a replay run format")
-        if fmt == FORMAT and (why := check_seal(raw, _CRC_FIELD)):
+        if fmt == FORMAT and (why := check_seal(raw, _SEAL_FIELD)):
             raise _damaged(path, why)
         return _validated(d, path)
 
@@ -137,8 +147,14 @@ def _validated(d: dict, path: Path) -> Manifest:
          "'aliases' must map other names to recorded parameters")
     frozen = d.get("frozen", [])
     need(isinstance(frozen, list) and all(isinstance(n, str) for n in frozen), "'frozen' must be a list of names")
+    constants = d.get("constants", {})
+    need(isinstance(constants, dict) and all(
+        isinstance(k, str) and isinstance(v, dict) and v.get("kind") in ("frozen", "buffer")
+        and isinstance(v.get("xxh3"), str) and re.fullmatch(r"[0-9a-f]{16}", v["xxh3"]) for k, v in constants.items()),
+        "'constants' must map names to {kind, xxh3}")
     chunk_bytes, torch_version = d.get("chunk_bytes", 0), d.get("torch_version", "")
     need(type(chunk_bytes) is int and chunk_bytes >= 0, f"bad chunk_bytes {chunk_bytes!r}")
     need(isinstance(torch_version, str), "bad torch_version")
     return Manifest(tensors=specs, every=every, task=task, torch_version=torch_version, metadata=metadata,
-                    chunk_bytes=chunk_bytes, aliases=dict(aliases), frozen=frozen, run_id=run_id, format=d["format"])
+                    chunk_bytes=chunk_bytes, aliases=dict(aliases), frozen=frozen, constants=dict(constants),
+                    run_id=run_id, format=d["format"])

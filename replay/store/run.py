@@ -1,9 +1,10 @@
 """Reading a run: `open_run(path)` → `Run` with bit-exact `state(t)` and `states(a, b)`.
 
-States are rebuilt from the nearest keyframe (the first state of a chunk) by XOR, so they
-equal training's parameters bit for bit. Only the chunks a request touches are opened,
-through safetensors' memory map; nothing loads the whole run. Every chunk is verified
-against the manifest before its first state is returned (see `store.chunk`).
+States are rebuilt from the nearest keyframe (the first state of a chunk) by XOR of whole
+flat states, so they equal training's parameters bit for bit and decoding costs O(bytes)
+whatever the number of tensors. Only the chunks a request touches are read; nothing loads
+the whole run. Every chunk is verified against the manifest before its first state is
+returned (see `store.chunk`).
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from safetensors.torch import save
 
 from replay.errors import ChunkDamaged, RunError
 from replay.store.atomic import is_tmp, write_atomic
-from replay.store.batches import read_batches
+from replay.store.batches import batch_files, check_batches, read_batches
 from replay.store.chunk import CHUNK_RE, Chunk
+from replay.store.claim import is_locked
+from replay.store.files import regular_size
 from replay.store.layout import StateLayout
 from replay.store.manifest import MANIFEST, Manifest
-
-LOCK = ".replay.lock"
 
 
 @dataclass
@@ -40,6 +41,7 @@ class RunInfo:
     orphans: list[str]
     leftovers: list[str]
     compressed: int = 0  # chunks stored zstd-compressed (Recorder(compress=True))
+    live: bool | None = False  # a Recorder is writing the run now (None: cannot tell)
 
 
 class Run:
@@ -54,11 +56,13 @@ class Run:
         every = self.manifest.every
         self.chunks: list[Chunk] = []
         self.orphans: list[Chunk] = []  # chunks after a gap (a lost chunk): not part of the run
-        self.leftovers: list[str] = []  # temp files of writes a kill interrupted: ignored
+        self.invalid: list[Chunk] = []  # names no writer makes (more states than a chunk holds): damaged
+        self.leftovers: list[str] = []  # temp files of writes a kill interrupted (or being written now): ignored
         found = []
         for p in self.path.iterdir():
             if CHUNK_RE.match(p.name):
-                found.append(Chunk(p, every, self.layout, self.manifest.run_id, self.manifest.version))
+                c = Chunk(p, every, self.layout, self.manifest.run_id, self.manifest.version)
+                (found if c.claim_ok else self.invalid).append(c)
             elif is_tmp(p.name):
                 self.leftovers.append(p.name)
         expected = 0
@@ -87,6 +91,11 @@ class Run:
         return dict(self.manifest.aliases)
 
     @property
+    def live(self) -> bool | None:
+        """Whether a Recorder is writing this run right now (its steps may still grow); None if unknown."""
+        return is_locked(self.path)
+
+    @property
     def missing(self) -> tuple[int, int] | None:
         """(first missing state, last recorded state after the gap) when a middle chunk is lost, else None."""
         if not self.orphans:
@@ -106,44 +115,63 @@ class Run:
         have = f"{self.steps[0]}..{self.steps[-1]} every {self.manifest.every}" if self.steps else "none"
         raise RunError(f"{self.path}: state {t} was not recorded (recorded: {have})")
 
-    def _typed(self, cur: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
-        return {s.name: cur[s.name].clone().view(s.torch_dtype) for s in self.manifest.tensors if s.kind == kind}
+    def _typed(self, flat: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
+        """{name: tensor} of one kind, views into one private copy of the flat state (one copy per state)."""
+        views = self.layout.views(flat.clone())
+        return {s.name: views[s.name] for s in self.manifest.tensors if s.kind == kind}
 
     def state(self, t: int, *, buffers: bool = False) -> dict[str, torch.Tensor]:
         """Parameters at state t ({name: tensor}, named_parameters() names), bit-exact.
 
         With `buffers=True`, the recorded buffers instead (when the run recorded them).
         """
-        for _, cur in self._chunk_of(t).states(start=t):
-            return self._typed(cur, "buffer" if buffers else "param")
+        return self._typed(self.flat_state(t), "buffer" if buffers else "param")
+
+    def flat_state(self, t: int) -> torch.Tensor:
+        """State t as its flat bytes (`store.layout`), a private copy."""
+        for _, flat in self._chunk_of(t).flat_states(start=t):
+            return flat.clone()
         raise AssertionError("unreachable")
+
+    def flat_states(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (t, flat uint8 state) for recorded t in range(start, stop); the tensor is overwritten by the
+        next one (copy what you keep)."""
+        stop = self.steps[-1] + 1 if stop is None and self.steps else (stop or 0)
+        for c in self.chunks:
+            if c.last < start or c.first >= stop:
+                continue
+            for t, flat in c.flat_states(start=start):
+                if t >= stop:
+                    return
+                yield t, flat
 
     def states(self, start: int = 0, stop: int | None = None, *, buffers: bool = False
                ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Yield (t, params) for recorded t in range(start, stop), one decode per state."""
-        stop = self.steps[-1] + 1 if stop is None and self.steps else (stop or 0)
         kind = "buffer" if buffers else "param"
-        for c in self.chunks:
-            if c.last < start or c.first >= stop:
-                continue
-            for t, cur in c.states(start=start):
-                if t >= stop:
-                    return
-                yield t, self._typed(cur, kind)
+        for t, flat in self.flat_states(start, stop):
+            yield t, self._typed(flat, kind)
 
-    def export(self, t: int, path: str | Path) -> int:
+    def export(self, t: int, path: str | Path, *, overwrite: bool = False) -> int:
         """Write state t (and its buffers, if recorded) as a plain safetensors file; returns the tensor count.
 
-        Keys are the model's own names (`model.load_state_dict(load_file(path), strict=False)`);
-        tied parameters appear once, their other names are in the metadata (`aliases`).
+        Keys are the model's own names; a tied parameter is written under each of its names
+        (`model.load_state_dict(load_file(path))` needs every one), its aliases also in the
+        metadata. Frozen parameters were not recorded: load with `strict=False` onto a model
+        that holds them. Never writes into a run directory, nor over a file unless `overwrite`.
         """
         path = Path(path)
+        _refuse_target(path, overwrite)
         tensors = self.state(t)
         if self.manifest.buffers:
             tensors.update(self.state(t, buffers=True))
-        meta = {"replay_run": self.manifest.run_id, "state": str(t), "aliases": json.dumps(self.aliases)}
-        try:
-            write_atomic(path, save(tensors, metadata=meta))
+        for alias, name in self.aliases.items():
+            tensors[alias] = tensors[name]
+        meta = {"replay_run": self.manifest.run_id, "state": str(t), "aliases": json.dumps(self.aliases),
+                "frozen_not_recorded": json.dumps(self.manifest.frozen)}
+        try:  # safetensors refuses shared memory: an alias gets its own copy in the file
+            data = save({k: v.clone() if k in self.aliases else v for k, v in tensors.items()}, metadata=meta)
+            write_atomic(path, data)
         except OSError as e:
             raise RunError(f"{path}: cannot write ({e.strerror or e}); pass a writable file path") from None
         return len(tensors)
@@ -154,15 +182,14 @@ class Run:
         if not self.chunks and not self.orphans:
             problems.append(f"{self.path}: nothing was recorded (no chunk); a recorder killed before its first "
                             f"flush leaves only the manifest")
-        for c in self.chunks + self.orphans:
+        for c in self.invalid + self.chunks + self.orphans:
             try:
-                c.verify()
+                c.verify(hint=False)
             except ChunkDamaged as e:
                 problems.append(str(e))
-        try:
-            read_batches(self.path, self.manifest.run_id)
-        except ChunkDamaged as e:
-            problems.append(str(e))
+        for p in batch_files(self.path):
+            if why := check_batches(p, self.manifest.run_id):
+                problems.append(f"{p}: {why} — the batches file is damaged; the states are unaffected")
         if self.orphans:
             a, b = self.missing
             problems.append(f"{self.path}: states from {a} are missing (a chunk is lost) but {len(self.orphans)} "
@@ -172,7 +199,7 @@ class Run:
 
     def info(self) -> RunInfo:
         n_params = sum(s.numel for s in self.manifest.params)
-        size = sum(c.path.stat().st_size for c in self.chunks)
+        size = sum(regular_size(c.path) or 0 for c in self.chunks)
         steps = len(self.steps)
         return RunInfo(
             steps=steps,
@@ -181,12 +208,25 @@ class Run:
             tensors=len(self.manifest.tensors),
             params=n_params,
             chunks=len(self.chunks),
-            bytes_on_disk=size + (self.path / MANIFEST).stat().st_size,
+            bytes_on_disk=size + (regular_size(self.path / MANIFEST) or 0),
             bytes_per_param_step=size / max(1, n_params * steps),
-            orphans=[c.path.name for c in self.orphans],
+            orphans=[c.path.name for c in self.orphans + self.invalid],
             leftovers=list(self.leftovers),
             compressed=sum(c.says_compressed() for c in self.chunks),
+            live=self.live,
         )
+
+
+def _refuse_target(path: Path, overwrite: bool) -> None:
+    """Exporting must never destroy a run (or anything else) by accident."""
+    if path.is_dir():
+        raise RunError(f"{path}: is a directory; pass the path of the .safetensors file to write")
+    parent = path.resolve().parent
+    if (parent / MANIFEST).exists() or (parent / "meta.json").exists() or (parent / "progress.json").exists():
+        raise RunError(f"{path}: is inside a run or lca directory, which only replay writes; export to a path "
+                       f"outside it")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise RunError(f"{path}: exists; pass overwrite=True (--force) to replace it, or another path")
 
 
 def open_run(path: str | Path) -> Run:
