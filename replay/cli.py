@@ -85,19 +85,23 @@ def verify(run: RunArg) -> None:
     if problems:
         raise typer.Exit(1)
     typer.echo(f"ok: {len(r.chunks)} chunks, {len(r.steps)} states, all checksums match")
-    if r.leftovers:
+    if r.live:
+        typer.echo("note: a Recorder is writing this run now: its newest states are not in a chunk yet"
+                   + (f" ({', '.join(r.leftovers[:3])} is being written)" if r.leftovers else ""))
+    elif r.leftovers:
         typer.echo(f"note: {len(r.leftovers)} temp file(s) of an interrupted write are ignored "
                    f"(safe to delete): {', '.join(r.leftovers[:3])}")
 
 
 @app.command()
 def export(run: RunArg, out: Annotated[Path, typer.Argument(help="the .safetensors file to write")],
-           step: Annotated[int, typer.Option(help="the recorded state to export")]) -> None:
+           step: Annotated[int, typer.Option(help="the recorded state to export")],
+           force: Annotated[bool, typer.Option("--force", help="replace OUT if it exists")] = False) -> None:
     """One recorded state as a plain safetensors file, keyed by the model's parameter names (bit-exact)."""
     from replay.store import open_run
 
     try:
-        n = open_run(run).export(step, out)
+        n = open_run(run).export(step, out, overwrite=force)
     except ReplayError as e:
         raise _fail(e) from None
     typer.echo(f"wrote {out}: state {step}, {n} tensors")

@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     raise ImportError("replay.huggingface needs transformers: pip install 'replay-lca[hf]'") from None
 
 from replay.record import Recorder
+from replay.recording.watch import catch_up
 from replay.wrappers import torch_optimizer
 
 
@@ -61,8 +62,7 @@ class ReplayCallback(TrainerCallback):
         if self.recorder is None:
             return
         self._steps += 1
-        if self.recorder.step < self._steps:  # the wrapper skipped the update: a zero-change state
-            self.recorder.capture()
+        catch_up(self.recorder, self._steps)  # an update the wrapper skipped (AMP): a zero-change state
 
     def on_epoch_end(self, args: object, state: object, control: object, **kwargs: object) -> None:
         if control.should_training_stop or state.global_step >= state.max_steps:

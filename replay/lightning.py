@@ -20,6 +20,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from replay.errors import RecordError
 from replay.record import Recorder
+from replay.recording.watch import catch_up
 from replay.wrappers import torch_optimizer
 
 
@@ -53,8 +54,7 @@ class ReplayCallback(Callback):
 
     def on_train_batch_end(self, trainer: object, pl_module: object, *args: object, **kwargs: object) -> None:
         if self.recorder is not None:
-            while self.recorder.step < trainer.global_step - self._first:  # skipped by the AMP scaler
-                self.recorder.capture()
+            catch_up(self.recorder, trainer.global_step - self._first)  # steps the AMP scaler skipped
 
     def on_train_end(self, trainer: object, pl_module: object) -> None:
         self._close()

@@ -7,10 +7,10 @@ from torch import nn
 def recorder_mode(request, monkeypatch):
     """Both ways the CPU recorder encodes: on the training thread (small states), or copied and
     encoded by a background thread (states of DEFER_BYTES and more): forced here by a threshold of 0."""
-    import replay.record
+    import replay.recording.snapshot
 
     if request.param == "threaded":
-        monkeypatch.setattr(replay.record, "DEFER_BYTES", 0)
+        monkeypatch.setattr(replay.recording.snapshot, "DEFER_BYTES", 0)
     return request.param
 
 

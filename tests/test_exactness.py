@@ -139,7 +139,7 @@ def test_a_deleted_run_directory_is_named_as_such(tmp_path, recorder_mode):
     model = digits_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = replay.Recorder(model, tmp_path / "run", optimizer=opt, chunk_bytes=30_000)
-    with pytest.raises(RecordError, match="deleted or moved while recording"):
+    with pytest.raises(RecordError, match="was deleted or moved"):
         for i in range(200):
             if i == 20:  # the writer may be creating a file meanwhile: remove until it is gone
                 while (tmp_path / "run").exists():
