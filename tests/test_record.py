@@ -211,7 +211,7 @@ def test_parameter_set_change_is_an_error_and_keeps_data(tmp_path, recorder_mode
         nn.functional.mse_loss(model(torch.randn(4, 8)), torch.randn(4, 3)).backward()
         opt.step()
     model[2] = nn.Linear(16, 5)  # the architecture changed mid-run: the registration hook sees it at once
-    with pytest.raises(RecordError, match=r"parameters changed after recording began \(2.weight, 2.bias\).*new Recorder"):
+    with pytest.raises(RecordError, match=r"changed after recording began \(2.weight, 2.bias\)"):
         rec.capture()
     with pytest.raises(RecordError):
         rec.close()
