@@ -139,6 +139,8 @@ def compute(
     data_parallel: Annotated[bool, typer.Option(
         "--data-parallel", help="under torchrun: every process takes a shard of the data of every step "
                                 "(default: a block of steps each)")] = False,
+    restart: Annotated[bool, typer.Option("--restart", help="replace what the lca dir holds (another or an "
+                                                              "unfinished compute) instead of resuming")] = False,
 ) -> None:
     """Replay RUN and allocate each step's loss change to every parameter (writes polars frames).
 
@@ -151,7 +153,7 @@ def compute(
     try:
         fr = run_compute(run, loss, per_class, task=task, device=device, tol=tol, rtol=rtol, max_splits=max_splits,
                          first_order=first_order, steps=_parse_steps(steps), out=out, dense=dense, progress=progress,
-                         data_parallel=data_parallel, per_example=per_example)
+                         data_parallel=data_parallel, per_example=per_example, restart=restart)
     except (ReplayError, ValueError) as e:
         raise _fail(e) from None
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports for all

@@ -9,7 +9,6 @@ additions. Negative LCA = the parameter helped (the loss went down).
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,18 @@ import numpy as np
 import polars as pl
 
 from replay.errors import RunError
-from replay.store.atomic import write_atomic
+from replay.lcadir import (
+    META,
+    PROGRESS_RE,
+    LcaDirDamaged,
+    Part,
+    check_parts,
+    frame_files,
+    parts_of,
+    read_sealed,
+    write_json,
+    write_part,
+)
 
 STEPS_SCHEMA = {
     "step": pl.Int64, "loss": pl.String, "loss_before": pl.Float64, "loss_after": pl.Float64,
@@ -47,7 +57,7 @@ PARAMS_SCHEMA = {
 
 @dataclass
 class Frames:
-    """The three frames of an lca dir, as polars LazyFrames, and its meta.json."""
+    """The frames of an lca dir, as polars LazyFrames, and its meta.json."""
 
     path: Path
     steps: pl.LazyFrame
@@ -61,20 +71,37 @@ class Frames:
         return f"Frames({str(self.path)!r}, losses={self.meta.get('losses')}, steps={self.meta.get('n_steps')})"
 
 
-def load(path: str | Path) -> Frames:
-    """Open an lca dir written by `compute` (lazily: nothing is read until collected)."""
+def load(path: str | Path, *, verify: bool = True) -> Frames:
+    """Open an lca dir written by `compute` (lazily: no value is read until collected).
+
+    Every part is first checked against meta.json's record of it (size and xxHash3, streamed),
+    and a file no record names is refused: a damaged, dropped or foreign part is one line, never a
+    silently wrong frame. `verify=False` skips the checksums (the records and the file list are
+    still checked).
+    """
     path = Path(path)
-    meta_path = path / "meta.json"
-    if not meta_path.is_file() and (path / "progress.json").is_file():
-        raise RunError(f"{path}: the computation did not finish; run the same `replay compute` again to resume it")
-    if not meta_path.is_file():
+    meta_path = path / META
+    if not meta_path.exists():
+        if path.is_dir() and any(PROGRESS_RE.fullmatch(p.name) for p in path.iterdir()):
+            raise RunError(f"{path}: the computation did not finish; run the same `replay compute` again to resume it")
         raise RunError(f"{path}: not an lca dir (no meta.json); write one with `replay compute RUN --out {path}`")
-    meta = json.loads(meta_path.read_text())
-    if not meta.get("complete"):
+    meta = read_sealed(meta_path)
+    if meta.get("complete") is not True:
         raise RunError(f"{path}: the computation did not finish; run `replay compute` again to resume it")
+    parts = parts_of(meta, meta_path)
+    problems = check_parts(path, parts) if verify else [
+        f"{p}: no record of this compute names it" for p in frame_files(path)
+        if str(p.relative_to(path)) not in {q.path for q in parts}]
+    if problems:
+        more = f" (and {len(problems) - 1} more: `replay verify {path}` lists them)" if len(problems) > 1 else ""
+        raise LcaDirDamaged(f"{path}/{problems[0]}{more} — the frames cannot be trusted; compute again into a new "
+                            f"--out (or --restart)")
+    by_dir: dict[str, list[Path]] = {}
+    for part in parts:
+        by_dir.setdefault(Path(part.path).parts[0], []).append(path / part.path)
 
     def scan(name: str, schema: dict) -> pl.LazyFrame:
-        files = sorted((path / name).glob("*.parquet"))
+        files = sorted(f for f in by_dir.get(name, []) if f.suffix == ".parquet")
         return pl.scan_parquet(files) if files else pl.LazyFrame(schema=schema)
 
     return Frames(path, scan("steps", STEPS_SCHEMA), scan("tensors", TENSORS_SCHEMA),
@@ -127,8 +154,8 @@ class FrameWriter:
     def __len__(self) -> int:
         return len(self._steps)
 
-    def flush(self, seq: int) -> list[str]:
-        """Write the buffered rows as part `seq`; returns the files written (relative)."""
+    def flush(self, seq: int) -> list[Part]:
+        """Write the buffered rows as part `seq`; returns the records of the files written."""
         if not self._steps:
             return []
         L, T = len(self.loss_names), len(self.tensor_names)
@@ -155,14 +182,13 @@ class FrameWriter:
         frames = [("steps", steps), ("tensors", tensors)]
         if self._examples:
             frames += [("examples", pl.concat(self._examples)), ("example_steps", pl.concat(self._example_steps))]
+        first, last = int(self._steps[0]["step"]), int(self._steps[-1]["step"])
         for name, df in frames:
-            rel = f"{name}/{self.prefix}-{seq:06d}.parquet"
-            _write_parquet(df, self.out / rel)
-            files.append(rel)
+            files.append(_write_parquet(df, self.out, f"{name}/{self.prefix}-{seq:06d}.parquet", first, last))
         self._steps, self._tensors, self._examples, self._example_steps = [], [], [], []
         return files
 
-    def write_params(self, lca: np.ndarray, helped: np.ndarray, n_steps: int, start: int = 0) -> str:
+    def write_params(self, lca: np.ndarray, helped: np.ndarray, n_steps: int, start: int = 0) -> Part:
         """Totals over steps: lca [L, k] float64, helped [L, k] counts, for the flat parameters start..start+k
         (in tensor order; a data-parallel rank writes its own slice)."""
         L, k = lca.shape
@@ -176,18 +202,16 @@ class FrameWriter:
             "index": np.tile(index, L), "lca": lca.reshape(-1),
             "n_helped": helped.reshape(-1).astype(np.int64), "n_steps": np.full(L * k, n_steps, dtype=np.int64),
         }, schema=PARAMS_SCHEMA)
-        rel = f"params/{self.prefix}.parquet"
-        _write_parquet(df, self.out / rel)
-        return rel
+        return _write_parquet(df, self.out, f"params/{self.prefix}.parquet")
 
 
-def _write_parquet(df: pl.DataFrame, path: Path) -> None:
+def _write_parquet(df: pl.DataFrame, out: Path, rel: str, first: int | None = None, last: int | None = None) -> Part:
     """Whole file or nothing, durable before the resume state names it: encoded in memory (a part is one
-    flush of rows), then written like every other file (`store.atomic.write_atomic`)."""
+    flush of rows), then written and recorded (`lcadir.write_part`)."""
     buf = io.BytesIO()
     df.write_parquet(buf)
-    write_atomic(path, buf.getbuffer())
+    return write_part(out, rel, buf.getbuffer(), df.height, first, last)
 
 
 def write_meta(out: Path, meta: dict) -> None:
-    write_atomic(out / "meta.json", json.dumps(meta, indent=1).encode())
+    write_json(out / META, meta)

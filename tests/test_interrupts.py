@@ -10,6 +10,7 @@ twice, and at most one update per interrupt merged into the next state.
 import random
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -58,9 +59,9 @@ def _interrupted_training(path, seed: int, updates: int, chunk_bytes: int):
             signal.pthread_kill(main, signal.SIGINT)
 
     done = interrupts = 0
-    t = threading.Thread(target=sender, daemon=True)
-    t.start()
-    try:
+
+    def train() -> None:
+        nonlocal done, interrupts
         while done < updates:
             try:
                 x, y = data[done % len(data)]
@@ -70,12 +71,22 @@ def _interrupted_training(path, seed: int, updates: int, chunk_bytes: int):
                 done += 1
             except KeyboardInterrupt:
                 interrupts += 1
+
+    t = threading.Thread(target=sender, daemon=True)
+    t.start()
+    try:
+        while done < updates:  # an interrupt on the loop's own back-edge, outside its try, is caught here
+            try:
+                train()
+            except KeyboardInterrupt:
+                interrupts += 1
     finally:
         stop.set()
         while True:  # the last interrupts may still be on their way
             try:
                 t.join()
                 rec.close()
+                time.sleep(0.05)  # a signal sent before the sender stopped is handled here, inside the try
                 break
             except KeyboardInterrupt:
                 interrupts += 1

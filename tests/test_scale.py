@@ -172,21 +172,27 @@ def test_resume_with_another_process_layout_is_refused(tmp_path):
     out, config = tmp_path / "lca", {"x": 1}
     out.mkdir()
     totals = {"n_steps": torch.zeros(1, dtype=torch.int64)}
+
+    def opened(out, place):
+        ck = Checkpoint(out, config, place)
+        ck.release()
+        return ck
+
     for r in (0, 1):
-        Checkpoint(out, config, Placement(r, 2)).save(7, totals, 3)
-    assert Checkpoint(out, config, Placement(1, 2)).next_step == 7, "the same place resumes"
+        opened(out, Placement(r, 2)).save(7, totals, 3, 0)
+    assert opened(out, Placement(1, 2)).next_step == 7, "the same place resumes"
     with pytest.raises(ReplayError, match=r"unfinished compute started by 2 processes in steps mode .* same proc"):
-        Checkpoint(out, config, Placement())  # one process
+        opened(out, Placement())  # one process
     with pytest.raises(ReplayError, match="started by 2 processes in steps mode"):
-        Checkpoint(out, config, Placement(0, 3))  # blocks of 3 are other steps than blocks of 2
+        opened(out, Placement(0, 3))  # blocks of 3 are other steps than blocks of 2
     with pytest.raises(ReplayError, match="started by 2 processes in steps mode"):
-        Checkpoint(out, config, Placement(0, 2, data_parallel=True))  # slices of parameters, not blocks of steps
+        opened(out, Placement(0, 2, data_parallel=True))  # slices of parameters, not blocks of steps
     one = tmp_path / "one"
     one.mkdir()
-    Checkpoint(one, config, Placement()).save(5, totals, 2)
-    assert Checkpoint(one, config, Placement()).next_step == 5
+    opened(one, Placement()).save(5, totals, 2, 0)
+    assert opened(one, Placement()).next_step == 5
     with pytest.raises(ReplayError, match="started by one process"):
-        Checkpoint(one, config, Placement(0, 2))
+        opened(one, Placement(0, 2))
 
 
 def test_torchrun_resumes_after_a_rank_dies(ddp_run, tmp_path):
@@ -263,9 +269,11 @@ def test_sharded_parameters_are_refused(tmp_path):
 def test_a_rank_that_lists_the_out_dir_before_another_writes_its_progress(tmp_path):
     """torchrun ranks start the same compute at once: rank 1 may list the lca dir before rank 0's progress
     file exists and look again after it does; that file is the same compute's, not a foreign dir."""
-    from replay.engine.checkpoint import Checkpoint, _finished
+    from replay.engine.checkpoint import Checkpoint
 
     out, config = tmp_path / "lca", {"losses": ["train"]}
-    Checkpoint(out, config, Placement(0, 2))  # rank 0: writes progress-r000.json before its first flush
-    assert _finished(out, config, []) is False  # rank 1's earlier listing saw no progress file
-    assert Checkpoint(out, config, Placement(1, 2)).next_step is None
+    assert not out.exists()
+    Checkpoint(out, config, Placement(0, 2)).release()  # rank 0: writes progress-r000.json before its first flush
+    ck = Checkpoint(out, config, Placement(1, 2))  # then rank 1 opens it: the same compute's
+    assert ck.next_step is None and not ck.complete
+    ck.release()

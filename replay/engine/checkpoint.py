@@ -1,123 +1,206 @@
-"""Checkpoint: what an interrupted `compute` needs to resume from its last flush.
+"""Checkpoint: what an interrupted `compute` needs to resume from its last flush, checked before it is believed.
 
-In the lca dir, per process (tag '' alone, '-r001' under torchrun): progress{tag}.json (the
-settings, the next step, the parquet parts written so far, evaluations done) and
-totals{tag}-{next}.safetensors (the per-parameter totals so far). A resume must use the
-same placement of processes: its blocks of steps, or slices of parameters, belong to it.
+In the lca dir, per process (tag '' alone, '-r001' under torchrun): progress{tag}.json (sealed:
+the settings, the next step, the records of the parts written so far, the steps done, the
+evaluations, the totals file) and totals{tag}-{next}.safetensors (the per-parameter totals so
+far). A resume checks the progress file's seal, every part and the totals against their
+records, and that the records agree with each other (rows, steps, flush numbers): an edited or
+damaged resume state is one line, never silently skipped or deleted steps. A resume must use
+the same placement of processes: its blocks of steps, or slices of parameters, belong to it.
+
+The dir is locked for the compute (`store.claim`); a compute that committed nothing belongs to
+nobody and is replaced; `restart` replaces whatever compute an lca dir holds.
 """
 
 from __future__ import annotations
 
-import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from replay.engine.parallel import Placement
 from replay.errors import ReplayError
-from replay.store.atomic import is_tmp, write_atomic
+from replay.lcadir import (
+    DENSE_DIR,
+    FRAME_DIRS,
+    META,
+    PROGRESS_RE,
+    LcaDirDamaged,
+    Part,
+    check_part,
+    is_lca_dir,
+    parts_of,
+    read_sealed,
+    write_json,
+    write_part,
+)
+from replay.store.claim import Claim, claim_lca_dir
+from replay.store.files import open_regular, read_exactly
 
 
 class Checkpoint:
     """Reads the resume state of this process at start (or finds the compute complete), and saves it."""
 
-    def __init__(self, out: Path, config: dict, place: Placement):
+    def __init__(self, out: Path, config: dict, place: Placement, restart: bool = False):
         self.out, self.config, self.place, self.tag = out, config, place, place.tag
-        self.parts: list[str] = []
+        self.parts: list[Part] = []
         self.next_step: int | None = None
-        self.seq = self.evals = 0
-        self.complete = False
+        self.seq = self.evals = self.steps_done = 0
         self.totals: dict[str, torch.Tensor] | None = None
-        prog = out / f"progress{self.tag}.json"
-        found = sorted(out.glob("progress*.json")) if out.is_dir() else []
-        self.complete = _finished(out, config, found)
+        if out.exists() and not out.is_dir():
+            raise ReplayError(f"--out {out}: is a file; pass a directory for the LCA frames")
+        if out.exists() and not is_lca_dir(out):
+            raise ReplayError(f"{out}: exists and is not an lca dir; choose another --out")
+        self.claim: Claim | None = claim_lca_dir(out, self.tag)
+        try:
+            self._open(restart)
+        except BaseException:
+            self.release()
+            raise
+
+    def _open(self, restart: bool) -> None:
+        out = self.out
+        if restart:
+            if self.place.rank == 0:
+                _wipe(out)
+            self.place.barrier()  # every rank sees the dir as rank 0 left it
+        self.complete = self._finished()
         if self.complete:
             return
-        self._check_layout(found)
-        if prog.is_file():
-            p = _read_json(prog)
-            if p.get("config") != config:
+        prog = out / f"progress{self.tag}.json"
+        self._check_layout()
+        if prog.exists():
+            p = read_sealed(prog)
+            committed = p.get("next_step") is not None
+            if p.get("config") != self.config and committed:
                 raise ReplayError(f"{out}: holds an unfinished compute with other "
-                                  f"{_differences(p.get('config'), config)}; choose another --out or delete it")
-            if p.get("next_step") is not None:  # else it was killed before its first flush: start over
-                self.parts, self.next_step, self.seq, self.evals = p["parts"], p["next_step"], p["seq"], p["evals"]
-                self.totals = load_file(out / p["totals"])
-        out.mkdir(parents=True, exist_ok=True)
-        if place.writes_steps:
-            keep = set(self.parts)
-            for f in (self.own_files("steps/part", ".parquet") + self.own_files("tensors/part", ".parquet")
-                      + self.own_files("examples/part", ".parquet") + self.own_files("example_steps/part", ".parquet")
-                      + self.own_files("dense/part", ".safetensors")):
-                if str(f.relative_to(out)) not in keep:
-                    f.unlink()  # written after the last checkpoint: will be recomputed
+                                  f"{_differences(p.get('config'), self.config)}; pass --restart to replace it, or "
+                                  f"choose another --out")
+            if committed and p.get("config") == self.config:  # else nothing was kept: start over
+                self._resume(p, prog)
+        if self.place.writes_steps:
+            keep = {part.path for part in self.parts}
+            mine = re.compile(rf"part{re.escape(self.tag)}-\d+\.(parquet|safetensors)")
+            for d in (*FRAME_DIRS, DENSE_DIR):
+                for f in (out / d).glob("*") if (out / d).is_dir() else []:
+                    if mine.fullmatch(f.name) and str(f.relative_to(out)) not in keep:
+                        f.unlink()  # written after the last checkpoint: will be recomputed
         if self.next_step is None:  # from here on, a rerun with the same settings resumes or starts over
-            self._write_progress(None, None, 0)
+            self._write_progress(None, None)
 
-    def _check_layout(self, found: list[Path]) -> None:
+    def _resume(self, p: dict, prog: Path) -> None:
+        """Believe the resume state only once its parts, totals and counts agree with their records."""
+        def damaged(why: str) -> LcaDirDamaged:
+            return LcaDirDamaged(f"{prog}: {why}; the compute cannot resume from it: run the same command with "
+                                 f"--restart to start over")
+
+        parts = parts_of(p, prog)
+        for part in parts:
+            if why := check_part(self.out, part):
+                raise damaged(f"a part it names is damaged: {why}")
+        totals = p.get("totals")
+        try:
+            totals = Part.of(totals)
+        except Exception:  # noqa: BLE001 - any malformed record is damage
+            raise damaged("its totals record is malformed") from None
+        if why := check_part(self.out, totals):
+            raise damaged(f"its totals are damaged: {why}")
+        nxt, seq, evals, done = p.get("next_step"), p.get("seq"), p.get("evals"), p.get("steps_done")
+        if not all(type(v) is int and v >= 0 for v in (nxt, seq, evals, done)):
+            raise damaged("its counters are not counts")
+        flushes = {int(m.group(1)) for part in parts if (m := re.search(r"-(\d+)\.(parquet|safetensors)$",
+                                                                          part.path))}
+        steps_parts = [part for part in parts if part.path.startswith("steps/")]
+        n_losses = len(self.config.get("losses", [])) or 1
+        if (flushes and seq != max(flushes) + 1) or sum(part.rows for part in steps_parts) != done * n_losses \
+                or any(part.last is not None and part.last >= nxt for part in steps_parts):
+            raise damaged("its records disagree with each other (next step, flush count, rows)")
+        with open_regular(self.out / totals.path) as f:
+            self.totals = load(read_exactly(f, totals.bytes))
+        self.parts, self.next_step, self.seq, self.evals, self.steps_done = parts, nxt, seq, evals, done
+        self._totals_part = totals
+
+    def _check_layout(self) -> None:
         """Unfinished files of another placement: its blocks of steps or parameter slices are not ours."""
+        found = sorted(f for f in self.out.iterdir() if PROGRESS_RE.fullmatch(f.name)) if self.out.is_dir() else []
         key = [self.place.mode, self.place.world]
         expected = {f"progress{t}.json" for t in self.place.tags()}
-        theirs = [json.loads(f.read_text()).get("layout") for f in found]
+        theirs = [read_sealed(f).get("layout") for f in found]
         if all(f.name in expected for f in found) and all(k == key for k in theirs):
             return
         mode, world = next((k for k in theirs if k != key), None) or ["?", len(found)]
         was = "one process" if world == 1 else f"{world} processes in {mode} mode"
         raise ReplayError(f"{self.out}: holds an unfinished compute started by {was} "
                           f"({', '.join(f.name for f in found)}); resume it with the same processes and mode, "
-                          f"or delete {self.out}")
+                          f"or pass --restart")
 
-    def own_files(self, stem: str, suffix: str) -> list[Path]:
-        """This rank's files `{stem}{tag}-NNN{suffix}` (the '' tag must not match '-r001' files)."""
-        d, name = (self.out / stem).parent, Path(stem).name
-        pat = re.compile(rf"{re.escape(name + self.tag)}-\d+{re.escape(suffix)}")
-        return [f for f in d.glob(f"{name}*{suffix}") if pat.fullmatch(f.name)] if d.is_dir() else []
+    def _finished(self) -> bool:
+        """Whether `out` holds this very compute, finished; refuses one that holds another."""
+        meta = self.out / META
+        if not meta.exists():
+            return False
+        m = read_sealed(meta)
+        if m.get("config") != self.config:
+            what = _differences(m.get("config"), self.config)
+            raise ReplayError(f"{self.out}: holds LCA computed with other {what}; pass --restart to replace it, or "
+                              f"choose another --out")
+        return m.get("complete") is True
 
-    def save(self, next_step: int, totals: dict[str, torch.Tensor], evals: int) -> None:
+    def save(self, next_step: int, totals: dict[str, torch.Tensor], evals: int, steps_done: int) -> None:
         name = f"totals{self.tag}-{next_step:010d}.safetensors"
-        write_atomic(self.out / name, save({k: v.cpu().contiguous() for k, v in totals.items()}))
-        self._write_progress(next_step, name, evals)
-        for old in self.own_files("totals", ".safetensors"):
-            if old.name != name:
-                old.unlink()
+        part = write_part(self.out, name, save({k: v.cpu().contiguous() for k, v in totals.items()}))
+        old = getattr(self, "_totals_part", None)
+        self._totals_part, self.next_step, self.evals, self.steps_done = part, next_step, evals, steps_done
+        self._write_progress(next_step, part)
+        if old is not None and old.path != name:
+            (self.out / old.path).unlink(missing_ok=True)
 
-    def _write_progress(self, next_step: int | None, totals: str | None, evals: int) -> None:
-        prog = {"config": self.config, "parts": self.parts, "next_step": next_step, "seq": self.seq, "totals": totals,
-                "evals": evals, "layout": [self.place.mode, self.place.world]}
-        write_atomic(self.out / f"progress{self.tag}.json", json.dumps(prog).encode())
+    def finish_parts(self, parts: list[Part]) -> None:
+        """The params parts of the end: recorded in this rank's progress, for rank 0's meta.json."""
+        self.parts += parts
+        self._write_progress(self.next_step, getattr(self, "_totals_part", None))
+
+    def all_parts(self) -> list[Part]:
+        """(rank 0, after every rank's finish_parts) the parts of every rank."""
+        out = []
+        for tag in self.place.tags():
+            prog = self.out / f"progress{tag}.json"
+            out += self.parts if tag == self.tag else parts_of(read_sealed(prog), prog)
+        return out
+
+    def _write_progress(self, next_step: int | None, totals: Part | None) -> None:
+        prog = {"config": self.config, "parts": [p.to_json() for p in self.parts], "next_step": next_step,
+                "seq": self.seq, "totals": totals.to_json() if totals else None, "evals": self.evals,
+                "steps_done": self.steps_done, "layout": [self.place.mode, self.place.world]}
+        write_json(self.out / f"progress{self.tag}.json", prog)
 
     def remove(self) -> None:
         """The compute is complete (meta.json written): the resume state goes."""
-        for f in self.own_files("totals", ".safetensors"):
-            f.unlink()
+        old = getattr(self, "_totals_part", None)
+        if old is not None:
+            (self.out / old.path).unlink(missing_ok=True)
         (self.out / f"progress{self.tag}.json").unlink(missing_ok=True)
 
-
-def _finished(out: Path, config: dict, progress: list[Path]) -> bool:
-    """Whether `out` holds this very compute, finished; refuses a dir that holds anything else."""
-    if out.exists() and not out.is_dir():
-        raise ReplayError(f"--out {out}: is a file; pass a directory for the LCA frames")
-    meta = out / "meta.json"
-    if meta.is_file():
-        m = _read_json(meta)
-        if m.get("config") != config:
-            raise ReplayError(f"{out}: holds LCA computed with other {_differences(m.get('config'), config)}; "
-                              f"choose another --out or delete it")
-        return bool(m.get("complete"))
-    if out.exists() and not progress and not _only_leftovers(out):
-        raise ReplayError(f"{out}: exists and is not an lca dir; choose another --out")
-    return False
+    def release(self) -> None:
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ReplayError(f"{path}: unreadable ({e}); delete {path.parent} and compute again") from None
-    if not isinstance(d, dict):
-        raise ReplayError(f"{path}: not an lca dir file; delete {path.parent} and compute again")
-    return d
+def _wipe(out: Path) -> None:
+    """--restart: remove what a compute wrote (only an lca dir's own files; the lock stays held)."""
+    if not out.is_dir():
+        return
+    for p in out.iterdir():
+        if p.name.startswith(".replay.lock"):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _differences(old: object, new: dict) -> str:
@@ -128,18 +211,3 @@ def _differences(old: object, new: dict) -> str:
     words = {"task_fingerprint": "task content (same task name, other data, model or loss_fn)",
              "run_id": "run (another recording)"}
     return "settings: " + ", ".join(words.get(k, k) for k in keys) if keys else "settings"
-
-
-def _only_leftovers(out: Path) -> bool:
-    """An lca dir whose compute was killed before it wrote its progress: empty frame folders and temp files.
-
-    Under torchrun another rank may be writing its own progress file meanwhile: that is ours too.
-    """
-    for p in out.iterdir():
-        if is_tmp(p.name) or re.fullmatch(r"progress(-r\d{3})?\.json|totals(-r\d{3})?-\d+\.safetensors", p.name):
-            continue
-        if p.is_dir() and p.name in ("steps", "tensors", "params", "dense", "examples", "example_steps") and all(
-                is_tmp(f.name) or f.suffix in (".parquet", ".safetensors") for f in p.iterdir()):
-            continue
-        return False
-    return True

@@ -16,7 +16,6 @@ Under torchrun the steps (or each step's data) are shared among processes: see `
 
 from __future__ import annotations
 
-import errno
 import math
 import queue
 import sys
@@ -37,8 +36,9 @@ from replay.engine.model_check import check_model
 from replay.engine.parallel import Placement
 from replay.engine.per_example import PerExample
 from replay.engine.simpson import Level, allocation, is_grounded, refine
-from replay.errors import ReplayError, ReplayWarning, RunError, TaskError
+from replay.errors import ReplayError, ReplayWarning, RunError, TaskError, os_reason
 from replay.frames import Frames, load
+from replay.lcadir import LcaDirDamaged
 from replay.store import Run, open_run
 from replay.task import Task, load_task
 
@@ -61,12 +61,14 @@ def compute(
     progress: bool = False,
     data_parallel: bool = False,
     per_example: list[str] | None = None,
+    restart: bool = False,
 ) -> Frames:
     """Compute LCA of `losses` (data set names; default: all of the task's) over the run.
 
     A step is grounded when |ΔL − ΣLCA| ≤ tol + rtol·|ΔL|; steps that are not are refined
     by composite Simpson up to `max_splits` sub-intervals, and flagged if still not grounded.
-    Writes frames to `out` (default RUN/lca) and returns them (see `replay.load`).
+    Writes frames to `out` (default RUN/lca) and returns them (see `replay.load`). An interrupted
+    compute resumes when run again with the same settings; `restart` replaces what `out` holds.
 
     Under torchrun (or in an initialized process group) each process computes blocks of
     consecutive steps; with `data_parallel`, every process computes every step on its shard
@@ -106,14 +108,15 @@ def compute(
     try:
         ev = LossEvaluator(t, run.param_names, datasets, per_class, dev, place)
         out = Path(out) if out is not None else run.path / "lca"
-        config = {"run": str(run.path.resolve()), "run_id": run.manifest.run_id,
+        config = {"run_id": run.manifest.run_id,
                   "task": spec if isinstance(spec, str) else "<Task object>",
                   "task_fingerprint": task_fingerprint(t, datasets, run.param_names),
                   "losses": ev.loss_names, "tol": tol, "rtol": rtol, "max_splits": max_splits,
                   "first_order": first_order, "steps": [todo[0], todo[-1]], "batchnorm": t.batchnorm,
                   "batch_size": t.batch_size, "dense": dense, "per_example": per_example}
+        state = None
         try:
-            state = Checkpoint(out, config, place)
+            state = Checkpoint(out, config, place, restart)
             place.barrier()  # every rank has read the dir before any writes to it
             if state.complete:
                 return load(out)
@@ -125,6 +128,9 @@ def compute(
                              first_order, flush_every, progress, pe).execute(notes)
         except OSError as e:
             raise _write_failed(out, e) from None
+        finally:
+            if state is not None:
+                state.release()
     finally:
         parallel.leave(place)
 
@@ -161,13 +167,9 @@ def _notes(run: Run, t: Task, todo: list[int]) -> dict:
 
 
 def _write_failed(out: Path, e: OSError) -> ReplayError:
-    why = {errno.ENOSPC: "no space left on device: free space", errno.EDQUOT: "disk quota exceeded: free space",
-           errno.EROFS: "read-only file system: pass another --out", errno.EACCES: "permission denied: pass "
-           "another --out", errno.ENOTDIR: "a path component is a file: pass a directory as --out"}.get(
-        e.errno, f"{e.strerror or e}")
     where = e.filename or out
-    return ReplayError(f"{where}: writing the LCA frames failed ({why}); run the same command again to resume "
-                       f"from the last flush")
+    return ReplayError(f"{where}: writing the LCA frames failed ({os_reason(e)}); fix that and run the same command "
+                       f"again to resume from the last flush")
 
 
 class _StepLoop:
@@ -186,6 +188,14 @@ class _StepLoop:
         self.flush_every, self.progress = flush_every, progress and place.rank == 0
         self.dev = ev.device
         nxt = ledger.ckpt.next_step
+        done = sum(1 for seg in segments for s in seg if nxt is not None and s < nxt)
+        if nxt is not None and done != ledger.ckpt.steps_done:
+            raise LcaDirDamaged(f"{ledger.out}/progress{place.tag}.json: it says {ledger.ckpt.steps_done} steps are "
+                                f"done before step {nxt}, this compute has {done} there; the compute cannot resume "
+                                f"from it: run the same command with --restart to start over")
+        # the first state of a resumed segment was evaluated before the interruption (as the previous step's
+        # end): evaluated again, it is not counted, so grad_evals is that of an uninterrupted compute
+        self._resumed_at = nxt
         left = [[s for s in seg if nxt is None or s >= nxt] for seg in segments]
         self.segments = [seg for seg in left if seg]
         self.todo = [s for seg in self.segments for s in seg]
@@ -311,6 +321,8 @@ class _StepLoop:
         it = self._states(seg[0], seg[-1])
         t0, th0 = next(it)
         v0, g0 = self._eval(th0, self.buf["g_a"])
+        if t0 == self._resumed_at:
+            self.evals -= 1
         for t1, th1 in it:
             if torch.equal(th1, th0):
                 self.ledger.record(t0, t1, v0, None)

@@ -20,7 +20,7 @@ from replay.engine import parallel
 from replay.engine.checkpoint import Checkpoint
 from replay.engine.parallel import Placement
 from replay.frames import Frames, FrameWriter, load, write_meta
-from replay.store.atomic import write_atomic
+from replay.lcadir import DENSE_DIR, write_part
 
 COPY_BYTES = 64 << 20  # the largest float64 copy of one tensor's columns that tensor_sums makes
 
@@ -72,6 +72,7 @@ class Ledger:
         self._recent_steps = 0
         self.dense_buf: dict[str, torch.Tensor] = {}
         self.since_flush = 0
+        self.steps_done = ckpt.steps_done  # steps in the parts written so far (checked on resume)
 
     def tensor_sums(self, x: torch.Tensor) -> torch.Tensor:
         """[rows, T] float64 sums of x [rows, own columns] over each tensor's columns (0 outside the own slice)."""
@@ -142,39 +143,43 @@ class Ledger:
     def flush(self, next_step: int, evals: int) -> None:
         """Write the buffered rows as parquet parts (and dense parts), then the resume state."""
         ck = self.ckpt
+        self.steps_done += len(self.writer)
         ck.parts += self.writer.flush(ck.seq)
         if self.dense and self.dense_buf:
-            (self.out / "dense").mkdir(exist_ok=True)
-            rel = f"dense/part{self.place.tag}-{ck.seq:06d}.safetensors"
-            write_atomic(self.out / rel, save(self.dense_buf, metadata={"losses": json.dumps(self.loss_names)}))
-            ck.parts.append(rel)
+            (self.out / DENSE_DIR).mkdir(exist_ok=True)
+            rel = f"{DENSE_DIR}/part{self.place.tag}-{ck.seq:06d}.safetensors"
+            ck.parts.append(write_part(self.out, rel, save(self.dense_buf,
+                                                           metadata={"losses": json.dumps(self.loss_names)})))
             self.dense_buf = {}
         ck.seq += 1
         self._fold()
-        ck.save(next_step, self.totals, evals)
+        ck.save(next_step, self.totals, evals, self.steps_done)
         self.since_flush = 0
 
     def finish(self, evals: int, run: str, notes: dict) -> Frames:
-        """params rows (own slice, or the totals summed onto rank 0 in steps mode), meta.json, then the
-        resume state goes."""
+        """params rows (own slice, or the totals summed onto rank 0 in steps mode), meta.json listing every
+        part of every rank, then the resume state goes."""
         place = self.place
         self._fold()
         totals = {**self.totals, "evals": torch.tensor([evals], dtype=torch.int64, device=self.dev)}
         place.sum_blocks_onto_first(*(totals[k] for k in sorted(totals)))
         tot = {k: v.cpu() for k, v in totals.items()}
         n_steps = int(tot["n_steps"].item())
+        parts = []
         if place.rank == 0 or place.shards_data:
             own = max(0, min(self.hi, self.P) - self.lo)  # the last slice may end in padding
-            self.writer.write_params(tot["lca"][:, :own].numpy(), tot["helped"][:, :own].numpy(), n_steps,
-                                     start=self.lo)
-        place.barrier()  # every params part is written
+            parts.append(self.writer.write_params(tot["lca"][:, :own].numpy(), tot["helped"][:, :own].numpy(),
+                                                  n_steps, start=self.lo))
+        self.ckpt.finish_parts(parts)
+        place.barrier()  # every params part is written and recorded
         if place.rank == 0:
             write_meta(self.out, {"complete": True, "config": self.ckpt.config, "losses": self.loss_names,
                                   "loss_sizes": self.loss_sizes, "n_steps": n_steps + int(tot["n_unchanged"]),
                                   "n_unchanged": int(tot["n_unchanged"]),
                                   "tensors": self.writer.tensor_names, "run": run,
                                   "grad_evals": int(tot["evals"].item()), "processes": place.world,
-                                  "parallel": place.mode, **notes})
+                                  "parallel": place.mode, **notes,
+                                  "parts": [p.to_json() for p in self.ckpt.all_parts()]})
         place.barrier()  # meta.json is written: every rank may load, and drop its resume state
         self.ckpt.remove()
         return load(self.out)

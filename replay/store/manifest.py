@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from replay.errors import RunError
-from replay.store.atomic import PLACEHOLDER, check_seal, seal, write_atomic
+from replay.store.atomic import check_seal, write_atomic
 from replay.store.files import open_regular, read_exactly, size_of, why_unreadable
 from replay.store.layout import ST_DTYPES, TensorSpec
+from replay.store.sealed import JSON_SEAL, encode_json
 
 FORMAT = "replay-run/2"
 LEGACY_FORMAT = "replay-run/1"  # 0.1.0: no checksum, no run id (still readable)
 MANIFEST = "manifest.json"
-_SEAL_FIELD = re.compile(rb'"xxh3": "([0-9a-f]{16})"\n\}\n\Z')
 # ~120 bytes per tensor: a manifest of this size already names ~4 million tensors; more is no model's
 MAX_MANIFEST = 512 << 20
 
@@ -72,9 +72,7 @@ class Manifest:
         }
 
     def encode(self) -> bytes:
-        body = json.dumps(self.to_json(), indent=1)
-        assert body.endswith("\n}")
-        return seal(f'{body[:-2]},\n "xxh3": "{PLACEHOLDER.decode()}"\n}}\n'.encode(), _SEAL_FIELD)
+        return encode_json(self.to_json())
 
     def write(self, run_dir: Path) -> None:
         write_atomic(run_dir / MANIFEST, self.encode())
@@ -103,7 +101,7 @@ class Manifest:
             if isinstance(fmt, str) and fmt.startswith("replay-run/"):
                 raise RunError(f"{path}: format {fmt!r} is newer than this replay reads ({FORMAT!r}); upgrade replay")
             raise _damaged(path, f"format {fmt!r} is not a replay run format")
-        if fmt == FORMAT and (why := check_seal(raw, _SEAL_FIELD)):
+        if fmt == FORMAT and (why := check_seal(raw, JSON_SEAL)):
             raise _damaged(path, why)
         return _validated(d, path)
 

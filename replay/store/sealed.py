@@ -90,3 +90,38 @@ def check_seal(f: BinaryIO, head: bytes, size: int) -> None:
     got = digest_file(f, (a, b), size)
     if got != m.group(1).decode():
         raise Unsealed(f"checksum mismatch (xxh3 {got}, file says {m.group(1).decode()})")
+
+
+# ---- sealed JSON documents (a run's manifest, an lca dir's meta and progress) ------------------------
+
+JSON_SEAL = re.compile(rb'"xxh3": "([0-9a-f]{16})"\n\}\n\Z')
+
+
+def encode_json(doc: dict) -> bytes:
+    """`doc` as indented JSON whose last field is the xxHash3 of every other byte (16 hex digits)."""
+    from replay.store.atomic import seal as seal_doc
+
+    body = json.dumps(doc, indent=1)
+    assert body.endswith("\n}") and "xxh3" not in doc
+    return seal_doc(f'{body[:-2]},\n "xxh3": "{PLACEHOLDER.decode()}"\n}}\n'.encode(), JSON_SEAL)
+
+
+def read_json(path: Path, max_bytes: int, sealed: bool = True) -> dict:
+    """A JSON object from a regular file of at most `max_bytes`, its seal checked; Unsealed (or OSError) if not."""
+    from replay.store.atomic import check_seal as check_doc
+    from replay.store.files import open_regular, size_of
+
+    with open_regular(path) as f:
+        size = size_of(f)
+        if size > max_bytes:
+            raise Unsealed(f"{size:,} bytes, more than any such file ({max_bytes:,})")
+        raw = read_exactly(f, size)
+    try:
+        d = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise Unsealed(f"not JSON ({type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise Unsealed(f"expected a JSON object, got {type(d).__name__}")
+    if sealed and (why := check_doc(raw, JSON_SEAL)):
+        raise Unsealed(why)
+    return d
