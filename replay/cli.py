@@ -71,12 +71,24 @@ def info(run: RunArg) -> None:
 
 
 @app.command()
-def verify(run: RunArg) -> None:
-    """Check every chunk (size, header, checksum); exit 1 if any is damaged."""
+def verify(path: Annotated[Path, typer.Argument(help="a run directory, or an lca dir written by replay compute")]
+           ) -> None:
+    """Check every chunk of a run (or every part of an lca dir) against its checksum; exit 1 on damage."""
+    from replay.lcadir import META, PROGRESS_RE
+    from replay.lcadir import verify as verify_lca
     from replay.store import open_run
 
+    if path.is_dir() and not (path / "manifest.json").exists() and (
+            (path / META).exists() or any(PROGRESS_RE.fullmatch(p.name) for p in path.iterdir())):
+        problems = verify_lca(path)
+        for p in problems:
+            typer.echo(f"damaged: {p}", err=True)
+        if problems:
+            raise typer.Exit(1)
+        typer.echo(f"ok: {path} (an lca dir): every part matches its record")
+        return
     try:
-        r = open_run(run)
+        r = open_run(path)
         problems = r.verify()
     except ReplayError as e:
         raise _fail(e) from None

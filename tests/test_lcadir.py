@@ -1,0 +1,223 @@
+"""The lca dir is data too: damaged, dropped, foreign or edited files are one line, never a wrong number."""
+
+import json
+import random
+import shutil
+import threading
+
+import pytest
+from typer.testing import CliRunner
+
+import replay
+from replay.cli import app
+from replay.errors import ReplayError
+
+TASK = "tasks:digits_dies"
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    from replay.digits import digits_mlp, train_digits
+
+    path = tmp_path_factory.mktemp("digits") / "run"
+    train_digits(digits_mlp(), str(path), epochs=2, batch=64)  # 44 steps
+    return path
+
+
+@pytest.fixture(scope="module")
+def computed(digits_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lca") / "lca"
+    replay.compute(digits_run, ["train"], per_class=["train"], out=out, progress=False, flush_every=3)
+    return out
+
+
+def _one_line(res, *words):
+    assert res.exit_code == 1, res.output
+    assert res.output.count("\n") == 1 and res.output.startswith(("error: ", "damaged: ")), res.output
+    for w in words:
+        assert w in res.output, res.output
+
+
+def _outcome(out) -> str:
+    try:
+        fr = replay.load(out)
+        fr.steps.collect(), fr.tensors.collect(), fr.params.collect()
+    except ReplayError:
+        return "detected"
+    except BaseException as e:  # noqa: BLE001 - a Rust panic is a BaseException: the sweep classifies all
+        return f"crash: {type(e).__name__}"
+    return "loaded"
+
+
+@pytest.mark.slow
+def test_bit_flips_of_every_lca_dir_file_are_detected(computed, tmp_path):
+    out = tmp_path / "lca"
+    shutil.copytree(computed, out)
+    rng = random.Random(0)
+    files = [f for f in out.rglob("*") if f.is_file() and not f.name.startswith(".")]
+    assert {f.parent.name for f in files} >= {"steps", "tensors", "params", "lca"}
+    outcomes = {}
+    for f in files:
+        original = f.read_bytes()
+        for _ in range(40 if f.suffix == ".parquet" else 15):
+            i = rng.randrange(len(original) * 8)
+            data = bytearray(original)
+            data[i // 8] ^= 1 << (i % 8)
+            f.write_bytes(bytes(data))
+            got = _outcome(out)
+            outcomes[got] = outcomes.get(got, 0) + 1
+        f.write_bytes(original)
+    assert outcomes == {"detected": sum(outcomes.values())}, outcomes
+    assert _outcome(out) == "loaded"
+
+
+def test_a_dropped_truncated_or_foreign_part_is_named(computed, tmp_path):
+    out = tmp_path / "lca"
+    shutil.copytree(computed, out)
+    part = sorted((out / "steps").glob("*.parquet"))[1]
+    part.rename(tmp_path / "away.parquet")
+    with pytest.raises(ReplayError, match=rf"{part.name}: missing"):
+        replay.load(out)
+    _one_line(CliRunner().invoke(app, ["summary", str(out)]), part.name, "missing")
+    res = CliRunner().invoke(app, ["verify", str(out)])
+    assert res.exit_code == 1 and part.name in res.output
+    (tmp_path / "away.parquet").rename(part)
+    assert CliRunner().invoke(app, ["verify", str(out)]).exit_code == 0
+    part.write_bytes(part.read_bytes()[:-9])
+    _one_line(CliRunner().invoke(app, ["summary", str(out)]), part.name, "truncated or replaced")
+    shutil.copy(sorted((computed / "steps").glob("*.parquet"))[1], part)
+    shutil.copy(part, out / "tensors" / "part-999999.parquet")  # a part no record names
+    with pytest.raises(ReplayError, match="part-999999.parquet: no record of this compute names it"):
+        replay.load(out)
+
+
+@pytest.mark.parametrize("content, words", [("{not json", "not JSON"), ("[1, 2]", "expected a JSON object"),
+                                            ('{"complete": true}', "no checksum field")],
+                         ids=["not-json", "a-list", "unsealed"])
+def test_a_damaged_meta_json_is_one_line(computed, tmp_path, content, words):
+    out = tmp_path / "lca"
+    shutil.copytree(computed, out)
+    (out / "meta.json").write_text(content)
+    for cmd in (["summary"], ["plot"], ["verify"]):
+        _one_line(CliRunner().invoke(app, [*cmd, str(out)]), "meta.json", words)
+
+
+def _interrupted(digits_run, out, monkeypatch, die_after=40):
+    """A compute killed by its task (an exception) after some flushes; returns its settings."""
+    monkeypatch.setenv("REPLAY_TEST_DIE_AFTER", str(die_after))
+    with pytest.raises(ReplayError, match="the compute dies here"):
+        replay.compute(digits_run, ["train"], task=TASK, out=out, progress=False, flush_every=3)
+    monkeypatch.delenv("REPLAY_TEST_DIE_AFTER")
+    prog = json.loads((out / "progress.json").read_text())
+    assert prog["next_step"] and len(prog["parts"]) >= 4
+    return prog
+
+
+def _edit_progress(out, edit):
+    from replay.store.sealed import encode_json
+
+    d = json.loads((out / "progress.json").read_text())
+    d.pop("xxh3")
+    (out / "progress.json").write_bytes(encode_json(edit(d)))  # re-sealed: the records must still agree
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: {**d, "next_step": d["next_step"] + 20},
+    lambda d: {**d, "parts": d["parts"][:-2]},
+    lambda d: {**d, "seq": 0},
+    lambda d: {**d, "steps_done": d["steps_done"] - 1},
+], ids=["next-step-plus-20", "parts-list-shortened", "seq-0", "steps-done"])
+def test_edited_resume_state_is_refused_even_resealed(digits_run, tmp_path, monkeypatch, edit):
+    out = tmp_path / "lca"
+    _interrupted(digits_run, out, monkeypatch)
+    _edit_progress(out, edit)
+    res = CliRunner().invoke(app, ["compute", str(digits_run), "--task", TASK, "--loss", "train", "--out", str(out),
+                                   "--no-progress"])
+    _one_line(res, "progress.json", "cannot resume", "--restart")
+    res = CliRunner().invoke(app, ["compute", str(digits_run), "--task", TASK, "--loss", "train", "--out", str(out),
+                                   "--no-progress", "--restart"])
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("damage", ["flip-progress", "flip-totals", "truncate-totals", "delete-totals"])
+def test_damaged_resume_files_name_themselves_and_restart_is_the_way_out(digits_run, tmp_path, monkeypatch,
+                                                                         damage):
+    out = tmp_path / "lca"
+    prog = _interrupted(digits_run, out, monkeypatch)
+    totals = out / prog["totals"]["path"]
+    victim = out / "progress.json" if damage == "flip-progress" else totals
+    if damage.startswith("flip"):
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 4
+        victim.write_bytes(bytes(data))
+    elif damage == "truncate-totals":
+        victim.write_bytes(victim.read_bytes()[:-5])
+    else:
+        victim.unlink()
+    args = ["compute", str(digits_run), "--task", TASK, "--loss", "train", "--out", str(out), "--no-progress"]
+    res = CliRunner().invoke(app, args)
+    _one_line(res, victim.name, "--restart")
+    assert "run the same command again" not in res.output, "a rerun would fail the same way"
+    res = CliRunner().invoke(app, args + ["--restart"])
+    assert res.exit_code == 0, res.output
+
+
+def test_resume_gives_the_uninterrupted_frames_and_evaluation_count(digits_run, tmp_path, monkeypatch):
+    ref = replay.compute(digits_run, ["train"], task=TASK, out=tmp_path / "ref", progress=False, flush_every=3)
+    out = tmp_path / "lca"
+    for die_after in (30, 40):  # two interruptions, two resumes
+        monkeypatch.setenv("REPLAY_TEST_DIE_AFTER", str(die_after))
+        with pytest.raises(ReplayError):
+            replay.compute(digits_run, ["train"], task=TASK, out=out, progress=False, flush_every=3)
+    monkeypatch.delenv("REPLAY_TEST_DIE_AFTER")
+    got = replay.compute(digits_run, ["train"], task=TASK, out=out, progress=False, flush_every=3)
+    assert got.steps.collect().equals(ref.steps.collect())
+    assert got.params.collect().equals(ref.params.collect())
+    assert got.meta["grad_evals"] == ref.meta["grad_evals"], "a resume re-evaluates its first state, uncounted"
+
+
+def test_a_renamed_run_is_still_the_same_run(digits_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    replay.compute(run, ["train"], out=tmp_path / "lca", progress=False)
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    fr = replay.compute(moved, ["train"], out=tmp_path / "lca", progress=False)  # complete: loaded, not refused
+    assert fr.meta["config"]["run_id"] == replay.open_run(moved).manifest.run_id
+
+
+def test_two_computes_into_one_out_dir(digits_run, tmp_path):
+    from replay.store.claim import claim_lca_dir
+
+    held = claim_lca_dir(tmp_path / "lca")  # another compute holds it
+    try:
+        res = CliRunner().invoke(app, ["compute", str(digits_run), "--loss", "train", "--out", str(tmp_path / "lca"),
+                                       "--no-progress"])
+        _one_line(res, "another `replay compute` is writing into it right now")
+    finally:
+        held.release()
+    errors = []
+
+    def one() -> None:
+        try:
+            replay.compute(digits_run, ["train"], out=tmp_path / "lca", progress=False)
+        except ReplayError as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all("another `replay compute` is writing" in e for e in errors), errors
+    assert CliRunner().invoke(app, ["verify", str(tmp_path / "lca")]).exit_code == 0
+
+
+def test_a_failed_first_compute_does_not_block_the_corrected_one(digits_run, tmp_path, monkeypatch):
+    """An lca dir with nothing committed belongs to nobody (a wrong task that failed at its first batch)."""
+    monkeypatch.setenv("REPLAY_TEST_DIE_AFTER", "1")
+    with pytest.raises(ReplayError):
+        replay.compute(digits_run, ["train"], task=TASK, out=tmp_path / "lca", progress=False)
+    monkeypatch.delenv("REPLAY_TEST_DIE_AFTER")
+    fr = replay.compute(digits_run, ["train", "val"], out=tmp_path / "lca", progress=False)  # other settings
+    assert fr.meta["losses"] == ["train", "val"]
