@@ -6,7 +6,7 @@ from replay.errors import ReplayError
 from replay.frames import Frames, load
 from replay.record import Recorder
 from replay.store import Run, open_run
-from replay.task import Task
+from replay.task import Task, register_task
 
-__all__ = ["Frames", "Recorder", "ReplayError", "Run", "Task", "compute", "load", "losses", "open_run"]
+__all__ = ["Frames", "Recorder", "ReplayError", "Run", "Task", "compute", "load", "losses", "open_run", "register_task"]
 __version__ = "0.1.0"

@@ -13,8 +13,23 @@ import polars as pl
 from replay.frames import Frames
 
 
+def not_finite(col: str = "residual") -> pl.Expr:
+    """Rows whose value is NaN or infinite (a diverged step, a NaN example): counted, never skipped."""
+    return (~pl.col(col).is_finite()).sum()
+
+
+def residual_summary(steps: pl.LazyFrame) -> dict:
+    """Over all rows of a steps (or example_steps) frame: rows, steps, share grounded, the largest |residual|
+    (NaN when any residual is: polars' max would skip it), and how many residuals are not finite."""
+    return steps.select(pl.len().alias("rows"), pl.col("step").n_unique().alias("steps"),
+                        pl.col("grounded").mean().alias("grounded"),
+                        pl.col("residual").abs().nan_max().alias("max_residual"),
+                        not_finite().alias("not_finite")).collect().row(0, named=True)
+
+
 def groundedness(fr: Frames) -> pl.DataFrame:
-    """Per loss: how well allocations add up to the real loss change (residuals, splits used)."""
+    """Per loss: how well allocations add up to the real loss change (residuals, splits used). A residual
+    that is not finite shows as NaN in the maxima and is counted in `n_not_finite`."""
     return (fr.steps.group_by("loss").agg(
         pl.len().alias("steps"),
         pl.col("loss_before").first().alias("loss_first"),
@@ -22,8 +37,9 @@ def groundedness(fr: Frames) -> pl.DataFrame:
         pl.col("delta_loss").sum().alias("delta_loss"),
         pl.col("lca").sum().alias("lca"),
         pl.col("grounded").mean().alias("frac_grounded"),
-        pl.col("residual").abs().max().alias("max_abs_residual"),
+        pl.col("residual").abs().nan_max().alias("max_abs_residual"),
         pl.col("residual").abs().mean().alias("mean_abs_residual"),
+        not_finite().alias("n_not_finite"),
         pl.col("splits").mean().alias("mean_splits"),
         pl.col("splits").max().alias("max_splits"),
     ).sort("loss").collect())

@@ -153,29 +153,32 @@ def compute(
                                 "(default: a block of steps each)")] = False,
     restart: Annotated[bool, typer.Option("--restart", help="replace what the lca dir holds (another or an "
                                                               "unfinished compute) instead of resuming")] = False,
+    constants: Annotated[str, typer.Option(help="check: refuse a task whose frozen weights or buffers differ "
+                                                "from training's; warn: say so and replay anyway")] = "check",
 ) -> None:
     """Replay RUN and allocate each step's loss change to every parameter (writes polars frames).
 
     Under `torchrun --nproc-per-node N -m replay compute RUN ...` the N processes share the work.
     """
-    import polars as pl
-
     from replay.engine import compute as run_compute
 
     try:
         fr = run_compute(run, loss, per_class, task=task, device=device, tol=tol, rtol=rtol, max_splits=max_splits,
                          first_order=first_order, steps=_parse_steps(steps), out=out, dense=dense, progress=progress,
-                         data_parallel=data_parallel, per_example=per_example, restart=restart)
+                         data_parallel=data_parallel, per_example=per_example, restart=restart,
+                         constants=constants)
     except (ReplayError, ValueError) as e:
         raise _fail(e) from None
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports for all
         return
-    s = fr.steps.select(pl.len().alias("rows"), pl.col("step").n_unique().alias("steps"),
-                        pl.col("grounded").mean().alias("grounded"),
-                        pl.col("residual").abs().max().alias("max_residual")).collect().row(0, named=True)
+    from replay.analysis import residual_summary
+
+    s = residual_summary(fr.steps)
     typer.echo(f"computed {s['steps']} steps x {len(fr.meta['losses'])} losses "
                f"({fr.meta['grad_evals']} gradient evaluations) -> {fr.path}")
-    typer.echo(f"grounded {s['grounded']:.1%} of step-losses, max |residual| {s['max_residual']:.2e}")
+    bad = f"; {s['not_finite']} of {s['rows']} residuals are not finite (a loss was NaN or inf)" \
+        if s["not_finite"] else ""
+    typer.echo(f"grounded {s['grounded']:.1%} of step-losses, max |residual| {s['max_residual']:.2e}{bad}")
     typer.echo(f"next: replay summary {fr.path}   or in Python: replay.load({str(fr.path)!r})")
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from replay.errors import ReplayError
-from replay.task import Task
+from replay.task import Task, register_task
 
 N_VAL = 397  # of 1797 examples: 1400 train, 397 val
 
@@ -44,6 +44,7 @@ def digits_cnn(seed: int = 0) -> nn.Module:
                          nn.Linear(32 * 4 * 4, 10))
 
 
+@register_task
 def digits() -> Task:
     """The demo's task: the MLP architecture and the train/val losses."""
     return Task(digits_mlp(), load_digits_tensors())

@@ -38,7 +38,8 @@ def headline(g: pl.DataFrame, h: pl.DataFrame) -> list[str]:
         lines.append(
             f"{row['loss']}: loss {row['loss_first']:.4f} → {row['loss_last']:.4f} over {row['steps']} steps; "
             f"Σ LCA {row['lca']:+.4f} vs ΔL {row['delta_loss']:+.4f}; grounded {row['frac_grounded']:.0%} "
-            f"(max |residual| {row['max_abs_residual']:.1e}); "
+            f"(max |residual| {row['max_abs_residual']:.1e}"
+            + (f", {row['n_not_finite']} not finite" if row["n_not_finite"] else "") + "); "
             f"{row['frac_param_steps_helped']:.1%} of parameter-steps helped")
     return lines
 
@@ -72,7 +73,7 @@ def print_summary(fr: Frames, console: Console | None = None) -> None:
         con.print("  [yellow]note[/yellow] " + line)
     g = grounded.drop("loss_first", "loss_last", "mean_abs_residual").rename(
         {"delta_loss": "ΔL", "lca": "ΣLCA", "frac_grounded": "grounded", "max_abs_residual": "max|resid|",
-         "mean_splits": "splits(mean)", "max_splits": "splits(max)"})
+         "mean_splits": "splits(mean)", "max_splits": "splits(max)", "n_not_finite": "not finite"})
     con.print(_table(g, "Groundedness per loss: Σ LCA must equal the loss change"))
     con.print(_table(helped, "Share of parameter-steps with negative LCA (steps that moved the parameters)"))
     stats = analysis.lca_stats(fr, main).drop("loss").transpose(include_header=True, header_name="statistic",

@@ -8,7 +8,6 @@ which is what makes every step's allocation checkable against the real loss chan
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 import traceback
 from collections.abc import Callable, Mapping
@@ -171,13 +170,46 @@ def _check_dict(name: str, d: dict) -> dict[str, torch.Tensor]:
     return dict(d)
 
 
+_REGISTRY: dict[str, Callable[[], Task]] = {}
+ENTRY_POINTS = "replay.tasks"
+
+
+def register_task(fn: Callable[[], Task]) -> Callable[[], Task]:
+    """Make `fn` a task that a run may name (a decorator): `replay.compute(run)` without `task=` then calls it
+    in a process that has imported it. For the CLI (a fresh process), declare it as an entry point of
+    your package instead: `[project.entry-points."replay.tasks"] name = "my.tasks:fn"`."""
+    if not callable(fn):
+        raise TypeError(f"register_task: expected a function returning replay.Task, got {type(fn).__name__}")
+    _REGISTRY[f"{fn.__module__}:{fn.__qualname__}"] = fn
+    return fn
+
+
+def _registered(spec: str) -> Callable[[], Task] | None:
+    """The function the user made a task under this name: registered in this process (nothing is imported),
+    or declared by an installed package's `replay.tasks` entry point (its package is then imported)."""
+    if spec in _REGISTRY:
+        return _REGISTRY[spec]
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINTS):
+        if ep.value.replace(" ", "") == spec:
+            try:
+                return ep.load()
+            except Exception as e:  # noqa: BLE001 - the package's own import failed: one line
+                raise TaskError(f"task {spec!r} (entry point {ep.name!r}): importing it failed: "
+                                f"{user_error(e)}") from None
+    return None
+
+
 def load_task(spec: str | Task, run_dir: Path | None = None, *, named: bool = True) -> Task:
     """Import `module:function` and call it.
 
     `named`: the user named the task (`--task`, `task=`), so the current directory may hold
     it, as for `python -m`. Otherwise the task string comes from the run's manifest, i.e.
-    from whoever made the run: it is imported only from installed packages and PYTHONPATH,
-    never from the current directory or next to the run (a run is data, never code).
+    from whoever made the run, and nothing it names is imported or called unless the user
+    made it a task: `register_task` in this process, or a `replay.tasks` entry point of an
+    installed package (replay's own `replay.digits:digits` is one). A standard-library or
+    installed callable (`sys:exit`, `cProfile:main`) is code too: a run is data, never code.
     """
     if isinstance(spec, Task):
         return spec
@@ -187,10 +219,13 @@ def load_task(spec: str | Task, run_dir: Path | None = None, *, named: bool = Tr
     if named:
         if str(Path.cwd()) not in sys.path:
             sys.path.append(str(Path.cwd()))
-        mod = _import(spec, mod_name)
+        fn = getattr(_import(spec, mod_name), fn_name, None)
     else:
-        mod = _import_from_installed(spec, mod_name, run_dir)
-    fn = getattr(mod, fn_name, None)
+        fn = _registered(spec)
+        if fn is None:
+            raise TaskError(f"{run_dir or 'the run'}: the run names task {spec!r}, which is not a registered task "
+                            f"(replay never imports or calls what a run names on its own); pass --task {spec} "
+                            f"(task={spec!r}) if you trust it")
     if not callable(fn):
         raise TaskError(f"task {spec!r}: {mod_name} has no function {fn_name!r}")
     try:
@@ -228,31 +263,3 @@ def _import(spec: str, mod_name: str) -> object:
         raise TaskError(f"task {spec!r}: importing {mod_name} failed: {user_error(e)}") from None
     except Exception as e:
         raise TaskError(f"task {spec!r}: importing {mod_name} failed: {user_error(e)}") from None
-
-
-def _import_from_installed(spec: str, mod_name: str, run_dir: Path | None) -> object:
-    """Import the run's task only from where the user's Python finds code anyway, not from the run's surroundings."""
-    hint = f"replay imports a run's task only when you name it: pass --task {spec} (task=...) if you trust it"
-    top = mod_name.split(".")[0]
-    if top in sys.modules:  # a package the user's own process has already imported
-        return _import(spec, mod_name)
-    near = [Path.cwd().resolve()] + ([run_dir.resolve(), run_dir.resolve().parent] if run_dir is not None else [])
-    saved = sys.path[:]
-    sys.path[:] = [p for p in saved if p and Path(p).resolve() not in near]
-    try:
-        found = importlib.util.find_spec(top)
-        origin = found and Path(found.origin or next(iter(found.submodule_search_locations or []), "")).resolve()
-        if found is None:
-            raise TaskError(f"the run names task {spec!r}, which is not importable from installed packages or "
-                            f"PYTHONPATH; {hint}")
-        if run_dir is not None and origin.is_relative_to(run_dir.resolve().parent) and not _installed(origin):
-            raise TaskError(f"the run names task {spec!r}, found at {origin}, next to the run; {hint}")
-        return _import(spec, mod_name)
-    finally:
-        sys.path[:] = saved
-
-
-def _installed(origin: Path) -> bool:
-    """Code under site-packages (or the interpreter's own library) is installed, wherever it lies."""
-    return "site-packages" in origin.parts or "dist-packages" in origin.parts or origin.is_relative_to(
-        Path(sys.prefix).resolve())

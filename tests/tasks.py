@@ -1,4 +1,5 @@
-"""Tasks used by the tests (importable as `tasks:NAME` with tests/ on sys.path)."""
+"""Tasks used by the tests (importable as `tasks:NAME` with tests/ on sys.path), registered so that a run
+recorded with one of them replays in the tests' own process without `task=`."""
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ def poly_data():
                                                                                   dtype=torch.float64)
 
 
+@replay.register_task
 def poly():
     return replay.Task(Scale(), {"train": poly_data()}, loss_fn=quartic, batch_size=16)
 
@@ -48,12 +50,14 @@ class BNDropNet(nn.Module):
         return self.net(x)
 
 
+@replay.register_task
 def bn_drop():
     from replay.digits import load_digits_tensors
 
     return replay.Task(BNDropNet(), load_digits_tensors(), batch_size=256)
 
 
+@replay.register_task
 def digits_grouped():
     """digits with a user grouping: even vs odd digits."""
     from replay.digits import digits
@@ -69,6 +73,7 @@ def _float64(task):
     return task
 
 
+@replay.register_task
 def digits64():
     """The digits task in float64: data-parallel sums then agree with one process to ~1e-15."""
     from replay.digits import digits
@@ -76,10 +81,12 @@ def digits64():
     return _float64(digits())
 
 
+@replay.register_task
 def bn_drop64():
     return _float64(bn_drop())
 
 
+@replay.register_task
 def digits_dies_on_rank_1():
     """digits whose loss raises on torchrun rank 1 after $REPLAY_TEST_DIE_AFTER calls (when set)."""
     import os
@@ -100,6 +107,7 @@ def digits_dies_on_rank_1():
     return t
 
 
+@replay.register_task
 def digits_dies():
     """digits whose loss raises after $REPLAY_TEST_DIE_AFTER calls (when set): an interrupted compute."""
     import os
@@ -117,4 +125,17 @@ def digits_dies():
         return base(out, y)
 
     t.loss_fn = dying
+    return t
+
+
+@replay.register_task
+def digits_nan_example():
+    """digits whose validation set holds one example with a NaN pixel: its loss, and val's, are NaN."""
+    from replay.digits import digits
+
+    t = digits()
+    x, y = t.data["val"]
+    x = x.clone()
+    x[7, 3] = float("nan")
+    t.data = {**t.data, "val": (x, y)}
     return t

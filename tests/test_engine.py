@@ -8,8 +8,10 @@ import torch
 from polars.testing import assert_frame_equal
 from safetensors.torch import load_file
 from test_exactness import assert_class_identity
+from typer.testing import CliRunner
 
 import replay
+from replay.cli import app
 from replay.digits import digits_mlp, train_digits
 from replay.engine.simpson import is_grounded, refine_points, simpson_integral
 from replay.errors import ReplayError, TaskError
@@ -298,3 +300,43 @@ def test_per_tensor_sums_agree_with_and_without_the_float64_copy(digits_run, tmp
     b = tensors(tmp_path / "b")
     np.testing.assert_allclose(b["lca"].to_numpy(), a["lca"].to_numpy(), rtol=1e-12, atol=1e-15)
     assert b["n_helped"].to_list() == a["n_helped"].to_list()
+
+
+def test_a_diverged_run_whose_states_repeat_is_unchanged_not_refined(tmp_path):
+    """NaN ≠ NaN: states are compared bit for bit, so a diverged run's repeated NaN states cost nothing."""
+    from replay.digits import digits_mlp, load_digits_tensors
+
+    model = digits_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = load_digits_tensors()["train"]
+    with replay.Recorder(model, tmp_path / "run", task="replay.digits:digits") as rec:
+        for i in range(20):
+            if i < 5:
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x[:64]), y[:64]).backward()
+                opt.step()
+            elif i == 5:
+                with torch.no_grad():
+                    model[0].weight.fill_(float("nan"))  # diverged: every later state is the same NaN bits
+            rec.capture()
+    fr = replay.compute(tmp_path / "run", ["train"], out=tmp_path / "lca", progress=False)
+    s = fr.steps.sort("step").collect()
+    assert s["unchanged"].to_list() == [False] * 6 + [True] * 14
+    assert (s["splits"][6:] == 0).all()
+    assert fr.meta["grad_evals"] <= 2 * 6 + 1 + 6 * 2, "no refinement of steps that cannot ground"
+
+
+def test_a_nan_example_is_counted_and_shown_not_skipped(tmp_path):
+    from replay.digits import digits_mlp, train_digits
+
+    train_digits(digits_mlp(), str(tmp_path / "run"), epochs=1, batch=128)
+    res = CliRunner().invoke(app, ["compute", str(tmp_path / "run"), "--task", "tasks:digits_nan_example",
+                                   "--out", str(tmp_path / "lca"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    fr = replay.load(tmp_path / "lca")
+    val = fr.steps.filter(pl.col("loss") == "val").collect()
+    assert val["residual"].is_nan().all() and (val["splits"] == 2).all(), "NaN is not refined"
+    n = len(val)
+    assert f"{n} of {2 * n} residuals are not finite" in res.output and "max |residual| nan" in res.output, res.output
+    res = CliRunner().invoke(app, ["summary", str(tmp_path / "lca")])
+    assert f"max |residual| nan, {n} not finite" in res.output, res.output

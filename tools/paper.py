@@ -100,14 +100,17 @@ def make_task(setup: str) -> replay.Task:
     return replay.Task(model_fn(), data, batch_size=1000, batchnorm="batch")
 
 
+@replay.register_task
 def mnist_fc() -> replay.Task:
     return make_task("mnist-fc")
 
 
+@replay.register_task
 def mnist_lenet() -> replay.Task:
     return make_task("mnist-lenet")
 
 
+@replay.register_task
 def cifar_resnet20() -> replay.Task:
     return make_task("cifar-resnet20")
 

@@ -32,7 +32,7 @@ from replay.engine.checkpoint import Checkpoint
 from replay.engine.evaluate import LossEvaluator
 from replay.engine.fingerprint import task_fingerprint
 from replay.engine.ledger import Ledger, StepLCA
-from replay.engine.model_check import check_model
+from replay.engine.model_check import check_constants, check_model
 from replay.engine.parallel import Placement
 from replay.engine.per_example import PerExample
 from replay.engine.simpson import Level, allocation, is_grounded, refine
@@ -62,6 +62,7 @@ def compute(
     data_parallel: bool = False,
     per_example: list[str] | None = None,
     restart: bool = False,
+    constants: str = "check",
 ) -> Frames:
     """Compute LCA of `losses` (data set names; default: all of the task's) over the run.
 
@@ -69,6 +70,7 @@ def compute(
     by composite Simpson up to `max_splits` sub-intervals, and flagged if still not grounded.
     Writes frames to `out` (default RUN/lca) and returns them (see `replay.load`). An interrupted
     compute resumes when run again with the same settings; `restart` replaces what `out` holds.
+    The task's frozen parameters and buffers must be training's (`constants='warn'`: a warning).
 
     Under torchrun (or in an initialized process group) each process computes blocks of
     consecutive steps; with `data_parallel`, every process computes every step on its shard
@@ -97,11 +99,15 @@ def compute(
     if per_example and data_parallel:
         raise ReplayError("--per-example with --data-parallel is not supported: use steps mode (the default)")
     check_model(t, run)
+    constants_note = check_constants(t, run, constants)
     a, b = steps or (None, None)
     todo = [s for s in run.steps[:-1] if (a is None or s >= a) and (b is None or s < b)]
     if not todo:
         raise RunError(f"{run.path}: no step to compute in {a}:{b} (recorded states {run.steps[0]}..{run.steps[-1]})")
     notes = _notes(run, t, todo)
+    if constants_note:
+        notes["constants_note"] = constants_note
+        warnings.warn(f"{run.path}: {constants_note}", ReplayWarning, stacklevel=2)
     if t.batchnorm == "running" and run.manifest.buffers:  # the last recorded statistics, for every step
         t.model.load_state_dict(run.state(run.steps[-1], buffers=True), strict=False)
     place, dev = parallel.join(device, data_parallel)
@@ -289,7 +295,9 @@ class _StepLoop:
             dl = (v1 - v0)[pending.to(v1.device)]
             ok = is_grounded(dl - sums.sum(1), dl, self.tol, self.rtol).cpu()
             n = 1 if level is None else level.n
-            final = ok | (n >= self.max_splits) | (level is None)
+            # a loss that is not finite (a diverged step, a NaN example) cannot be grounded by more points
+            finite = torch.isfinite(dl - sums.sum(1)).cpu()
+            final = ok | (n >= self.max_splits) | (level is None) | ~finite
             done = pending[final]
             if cand is not lca:
                 lca.index_copy_(0, done.to(lca.device), cand[final.to(cand.device)])
@@ -324,7 +332,7 @@ class _StepLoop:
         if t0 == self._resumed_at:
             self.evals -= 1
         for t1, th1 in it:
-            if torch.equal(th1, th0):
+            if _same_bits(th1, th0):  # (NaN ≠ NaN, so values cannot tell a diverged run's repeated states)
                 self.ledger.record(t0, t1, v0, None)
                 v1, g1 = v0, g0
             else:
@@ -347,7 +355,7 @@ class _StepLoop:
     def _record_examples(self, t0: int, th0: torch.Tensor, th1: torch.Tensor) -> None:
         """Per-example LCA of the step (nothing to evaluate when no parameter moved: all zeros)."""
         pe = self.per_example
-        if torch.equal(th0, th1):
+        if _same_bits(th0, th1):
             for name, ex in pe.data.items():
                 n, T = len(ex), len(pe.names)
                 v = pe.losses(name, th0)
@@ -357,6 +365,11 @@ class _StepLoop:
             return
         for name, r in pe.step(th0, th1).items():
             self.ledger.record_examples(t0, name, r)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """θ' = θ bit for bit (host sync)."""
+    return torch.equal(a.view(torch.int64), b.view(torch.int64))
 
 
 def _print_progress(done: int, total: int, elapsed: float) -> None:

@@ -6,8 +6,11 @@ tie that differs changes which tensor a gradient belongs to; both are refused, o
 
 from __future__ import annotations
 
+from torch import nn
+
 from replay.errors import TaskError
 from replay.store import Run
+from replay.store.constants import mismatched
 from replay.task import Task
 from replay.wrappers import unwrap_model
 
@@ -45,3 +48,39 @@ def check_model(task: Task, run: Run) -> None:
         raise TaskError(f"parameter {name!r} of the task's model is trainable but {run.path} did not record it, so "
                         f"replay would keep its initial value; if it was frozen in training, call "
                         f"requires_grad_(False) on it in the task (it keeps the task's value), else {hint}")
+
+
+CONSTANTS_MODES = ("check", "warn")
+
+
+def check_constants(task: Task, run: Run, mode: str = "check") -> str | None:
+    """The frozen parameters and unrecorded buffers the replayed loss depends on must be training's (their
+    state-0 checksums in the manifest): a task whose frozen base came from another seed replays "grounded"
+    with the learning gone. Refused in one line naming them; with mode 'warn', the line is returned instead.
+
+    Batch-norm running statistics are compared only where replay uses them (batchnorm='running' without
+    recorded buffers): in batch-statistics mode they are not read, and recorded buffers replace them.
+    """
+    if mode not in CONSTANTS_MODES:
+        raise TaskError(f"constants: expected one of {CONSTANTS_MODES}, got {mode!r}")
+    recorded = run.manifest.constants
+    if not recorded:
+        return None  # a run of an earlier replay: nothing to compare with
+    model = unwrap_model(task.model)
+    skip = set()
+    if task.batchnorm == "batch" or run.manifest.buffers:
+        for mname, m in model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                skip |= {f"{mname}.{b}" if mname else b for b, _ in m.named_buffers(recurse=False)}
+    bad = mismatched(recorded, model, skip)
+    if not bad:
+        return None
+    kinds = {recorded[n]["kind"] for n in bad}
+    what = " and ".join(sorted({"frozen": "frozen parameters", "buffer": "buffers"}[k] for k in kinds))
+    line = (f"{len(bad)} {what} of the task's model differ from the ones training used ({', '.join(bad[:4])}"
+            f"{', ...' if len(bad) > 4 else ''}): the replayed losses would not be training's; build the task's "
+            f"model with the trained model's frozen weights and buffers (the same base checkpoint), or pass "
+            f"constants='warn' (--constants warn) to replay anyway")
+    if mode == "check":
+        raise TaskError(line)
+    return line

@@ -127,7 +127,8 @@ class PerExample:
             while True:
                 lca = (ends + 4.0 * odd + 2.0 * mid) / (3.0 * splits[:, None])
                 ok = (dl - lca.sum(1)).abs() <= self.tol + self.rtol * dl.abs()
-                todo = torch.nonzero(~ok & (splits == n)).flatten()
+                # a non-finite loss (a NaN example) cannot be grounded by more points
+                todo = torch.nonzero(~ok & (splits == n) & torch.isfinite(dl - lca.sum(1))).flatten()
                 if n >= self.max_splits or len(todo) == 0:
                     break
                 # refine only the examples that miss: the old points become interior even ones

@@ -236,8 +236,10 @@ class Chunk:
             check_seal(f, head, size)
             if meta.get("run") != self.run_id:
                 raise Unsealed(f"it belongs to another run (run id {meta.get('run')!r}, this run is {self.run_id})")
-        if not isinstance(digest, str) or head != chunk_header(self.layout, steps, stored, self.run_id, digest,
-                                                               self.version, zlen, encoding):
+        per_state = len(self.layout.packed) + (1 if self.layout.pad else 0)
+        entries = {"xor": len(stored) * per_state, "xor-flat": len(stored), "xor-planes-zstd": 1}[encoding]
+        if not isinstance(digest, str) or len(header) - 1 != entries or head != chunk_header(
+                self.layout, steps, stored, self.run_id, digest, self.version, zlen, encoding):  # count first: cheap
             raise Unsealed("its header does not match the run's manifest (tensor names, dtypes, shapes or offsets "
                            "differ)")
         if self.version == 1:  # format 1: the CRC-32 covered the data section only

@@ -86,7 +86,8 @@ class TensorSpec:
 def spec_of(name: str, t: torch.Tensor, kind: str = "param") -> TensorSpec:
     if t.dtype not in TORCH_TO_ST:
         known = ", ".join(str(d).removeprefix("torch.") for d in ST_DTYPES.values())
-        raise RecordError(f"{kind} {name!r}: dtype {str(t.dtype).removeprefix('torch.')} cannot be recorded (replay "
+        what = "parameter" if kind == "param" else kind
+        raise RecordError(f"{what} {name!r}: dtype {str(t.dtype).removeprefix('torch.')} cannot be recorded (replay "
                           f"records {known}); keep it out of the recorded set (requires_grad_(False)) or convert it")
     return TensorSpec(name, tuple(t.shape), TORCH_TO_ST[t.dtype], kind)
 

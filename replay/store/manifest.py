@@ -20,7 +20,7 @@ from replay.errors import RunError
 from replay.store.atomic import check_seal, write_atomic
 from replay.store.files import open_regular, read_exactly, size_of, why_unreadable
 from replay.store.layout import ST_DTYPES, TensorSpec
-from replay.store.sealed import JSON_SEAL, encode_json
+from replay.store.sealed import JSON_SEAL, encode_json, why_not_json
 
 FORMAT = "replay-run/2"
 LEGACY_FORMAT = "replay-run/1"  # 0.1.0: no checksum, no run id (still readable)
@@ -93,7 +93,7 @@ class Manifest:
         try:
             d = json.loads(raw)
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise _damaged(path, f"not JSON ({type(e).__name__})") from None
+            raise _damaged(path, why_not_json(e)) from None
         if not isinstance(d, dict):
             raise _damaged(path, f"expected a JSON object, got {type(d).__name__}")
         fmt = d.get("format")
@@ -122,14 +122,18 @@ def _validated(d: dict, path: Path) -> Manifest:
     need(type(every) is int and every >= 1, f"'every' must be an integer >= 1, got {every!r}")
     need(isinstance(tensors, list) and len(tensors) > 0, "'tensors' must be a non-empty list")
     specs, seen = [], set()
-    for i, t in enumerate(tensors):
-        need(isinstance(t, dict), f"tensors[{i}] is not an object")
+    for i, t in enumerate(tensors):  # messages are formatted only on failure: a manifest may name millions
+        if not isinstance(t, dict):
+            need(False, f"tensors[{i}] is not an object")
         name, shape, dtype, kind = t.get("name"), t.get("shape"), t.get("dtype"), t.get("kind", "param")
-        need(isinstance(name, str) and name != "" and name not in seen, f"tensors[{i}]: bad or repeated name {name!r}")
-        need(isinstance(shape, list) and all(type(s) is int and 0 <= s < 2**40 for s in shape),
-             f"tensor {name!r}: bad shape {shape!r}")
-        need(dtype in ST_DTYPES, f"tensor {name!r}: unknown dtype {dtype!r} (known: {sorted(ST_DTYPES)})")
-        need(kind in ("param", "buffer"), f"tensor {name!r}: kind {kind!r} is not 'param' or 'buffer'")
+        if not (isinstance(name, str) and name != "" and name not in seen):
+            need(False, f"tensors[{i}]: bad or repeated name {name!r}")
+        if not (isinstance(shape, list) and all(type(s) is int and 0 <= s < 2**40 for s in shape)):
+            need(False, f"tensor {name!r}: bad shape {shape!r}")
+        if dtype not in ST_DTYPES:
+            need(False, f"tensor {name!r}: unknown dtype {dtype!r} (known: {sorted(ST_DTYPES)})")
+        if kind not in ("param", "buffer"):
+            need(False, f"tensor {name!r}: kind {kind!r} is not 'param' or 'buffer'")
         seen.add(name)
         specs.append(TensorSpec(name, tuple(shape), dtype, kind))
     need(any(s.kind == "param" for s in specs), "no parameter is recorded")

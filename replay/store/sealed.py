@@ -27,6 +27,12 @@ SEAL_FIELD = re.compile(rb'"xxh3":"([0-9a-f]{16})"\}\} *\Z')  # the seal: last f
 MAX_HEADER = 100_000_000  # safetensors' own limit for a header
 
 
+def why_not_json(e: BaseException) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply for a replay file"
+    return "not JSON" if not isinstance(e, UnicodeDecodeError) else "not text"
+
+
 class Unsealed(Exception):
     """What is wrong with a sealed file, in words (the caller names the file and the remedy)."""
 
@@ -75,7 +81,7 @@ def read_header(f: BinaryIO, size: int, max_header: int = MAX_HEADER) -> tuple[b
     try:
         header = json.loads(raw)
     except (ValueError, RecursionError, UnicodeDecodeError) as e:
-        raise Unsealed(f"unreadable header ({type(e).__name__})") from None
+        raise Unsealed(f"unreadable header ({why_not_json(e)})") from None
     if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
         raise Unsealed("its header is not a safetensors header with metadata")
     return struct.pack("<Q", n) + raw, header
@@ -119,7 +125,7 @@ def read_json(path: Path, max_bytes: int, sealed: bool = True) -> dict:
     try:
         d = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise Unsealed(f"not JSON ({type(e).__name__})") from None
+        raise Unsealed(why_not_json(e)) from None
     if not isinstance(d, dict):
         raise Unsealed(f"expected a JSON object, got {type(d).__name__}")
     if sealed and (why := check_doc(raw, JSON_SEAL)):
