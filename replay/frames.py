@@ -33,13 +33,19 @@ STEPS_SCHEMA = {
     "step": pl.Int64, "loss": pl.String, "loss_before": pl.Float64, "loss_after": pl.Float64,
     "delta_loss": pl.Float64, "lca": pl.Float64, "residual": pl.Float64, "splits": pl.Int32,
     "frac_helped": pl.Float64,
-    # additions: the state the step ends at (t + every), whether |residual| met the tolerance, and
-    # whether no parameter changed (then no evaluation, LCA exactly 0, frac_helped null)
-    "step_to": pl.Int64, "grounded": pl.Boolean, "unchanged": pl.Boolean,
+    # additions: the state the step ends at (t + every), whether |residual| met the tolerance, whether no
+    # parameter changed (then no evaluation, LCA exactly 0, frac_helped null), and the points along the step
+    # (s in [0, 1]) whose gradients this loss's allocation used (0, 0.5, 1: plain Simpson; refined: more,
+    # where the error was). frac_helped is null for losses without per-parameter counts (`per_param`).
+    "step_to": pl.Int64, "grounded": pl.Boolean, "unchanged": pl.Boolean, "points": pl.List(pl.Float64),
 }
 TENSORS_SCHEMA = {
     "step": pl.Int64, "loss": pl.String, "tensor": pl.String, "lca": pl.Float64,
     "n_params": pl.Int64, "n_helped": pl.Int64,
+    # addition: an estimate of this LCA's quadrature error (engine.simpson: the change of the last
+    # refinement; never refined: Simpson against the trapezoid, conservative). n_helped: null for losses
+    # without per-parameter counts.
+    "lca_error": pl.Float64,
 }
 EXAMPLES_SCHEMA = {
     "step": pl.Int64, "loss": pl.String, "example": pl.Int64, "tensor": pl.String, "lca": pl.Float64,
@@ -49,10 +55,24 @@ EXAMPLE_STEPS_SCHEMA = {
     "step": pl.Int64, "loss": pl.String, "example": pl.Int64, "loss_before": pl.Float64, "loss_after": pl.Float64,
     "delta_loss": pl.Float64, "lca": pl.Float64, "residual": pl.Float64, "splits": pl.Int32, "grounded": pl.Boolean,
 }
+# per token of a causal LM (`per_token`): `position` is the target token's index in its sequence (the token
+# predicted from the ones before it); lca is Σ over tensors; the other columns as in example_steps
+TOKENS_SCHEMA = {
+    "step": pl.Int64, "loss": pl.String, "example": pl.Int64, "position": pl.Int64, "lca": pl.Float64,
+    "loss_before": pl.Float64, "loss_after": pl.Float64, "delta_loss": pl.Float64, "residual": pl.Float64,
+    "splits": pl.Int32, "grounded": pl.Boolean,
+}
+# per tensor, for the tokens a user selects (`token_tensors`)
+TOKEN_TENSORS_SCHEMA = {
+    "step": pl.Int64, "loss": pl.String, "example": pl.Int64, "position": pl.Int64, "tensor": pl.String,
+    "lca": pl.Float64,
+}
 PARAMS_SCHEMA = {
     "loss": pl.String, "tensor": pl.String, "index": pl.Int64, "lca": pl.Float64,
     "n_helped": pl.Int64, "n_steps": pl.Int64,
 }
+SCHEMAS = {"steps": STEPS_SCHEMA, "tensors": TENSORS_SCHEMA, "params": PARAMS_SCHEMA, "examples": EXAMPLES_SCHEMA,
+           "example_steps": EXAMPLE_STEPS_SCHEMA, "tokens": TOKENS_SCHEMA, "token_tensors": TOKEN_TENSORS_SCHEMA}
 
 
 @dataclass
@@ -66,6 +86,8 @@ class Frames:
     meta: dict
     examples: pl.LazyFrame | None = None  # with per_example: step, loss, example, tensor, lca
     example_steps: pl.LazyFrame | None = None  # with per_example: per example and step, its loss change and residual
+    tokens: pl.LazyFrame | None = None  # with per_token: step, loss, example, position, lca (Σ over tensors), ...
+    token_tensors: pl.LazyFrame | None = None  # with token_tensors: the selected tokens' LCA per tensor
 
     def __repr__(self) -> str:
         return f"Frames({str(self.path)!r}, losses={self.meta.get('losses')}, steps={self.meta.get('n_steps')})"
@@ -104,52 +126,81 @@ def load(path: str | Path, *, verify: bool = True) -> Frames:
         files = sorted(f for f in by_dir.get(name, []) if f.suffix == ".parquet")
         return pl.scan_parquet(files) if files else pl.LazyFrame(schema=schema)
 
-    return Frames(path, scan("steps", STEPS_SCHEMA), scan("tensors", TENSORS_SCHEMA),
-                  scan("params", PARAMS_SCHEMA), meta, scan("examples", EXAMPLES_SCHEMA),
-                  scan("example_steps", EXAMPLE_STEPS_SCHEMA))
+    frames = {name: scan(name, schema) for name, schema in SCHEMAS.items()}
+    return Frames(path, meta=meta, **frames)
 
 
 class FrameWriter:
-    """Buffers per-step rows and writes them as numbered parquet parts."""
+    """Buffers per-step rows and writes them as numbered parquet parts; `full`: the losses with per-parameter
+    counts (the others get null n_helped and frac_helped, and no params rows)."""
 
     def __init__(self, out: Path, loss_names: list[str], tensor_names: list[str], tensor_sizes: list[int],
-                 prefix: str = "part"):
+                 full: list[int], prefix: str = "part"):
         self.out, self.prefix = out, prefix
-        self.loss_names, self.tensor_names = loss_names, tensor_names
+        self.loss_names, self.tensor_names, self.full = loss_names, tensor_names, full
         self.tensor_sizes = np.asarray(tensor_sizes, dtype=np.int64)
+        self._has_counts = np.zeros(len(loss_names), dtype=bool)
+        self._has_counts[full] = True
         for d in ("steps", "tensors", "params"):
             (out / d).mkdir(parents=True, exist_ok=True)
         self._steps: list[dict] = []
-        self._tensors: list[tuple[int, np.ndarray, np.ndarray]] = []
-        self._examples: list[pl.DataFrame] = []
-        self._example_steps: list[pl.DataFrame] = []
+        self._tensors: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._extra: dict[str, list[pl.DataFrame]] = {}
+
+    def _buffer(self, name: str, df: pl.DataFrame) -> None:
+        (self.out / name).mkdir(exist_ok=True)
+        self._extra.setdefault(name, []).append(df)
 
     def add_examples(self, step: int, loss: str, lca: np.ndarray, before: np.ndarray, after: np.ndarray,
                      splits: np.ndarray, grounded: np.ndarray) -> None:
         """One step of per-example LCA of one data set: lca [n, T] float64, per-example arrays [n]."""
         n, T = lca.shape
-        (self.out / "examples").mkdir(exist_ok=True)
-        (self.out / "example_steps").mkdir(exist_ok=True)
-        self._examples.append(pl.DataFrame({
+        self._buffer("examples", pl.DataFrame({
             "step": np.full(n * T, step, dtype=np.int64), "loss": [loss] * (n * T),
             "example": np.repeat(np.arange(n, dtype=np.int64), T),
-            "tensor": np.tile(np.array(self.tensor_names, dtype=object), n), "lca": lca.reshape(-1),
+            "tensor": pl.Series(self.tensor_names, dtype=pl.String).gather(np.tile(np.arange(T), n)),
+            "lca": lca.reshape(-1),
         }, schema=EXAMPLES_SCHEMA))
         total = lca.sum(1)
-        self._example_steps.append(pl.DataFrame({
+        self._buffer("example_steps", pl.DataFrame({
             "step": np.full(n, step, dtype=np.int64), "loss": [loss] * n, "example": np.arange(n, dtype=np.int64),
             "loss_before": before, "loss_after": after, "delta_loss": after - before, "lca": total,
             "residual": (after - before) - total, "splits": splits.astype(np.int32), "grounded": grounded,
         }, schema=EXAMPLE_STEPS_SCHEMA))
 
+    def add_tokens(self, step: int, loss: str, example: np.ndarray, position: np.ndarray, lca: np.ndarray,
+                   before: np.ndarray, after: np.ndarray, splits: np.ndarray, grounded: np.ndarray) -> None:
+        """One step of per-token LCA (Σ over tensors) of one data set: arrays [tokens]."""
+        n = len(lca)
+        self._buffer("tokens", pl.DataFrame({
+            "step": np.full(n, step, dtype=np.int64), "loss": [loss] * n, "example": example.astype(np.int64),
+            "position": position.astype(np.int64), "lca": lca, "loss_before": before, "loss_after": after,
+            "delta_loss": after - before, "residual": (after - before) - lca, "splits": splits.astype(np.int32),
+            "grounded": grounded,
+        }, schema=TOKENS_SCHEMA))
+
+    def add_token_tensors(self, step: int, loss: str, example: np.ndarray, position: np.ndarray,
+                          lca: np.ndarray) -> None:
+        """The selected tokens' LCA per tensor: lca [tokens, T]."""
+        n, T = lca.shape
+        self._buffer("token_tensors", pl.DataFrame({
+            "step": np.full(n * T, step, dtype=np.int64), "loss": [loss] * (n * T),
+            "example": np.repeat(example.astype(np.int64), T), "position": np.repeat(position.astype(np.int64), T),
+            "tensor": pl.Series(self.tensor_names, dtype=pl.String).gather(np.tile(np.arange(T), n)),
+            "lca": lca.reshape(-1),
+        }, schema=TOKEN_TENSORS_SCHEMA))
+
     def add(self, step: int, step_to: int, before: np.ndarray, after: np.ndarray, lca: np.ndarray,
-            splits: np.ndarray, grounded: np.ndarray, tensor_lca: np.ndarray, tensor_helped: np.ndarray) -> None:
-        """One step: per-loss arrays [L] and per-loss per-tensor arrays [L, T] (already on the host)."""
+            splits: np.ndarray, grounded: np.ndarray, tensor_lca: np.ndarray, tensor_helped: np.ndarray,
+            error: np.ndarray, points: list[list[float]]) -> None:
+        """One step: per-loss arrays [L], per-loss per-tensor arrays [L, T] (helped: rows of `full` only
+        are read), the points of each loss (already on the host)."""
         moved = bool(splits.any())
         frac = tensor_helped.sum(1) / self.tensor_sizes.sum() if moved else np.full(len(before), np.nan)
+        frac = np.where(self._has_counts, frac, np.nan)
         self._steps.append({"step": step, "step_to": step_to, "before": before, "after": after, "lca": lca,
-                            "splits": splits, "grounded": grounded, "frac": frac})
-        self._tensors.append((step, tensor_lca, tensor_helped))
+                            "splits": splits, "grounded": grounded, "frac": frac, "points": points})
+        self._tensors.append((step, tensor_lca, tensor_helped, error))
 
     def __len__(self) -> int:
         return len(self._steps)
@@ -168,39 +219,42 @@ class FrameWriter:
             "residual": (after - before) - lca, "splits": col("splits"),
             "frac_helped": col("frac"), "step_to": np.repeat([r["step_to"] for r in s], L),
             "grounded": col("grounded"), "unchanged": np.repeat([not r["splits"].any() for r in s], L),
+            "points": [p for r in s for p in r["points"]],
         }, schema=STEPS_SCHEMA).with_columns(pl.col("frac_helped").fill_nan(None))
         n = len(self._tensors)
+        counted = np.tile(np.repeat(self._has_counts, T), n)
+        helped = np.concatenate([h.reshape(-1) for _, _, h, _ in self._tensors]).astype(np.int64)
         tensors = pl.DataFrame({
-            "step": np.repeat([t for t, _, _ in self._tensors], L * T),
+            "step": np.repeat([t for t, _, _, _ in self._tensors], L * T),
             "loss": pl.Series(self.loss_names, dtype=pl.String).gather(np.tile(np.repeat(np.arange(L), T), n)),
             "tensor": pl.Series(self.tensor_names, dtype=pl.String).gather(np.tile(np.arange(T), L * n)),
-            "lca": np.concatenate([a.reshape(-1) for _, a, _ in self._tensors]),
+            "lca": np.concatenate([a.reshape(-1) for _, a, _, _ in self._tensors]),
             "n_params": np.tile(self.tensor_sizes, L * n),
-            "n_helped": np.concatenate([h.reshape(-1) for _, _, h in self._tensors]).astype(np.int64),
+            "n_helped": pl.Series(helped).set(pl.Series(~counted), None),
+            "lca_error": np.concatenate([e.reshape(-1) for _, _, _, e in self._tensors]),
         }, schema=TENSORS_SCHEMA)
         files = []
-        frames = [("steps", steps), ("tensors", tensors)]
-        if self._examples:
-            frames += [("examples", pl.concat(self._examples)), ("example_steps", pl.concat(self._example_steps))]
+        frames = [("steps", steps), ("tensors", tensors)] + [(k, pl.concat(v)) for k, v in self._extra.items()]
         first, last = int(self._steps[0]["step"]), int(self._steps[-1]["step"])
         for name, df in frames:
             files.append(_write_parquet(df, self.out, f"{name}/{self.prefix}-{seq:06d}.parquet", first, last))
-        self._steps, self._tensors, self._examples, self._example_steps = [], [], [], []
+        self._steps, self._tensors, self._extra = [], [], {}
         return files
 
     def write_params(self, lca: np.ndarray, helped: np.ndarray, n_steps: int, start: int = 0) -> Part:
-        """Totals over steps: lca [L, k] float64, helped [L, k] counts, for the flat parameters start..start+k
-        (in tensor order; a data-parallel rank writes its own slice)."""
-        L, k = lca.shape
+        """Totals over steps of the losses `full`: lca [K, k] float64, helped [K, k] counts, for the flat
+        parameters start..start+k (in tensor order; a data-parallel rank writes its own slice)."""
+        K, k = lca.shape
         ends = np.cumsum(self.tensor_sizes)
         flat = np.arange(start, start + k)
         tensor_ids = np.searchsorted(ends, flat, side="right")  # [k]
         index = flat - (ends - self.tensor_sizes)[tensor_ids]  # flat index within its tensor
+        names = [self.loss_names[i] for i in self.full]
         df = pl.DataFrame({  # strings by gathering from the names: numpy object arrays cost ~10x more
-            "loss": pl.Series(self.loss_names, dtype=pl.String).gather(np.repeat(np.arange(L), k)),
-            "tensor": pl.Series(self.tensor_names, dtype=pl.String).gather(np.tile(tensor_ids, L)),
-            "index": np.tile(index, L), "lca": lca.reshape(-1),
-            "n_helped": helped.reshape(-1).astype(np.int64), "n_steps": np.full(L * k, n_steps, dtype=np.int64),
+            "loss": pl.Series(names, dtype=pl.String).gather(np.repeat(np.arange(K), k)),
+            "tensor": pl.Series(self.tensor_names, dtype=pl.String).gather(np.tile(tensor_ids, K)),
+            "index": np.tile(index, K), "lca": lca.reshape(-1),
+            "n_helped": helped.reshape(-1).astype(np.int64), "n_steps": np.full(K * k, n_steps, dtype=np.int64),
         }, schema=PARAMS_SCHEMA)
         return _write_parquet(df, self.out, f"params/{self.prefix}.parquet")
 

@@ -41,6 +41,8 @@ class Task:
     - `batchnorm`: "batch" — batch statistics of each evaluation batch (as the LCA paper), the
       running buffers never touched; "running" — eval mode with fixed running statistics (the
       model's own, or the last recorded buffers when the run recorded them).
+    - `token_loss_fn(outputs, batch) -> (losses [batch, seq], keep [batch, seq] bool)`: per-token
+      losses for `per_token` (default for `replay.losses.causal_lm`: `replay.losses.causal_lm_tokens`).
     """
 
     model: nn.Module
@@ -49,6 +51,7 @@ class Task:
     batch_size: int | None = None
     groups: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)
     batchnorm: str = "batch"
+    token_loss_fn: Callable | None = field(default=None, kw_only=True)
 
     def __post_init__(self):
         if not isinstance(self.model, nn.Module):

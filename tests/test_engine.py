@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 import replay
 from replay.cli import app
 from replay.digits import digits_mlp, train_digits
-from replay.engine.simpson import is_grounded, refine_points, simpson_integral
 from replay.errors import ReplayError, TaskError
 
 
@@ -36,66 +35,28 @@ def per_param_terms(state):
     return (0.25 * r**4 - 0.5 * r**3 + r**2 + 0.3 * r).mean(0)
 
 
-def test_simpson_pure_functions():
-    # ∫₀¹ s³ ds = 1/4 with n=2 (exact for cubics); points of the refinement
-    g = lambda s: torch.tensor([s**3])  # noqa: E731
-    assert simpson_integral(g(0) + g(1), g(0.5), torch.zeros(1), 2).item() == pytest.approx(0.25, abs=1e-15)
-    assert refine_points(2) == [0.25, 0.75]
-    assert is_grounded(torch.tensor([1e-5, -2e-4]), torch.tensor([1.0, 1.0]), 1e-4, 0.0).tolist() == [True, False]
-    assert is_grounded(torch.tensor([-2e-4]), torch.tensor([1.0]), 1e-4, 1e-3).tolist() == [True]
-
-
-def composite_simpson(f, n):
-    """The textbook rule, independently: h/3·(f0 + 4f1 + 2f2 + … + 4f(n−1) + fn) on the grid k/n."""
-    w = np.array([1.0] + [4.0 if k % 2 else 2.0 for k in range(1, n)] + [1.0])
-    return sum(wk * f(k / n) for k, wk in enumerate(w)) / (3.0 * n)
-
-
-@pytest.mark.parametrize("n", [4, 8])
-def test_simpson_levels_per_parameter_against_the_analytic_integral(n):
-    """L(θ) = Σ_j cos(θ_j): parameter j's exact share of a step is cos(θ_j + Δ_j) − cos(θ_j). The levels reached
-    by `refine` equal the textbook composite rule per parameter, and are within its error bound of the exact share,
-    |Δ_j|⁵ / (180 n⁴), which they approach at n⁻⁴."""
-    from replay.engine.simpson import Level, allocation, refine
-
-    g = torch.Generator().manual_seed(0)
-    theta = torch.randn(2, 50, generator=g, dtype=torch.float64)  # [losses, params]: two "losses" of one θ
-    delta = torch.randn(50, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, 50, dtype=torch.float64)
-    grad = lambda s: -torch.sin(theta + s * delta)  # noqa: E731 - ∂L/∂θ along the step
-    points_seen = []
-
-    def evaluate(points):
-        points_seen.append(points)
-        return sum(grad(s) for s in points)
-
-    level = Level(2, grad(0.0), grad(1.0), grad(0.5))
-    while level.n < n:
-        level = refine(level, evaluate)
-    assert level.n == n and points_seen[-1] == [(2 * j + 1) / n for j in range(n // 2)], "only the new odd points"
-    lca = allocation(level, delta)
-    textbook = composite_simpson(lambda s: delta * grad(s), n)
-    torch.testing.assert_close(lca, textbook, rtol=1e-13, atol=1e-14)
-    exact = torch.cos(theta + delta) - torch.cos(theta)
-    err = (lca - exact).abs()
-    assert (err <= delta.abs() ** 5 / (180 * n**4) + 1e-15).all()
-    coarse = allocation(Level(2, grad(0.0), grad(1.0), grad(0.5)), delta)
-    big = delta.abs() > 2  # where the error is far above rounding: it shrinks like n⁻⁴
-    ratio = ((coarse - exact).abs()[:, big] / err[:, big]).median()
-    assert 0.3 * (n / 2) ** 4 < ratio < 3 * (n / 2) ** 4
-    # rows: the same numbers for a subset of the losses
-    torch.testing.assert_close(allocation(level, delta, rows=torch.tensor([1])), lca[1:], rtol=0, atol=0)
+def simpson_on(points, f):
+    """The composite rule on a mesh given as its sorted points (ends and midpoints alternate), independently:
+    Σ over panels [x₂ₖ, x₂ₖ₊₂] of h/6·(f(x₂ₖ) + 4f(x₂ₖ₊₁) + f(x₂ₖ₊₂))."""
+    assert len(points) % 2 == 1 and points[0] == 0.0 and points[-1] == 1.0
+    total = 0.0
+    for k in range(0, len(points) - 1, 2):
+        a, m, b = points[k:k + 3]
+        assert m == (a + b) / 2
+        total = total + (b - a) / 6 * (f(a) + 4 * f(m) + f(b))
+    return total
 
 
 def test_refined_steps_are_the_composite_rule_per_parameter(tmp_path):
-    """Through compute(): a cosine loss refined to n sub-intervals; each parameter's dense LCA is the textbook
-    composite Simpson rule at that step's n, evaluated here from autograd gradients of the loss itself."""
+    """Through compute(): a cosine loss refined where its error is; each parameter's dense LCA is the textbook
+    composite Simpson rule on that step's points, evaluated here from autograd gradients of the loss itself."""
     run = record_poly(tmp_path / "run", steps=3, scale=0.5)
     x, y = tasks.poly_data()
     loss_fn = lambda o, y: torch.cos(3 * (o - y)).sum(1)  # noqa: E731
     task = replay.Task(tasks.Scale(), {"train": (x, y)}, loss_fn=loss_fn)
     fr = replay.compute(run, task=task, tol=1e-7, max_splits=8, dense=True, out=tmp_path / "lca")
     steps = fr.steps.sort("step").collect()
-    assert set(steps["splits"].to_list()) <= {4, 8} and (steps["splits"] > 2).all()
+    assert (steps["splits"] > 2).all()
     dense = {}
     for f in sorted((tmp_path / "lca" / "dense").glob("*.safetensors")):
         dense.update(load_file(f))
@@ -104,9 +65,10 @@ def test_refined_steps_are_the_composite_rule_per_parameter(tmp_path):
         w = w.clone().requires_grad_(True)
         return torch.autograd.grad(loss_fn(x * w, y).mean(), w)[0]
 
-    for t, n in enumerate(steps["splits"].to_list()):
+    for t, points in enumerate(steps["points"].to_list()):
+        assert len(points) == steps["splits"][t] + 1
         w0, w1 = (torch.cat([run.state(s)["w"], run.state(s)["b"]]) for s in (t, t + 1))
-        expected = composite_simpson(lambda s: (w1 - w0) * grad(w0 + s * (w1 - w0)), n)  # noqa: B023
+        expected = simpson_on(points, lambda s: (w1 - w0) * grad(w0 + s * (w1 - w0)))  # noqa: B023
         torch.testing.assert_close(dense[str(t)][0], expected, rtol=1e-9, atol=1e-12)  # flat order: w, then b
 
 
@@ -169,14 +131,19 @@ def test_digits_grounded_and_per_class_identity(digits_run, tmp_path):
     assert steps["grounded"].all(), steps.filter(~pl.col("grounded"))
     assert steps["residual"].abs().max() <= 1e-4
     assert_class_identity(fr, tol=1e-4)
-    # params totals = Σ over steps of tensors, for each tensor and loss
+    # params totals = Σ over steps of tensors, for each tensor and loss with per-parameter numbers
+    assert fr.meta["per_param"] == ["train", "val"], "default: the data-set losses"
     p = fr.params.group_by("loss", "tensor").agg(pl.col("lca").sum()).sort("loss", "tensor").collect()
-    t = fr.tensors.group_by("loss", "tensor").agg(pl.col("lca").sum()).sort("loss", "tensor").collect()
+    t = (fr.tensors.filter(pl.col("loss").is_in(["train", "val"])).group_by("loss", "tensor")
+         .agg(pl.col("lca").sum()).sort("loss", "tensor").collect())
     np.testing.assert_allclose(p["lca"].to_numpy(), t["lca"].to_numpy(), rtol=1e-9, atol=1e-12)
-    # frac_helped = Σ n_helped / Σ n_params
+    # frac_helped = Σ n_helped / Σ n_params; null (not 0) for the class losses, which have no counts
     f = fr.tensors.group_by("step", "loss").agg(pl.col("n_helped").sum() / pl.col("n_params").sum())
-    j = steps.join(f.collect(), on=["step", "loss"])
+    j = steps.filter(pl.col("loss").is_in(["train", "val"])).join(f.collect(), on=["step", "loss"])
     np.testing.assert_allclose(j["frac_helped"].to_numpy(), j["n_helped"].to_numpy())
+    classes = steps.filter(pl.col("loss").str.contains("/"))
+    assert classes["frac_helped"].is_null().all()
+    assert fr.tensors.filter(pl.col("loss").str.contains("/")).collect()["n_helped"].is_null().all()
 
 
 def test_user_groups_one_pass(digits_run, tmp_path):
@@ -253,7 +220,7 @@ def test_frames_schema_is_the_contract(digits_run, tmp_path):
     fr = replay.compute(digits_run, ["val"], out=tmp_path / "lca")
     assert fr.steps.collect_schema().names()[:9] == ["step", "loss", "loss_before", "loss_after", "delta_loss",
                                                      "lca", "residual", "splits", "frac_helped"]
-    assert fr.tensors.collect_schema().names() == ["step", "loss", "tensor", "lca", "n_params", "n_helped"]
+    assert fr.tensors.collect_schema().names()[:6] == ["step", "loss", "tensor", "lca", "n_params", "n_helped"]
     assert fr.params.collect_schema().names() == ["loss", "tensor", "index", "lca", "n_helped", "n_steps"]
     for lf in (fr.steps, fr.tensors, fr.params):
         assert lf.collect_schema()["lca"] == pl.Float64
@@ -289,14 +256,14 @@ def test_helped_counts_add_up_over_many_steps(tmp_path):
 def test_per_tensor_sums_agree_with_and_without_the_float64_copy(digits_run, tmp_path, monkeypatch):
     """Per-tensor float64 sums: through a float64 copy (small tensors, CPU) or with the cast inside the reduction
     (big tensors, CUDA): the same numbers to rounding, and the same refinement decisions."""
-    import replay.engine.ledger
+    import replay.engine.columns
 
     def tensors(out):
-        fr = replay.compute(digits_run, ["val"], per_class=["val"], out=out)
+        fr = replay.compute(digits_run, ["val"], per_class=["val"], per_param="all", out=out)
         return fr.tensors.sort("step", "loss", "tensor").collect()
 
     a = tensors(tmp_path / "a")
-    monkeypatch.setattr(replay.engine.ledger, "COPY_BYTES", 0)
+    monkeypatch.setattr(replay.engine.columns, "COPY_BYTES", 0)
     b = tensors(tmp_path / "b")
     np.testing.assert_allclose(b["lca"].to_numpy(), a["lca"].to_numpy(), rtol=1e-12, atol=1e-15)
     assert b["n_helped"].to_list() == a["n_helped"].to_list()

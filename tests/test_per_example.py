@@ -26,7 +26,7 @@ def per_example_terms(state):
 @pytest.mark.parametrize("products", ["batched", "one-by-one"])
 def test_analytic_separable_loss_per_example_and_tensor(tmp_path, products, monkeypatch):
     if products == "one-by-one":  # a model whose ops have no vmap rule: the products run one after another
-        import replay.engine.per_example as pe
+        import replay.engine.ghost as pe
 
         def no_vmap(*args, **kwargs):
             raise NotImplementedError("no batching rule")

@@ -1,46 +1,61 @@
 """compute(): replay a run and allocate each step's loss change to every parameter.
 
-Per step t → t' (consecutive recorded states), for all losses at once (L losses, P params):
-
-    g0 [L,P]  gradient at θ_t          reused: it was the previous step's end
-    g1 [L,P]  gradient at θ_t'         1 evaluation
-    O  [L,P]  gradient at the midpoint 1 evaluation   → plain Simpson, 2 evaluations per step
-    while some loss is not grounded and n < max_splits: n *= 2, evaluate n/2 new points
-    lca [L,P] = Δθ ⊙ h/3·(E + 4·O + 2·M)   (float64)
-
-Only per-loss and per-tensor sums leave the device each step (one sync); per-parameter
-totals stay on the device until the end. Frames are flushed as parquet parts with a
-checkpoint of the totals, so an interrupted compute resumes from its last flush.
-Under torchrun the steps (or each step's data) are shared among processes: see `parallel`.
+The pieces, one job each: `evaluate` (values, per-tensor projections and the per-parameter
+losses' gradients at one θ, one pass per data set), `simpson` (the method: panels refined where
+the error is, as pure functions), `steps` (the step loop), `rows` and `ghost` (examples and
+tokens as rows of their own), `ledger` (frames, totals, resume state), `checkpoint`,
+`model_check` (the task against the run), `parallel` (torchrun). This module validates the
+settings, builds those, and leaves the caller's Task as it found it (parameter values aside).
 """
 
 from __future__ import annotations
 
 import math
-import queue
-import sys
-import threading
-import time
 import warnings
-from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from replay.engine import parallel
 from replay.engine.checkpoint import Checkpoint
 from replay.engine.evaluate import LossEvaluator
 from replay.engine.fingerprint import task_fingerprint
-from replay.engine.ledger import Ledger, StepLCA
+from replay.engine.ghost import ExampleProducts
+from replay.engine.ledger import Ledger
 from replay.engine.model_check import check_constants, check_model
-from replay.engine.parallel import Placement
-from replay.engine.per_example import PerExample
-from replay.engine.simpson import Level, allocation, is_grounded, refine
+from replay.engine.rows import ExampleIntegrand, Rows, TokenIntegrand
+from replay.engine.steps import StepLoop
 from replay.errors import ReplayError, ReplayWarning, RunError, TaskError, os_reason
 from replay.frames import Frames, load
-from replay.lcadir import LcaDirDamaged
 from replay.store import Run, open_run
-from replay.task import Task, load_task
+from replay.task import Examples, Task, load_task
+from replay.wrappers import unwrap_model
+
+PRECISIONS = ("float32", "model")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The options of one compute, validated (each error names the option, the value, what it expects)."""
+
+    tol: float = 1e-4
+    rtol: float = 0.0
+    max_splits: int = 32
+    first_order: bool = False
+    dense: bool = False
+    precision: str = "float32"
+
+    def __post_init__(self):
+        ms = self.max_splits
+        if not isinstance(ms, int) or ms < 2 or ms & (ms - 1):
+            raise ValueError(f"max_splits: expected a power of two ≥ 2, got {ms}")
+        if not (math.isfinite(self.tol) and math.isfinite(self.rtol) and self.tol >= 0 and self.rtol >= 0):
+            raise ValueError(f"tol, rtol: expected finite numbers ≥ 0, got {self.tol}, {self.rtol}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
 
 
 def compute(
@@ -61,13 +76,20 @@ def compute(
     progress: bool = False,
     data_parallel: bool = False,
     per_example: list[str] | None = None,
+    per_param: list[str] | str | None = None,
+    per_token: list[str] | None = None,
+    precision: str = "float32",
     restart: bool = False,
     constants: str = "check",
 ) -> Frames:
     """Compute LCA of `losses` (data set names; default: all of the task's) over the run.
 
-    A step is grounded when |ΔL − ΣLCA| ≤ tol + rtol·|ΔL|; steps that are not are refined
-    by composite Simpson up to `max_splits` sub-intervals, and flagged if still not grounded.
+    A step is grounded when |ΔL − ΣLCA| ≤ tol + rtol·|ΔL|; a loss whose step is not is refined
+    where its error is (Simpson panels split, up to `max_splits` sub-intervals), and flagged if it
+    is still not grounded. Per-parameter totals and helped counts (`params`, `tensors.n_helped`)
+    are kept for the losses in `per_param` (default: the data-set losses; "all"; or names), the
+    others get per-tensor LCA only, so memory does not grow with the number of group losses.
+    16-bit models are evaluated in float32 (`precision="model"`: in their own dtype).
     Writes frames to `out` (default RUN/lca) and returns them (see `replay.load`). An interrupted
     compute resumes when run again with the same settings; `restart` replaces what `out` holds.
     The task's frozen parameters and buffers must be training's (`constants='warn'`: a warning).
@@ -78,7 +100,8 @@ def compute(
     single process's, up to the order of float summation (see `engine.parallel`).
     """
     run = run if isinstance(run, Run) else open_run(run)
-    _check_settings(device, tol, rtol, max_splits)
+    settings = Settings(tol, rtol, max_splits, first_order, dense, precision)
+    parallel.parse_device(device)
     if len(run.steps) < 2:
         raise RunError(f"{run.path}: nothing to compute: {len(run.steps)} state(s) recorded (a step needs two); "
                        f"run `replay verify {run.path}`")
@@ -86,75 +109,165 @@ def compute(
     if spec is None:
         raise TaskError(f"{run.path}: the run names no task; pass task='module:function' (--task)")
     t = load_task(spec, run.path, named=task is not None)
-    losses = list(losses) if losses else list(t.data)
-    per_class = list(per_class or [])
-    for name in losses + per_class:
-        if name not in t.data:
-            raise TaskError(f"unknown loss {name!r}: the task's data sets are {sorted(t.data)}")
+    losses, per_class, per_example, per_token = _names(t, losses, per_class, per_example, per_token)
+    if (per_example or per_token) and data_parallel:
+        raise ReplayError("--per-example and --per-token with --data-parallel are not supported: use steps mode "
+                          "(the default)")
     datasets = losses + [d for d in per_class if d not in losses]
-    per_example = list(per_example or [])
-    for name in per_example:
-        if name not in t.data:
-            raise TaskError(f"--per-example {name!r}: the task's data sets are {sorted(t.data)}")
-    if per_example and data_parallel:
-        raise ReplayError("--per-example with --data-parallel is not supported: use steps mode (the default)")
-    check_model(t, run)
-    constants_note = check_constants(t, run, constants)
     a, b = steps or (None, None)
     todo = [s for s in run.steps[:-1] if (a is None or s >= a) and (b is None or s < b)]
     if not todo:
         raise RunError(f"{run.path}: no step to compute in {a}:{b} (recorded states {run.steps[0]}..{run.steps[-1]})")
-    notes = _notes(run, t, todo)
-    if constants_note:
-        notes["constants_note"] = constants_note
-        warnings.warn(f"{run.path}: {constants_note}", ReplayWarning, stacklevel=2)
-    if t.batchnorm == "running" and run.manifest.buffers:  # the last recorded statistics, for every step
-        t.model.load_state_dict(run.state(run.steps[-1], buffers=True), strict=False)
-    place, dev = parallel.join(device, data_parallel)
-    try:
-        ev = LossEvaluator(t, run.param_names, datasets, per_class, dev, place)
-        out = Path(out) if out is not None else run.path / "lca"
-        config = {"run_id": run.manifest.run_id,
-                  "task": spec if isinstance(spec, str) else "<Task object>",
-                  "task_fingerprint": task_fingerprint(t, datasets, run.param_names),
-                  "losses": ev.loss_names, "tol": tol, "rtol": rtol, "max_splits": max_splits,
-                  "first_order": first_order, "steps": [todo[0], todo[-1]], "batchnorm": t.batchnorm,
-                  "batch_size": t.batch_size, "dense": dense, "per_example": per_example}
-        state = None
+    with _borrowed(t.model):
+        check_model(t, run)
+        constants_note = check_constants(t, run, constants)
+        notes = _notes(run, t, todo, settings)
+        if constants_note:
+            notes["constants_note"] = constants_note
+            warnings.warn(f"{run.path}: {constants_note}", ReplayWarning, stacklevel=2)
+        if t.batchnorm == "running" and run.manifest.buffers:  # the last recorded statistics, for every step
+            t.model.load_state_dict(run.state(run.steps[-1], buffers=True), strict=False)
+        place, dev = parallel.join(device, data_parallel)
         try:
-            state = Checkpoint(out, config, place, restart)
-            place.barrier()  # every rank has read the dir before any writes to it
-            if state.complete:
-                return load(out)
-            ledger = Ledger(out, ev.loss_names, ev.loss_sizes, [s.name for s in run.manifest.params],
-                            [s.numel for s in run.manifest.params], ev.own, dev, state, place, dense)
-            pe = (PerExample(ev.task, ev.model, run.param_names, per_example, ev.device, tol, rtol, max_splits)
-                  if per_example else None)
-            return _StepLoop(run, ev, parallel.segments(todo, place), ledger, place, tol, rtol, max_splits,
-                             first_order, flush_every, progress, pe).execute(notes)
-        except OSError as e:
-            raise _write_failed(out, e) from None
+            return _run(run, t, spec, datasets, per_class, per_example, per_token, per_param, todo, settings,
+                        notes, place, dev, out, restart, flush_every, progress)
         finally:
-            if state is not None:
-                state.release()
+            parallel.leave(place)
+
+
+def _run(run: Run, t: Task, spec: object, datasets: list[str], per_class: list[str], per_example: list[str],
+         per_token: list[str], per_param: object, todo: list[int], st: Settings, notes: dict,
+         place: parallel.Placement, dev: torch.device, out: str | Path | None, restart: bool, flush_every: int,
+         progress: bool) -> Frames:
+    ev = LossEvaluator(t, run.param_names, datasets, per_class, dev, place, _per_param(per_param))
+    unknown = [n for n in (per_param if isinstance(per_param, list) else []) if n not in ev.loss_names]
+    if unknown:
+        raise TaskError(f"--per-param {unknown[0]!r}: not a loss of this compute (its losses: "
+                        f"{', '.join(ev.loss_names[:8])}{', ...' if len(ev.loss_names) > 8 else ''})")
+    out = Path(out) if out is not None else run.path / "lca"
+    config = {"run_id": run.manifest.run_id, "task": spec if isinstance(spec, str) else "<Task object>",
+              "task_fingerprint": task_fingerprint(t, datasets, run.param_names),
+              "losses": ev.loss_names, "per_param": [ev.loss_names[i] for i in ev.full], "tol": st.tol,
+              "rtol": st.rtol, "max_splits": st.max_splits, "first_order": st.first_order,
+              "steps": [todo[0], todo[-1]], "batchnorm": t.batchnorm, "batch_size": t.batch_size, "dense": st.dense,
+              "per_example": per_example, "per_token": per_token, "precision": st.precision}
+    state = None
+    try:
+        state = Checkpoint(out, config, place, restart)
+        place.barrier()  # every rank has read the dir before any writes to it
+        if state.complete:
+            return load(out)
+        ledger = Ledger(out, ev.loss_names, ev.loss_sizes, ev.full, [s.name for s in run.manifest.params],
+                        [s.numel for s in run.manifest.params], ev.own, dev, state, place, st.dense)
+        rows = _rows(t, ev, run, per_example, per_token, ledger, st) if place.writes_steps else []
+        return StepLoop(run, ev, parallel.segments(todo, place), ledger, place, st.tol, st.rtol, st.max_splits,
+                        st.first_order, flush_every, progress, rows).execute(notes)
+    except OSError as e:
+        raise _write_failed(out, e) from None
     finally:
-        parallel.leave(place)
+        if state is not None:
+            state.release()
 
 
-def _check_settings(device: str, tol: float, rtol: float, max_splits: int) -> None:
-    if not isinstance(max_splits, int) or max_splits < 2 or max_splits & (max_splits - 1):
-        raise ValueError(f"max_splits: expected a power of two ≥ 2, got {max_splits}")
-    if not (math.isfinite(tol) and math.isfinite(rtol) and tol >= 0 and rtol >= 0):
-        raise ValueError(f"tol, rtol: expected finite numbers ≥ 0, got {tol}, {rtol}")
-    parallel.parse_device(device)
+def _per_param(per_param: object) -> object:
+    if per_param is None:
+        return "datasets"
+    if per_param == "all" or per_param == ["all"]:
+        return "all"
+    if isinstance(per_param, str):
+        return [per_param]
+    return list(per_param)
 
 
-def _notes(run: Run, t: Task, todo: list[int]) -> dict:
+def _names(t: Task, losses: list[str] | None, per_class: list[str] | None, per_example: list[str] | None,
+           per_token: list[str] | None) -> tuple[list[str], list[str], list[str], list[str]]:
+    losses = list(losses) if losses else list(t.data)
+    per_class, per_example, per_token = list(per_class or []), list(per_example or []), list(per_token or [])
+    for what, names in (("loss", losses), ("--per-class", per_class), ("--per-example", per_example),
+                        ("--per-token", per_token)):
+        for name in names:
+            if name not in t.data:
+                raise TaskError(f"{'unknown loss' if what == 'loss' else what} {name!r}: the task's data sets are "
+                                f"{sorted(t.data)}")
+    return losses, per_class, per_example, per_token
+
+
+def _rows(t: Task, ev: LossEvaluator, run: Run, per_example: list[str], per_token: list[str], ledger: Ledger,
+          st: Settings) -> list[Rows]:
+    """Examples and tokens as rows of their own (they share the evaluator's model and its loading of θ)."""
+    if not (per_example or per_token):
+        return []
+    if ev._batch_stats:
+        raise TaskError("per-example and per-token LCA need one loss per example, and batch-norm with batch "
+                        "statistics makes every example's loss depend on its batch; use Task(batchnorm='running')")
+    names, numels = run.param_names, ev.numels
+    shapes = [p.shape for p in ev.params]
+    dtypes = [p.dtype for p in ev.params]
+
+    def split(d: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = torch.split(d[:sum(numels)], numels)
+        return {n: v.view(s).to(dt) for n, v, s, dt in zip(names, parts, shapes, dtypes, strict=True)}
+
+    out = []
+    products = ExampleProducts(ev.model, names, t.loss_fn, ev.device) if per_example else None
+    for name in per_example:
+        data = Examples(t.data[name]).to(ev.device)
+        out.append(Rows(name, ExampleIntegrand(products, data, t.batch_size or len(data)), ev.load, split,
+                        ledger.writer, st.tol, st.rtol, st.max_splits))
+    for name in per_token:
+        data = Examples(t.data[name]).to(ev.device)
+        out.append(Rows(name, TokenIntegrand(ev.model, _token_loss(t, name), data, t.batch_size or len(data)),
+                        ev.load, split, ledger.writer, st.tol, st.rtol, st.max_splits))
+    return out
+
+
+def _token_loss(t: Task, name: str) -> object:
+    from replay import losses
+
+    if t.token_loss_fn is not None:
+        return t.token_loss_fn
+    if t.loss_fn is losses.causal_lm:
+        return losses.causal_lm_tokens
+    raise TaskError(f"--per-token {name!r}: the task's loss is not replay.losses.causal_lm; give the task a "
+                    f"token_loss_fn(outputs, batch) returning (per-token losses [batch, seq], which count [bool])")
+
+
+@contextmanager
+def _borrowed(model: nn.Module):
+    """Compute changes the task's model to replay it (trainable flags, eval/train modes, batch-norm's
+    statistics mode, dtype and device); give it back as it was (its parameter values aside)."""
+    inner = unwrap_model(model)
+    flags = [(p, p.requires_grad, p.dtype, p.device) for p in inner.parameters()]
+    modes = [(m, m.training, getattr(m, "track_running_stats", None)) for m in inner.modules()]
+    try:
+        yield
+    finally:
+        for m, training, track in modes:
+            m.train(training)
+            if track is not None:
+                m.track_running_stats = track
+        with torch.no_grad():
+            for p, requires_grad, dtype, device in flags:
+                if p.dtype != dtype or p.device != device:
+                    p.data = p.data.to(device=device, dtype=dtype)
+                p.grad = None
+                p.requires_grad_(requires_grad)
+
+
+def _notes(run: Run, t: Task, todo: list[int], st: Settings) -> dict:
     """What the frames' meta must say about how to read them (and the user hears once, as a warning)."""
     notes: dict = {"every": run.manifest.every, "aliases": run.aliases}
     if run.manifest.every > 1:
         notes["every_note"] = (f"states were recorded every {run.manifest.every} updates: each step's LCA is that of "
                                f"the straight chord between recorded states, not the sum of the updates' LCAs")
+    half = sorted({s.dtype for s in run.manifest.params if s.dtype in ("F16", "BF16")})
+    if half:
+        if st.precision == "float32":
+            t.model.float()  # bf16 and fp16 values are exact in float32: the states are unchanged
+            notes["precision_note"] = (f"the run's {'/'.join(half)} parameters were evaluated in float32 (their "
+                                       f"values are exact there; the losses' rounding is not the 16-bit model's)")
+        else:
+            notes["precision_note"] = f"evaluated in the model's own dtype ({'/'.join(half)})"
     if t.batchnorm == "running":
         if run.manifest.buffers:
             last = run.steps[-1]
@@ -176,204 +289,3 @@ def _write_failed(out: Path, e: OSError) -> ReplayError:
     where = e.filename or out
     return ReplayError(f"{where}: writing the LCA frames failed ({os_reason(e)}); fix that and run the same command "
                        f"again to resume from the last flush")
-
-
-class _StepLoop:
-    """The step loop of one process over its segments of steps (all steps, or its blocks under torchrun).
-
-    Per step: the end point's gradients (the start's are the previous end's), Simpson refined
-    per loss until every loss is grounded (`_allocate`), then the ledger. Its [L, S] buffers
-    cover the columns `ev.own` of the flat parameter vector: all of them, except in data mode.
-    """
-
-    def __init__(self, run: Run, ev: LossEvaluator, segments: list[list[int]], ledger: Ledger, place: Placement,
-                 tol: float, rtol: float, max_splits: int, first_order: bool, flush_every: int, progress: bool,
-                 per_example: PerExample | None):
-        self.run, self.ev, self.ledger, self.place, self.per_example = run, ev, ledger, place, per_example
-        self.tol, self.rtol, self.max_splits, self.first_order = tol, rtol, max_splits, first_order
-        self.flush_every, self.progress = flush_every, progress and place.rank == 0
-        self.dev = ev.device
-        nxt = ledger.ckpt.next_step
-        done = sum(1 for seg in segments for s in seg if nxt is not None and s < nxt)
-        if nxt is not None and done != ledger.ckpt.steps_done:
-            raise LcaDirDamaged(f"{ledger.out}/progress{place.tag}.json: it says {ledger.ckpt.steps_done} steps are "
-                                f"done before step {nxt}, this compute has {done} there; the compute cannot resume "
-                                f"from it: run the same command with --restart to start over")
-        # the first state of a resumed segment was evaluated before the interruption (as the previous step's
-        # end): evaluated again, it is not counted, so grad_evals is that of an uninterrupted compute
-        self._resumed_at = nxt
-        left = [[s for s in seg if nxt is None or s >= nxt] for seg in segments]
-        self.segments = [seg for seg in left if seg]
-        self.todo = [s for seg in self.segments for s in seg]
-        self.lo, self.hi = ev.own
-        L, S = len(ev.loss_names), self.hi - self.lo
-        # [L,S] work buffers in the gradients' dtype, preallocated (fresh ones cost page faults): the two
-        # endpoint gradients (swapped each step), Simpson's odd and interior-even (mid) sums, a scratch for
-        # summing new points, the allocation, and (on first use) the allocation of the losses still refining
-        self.buf = {k: torch.empty(L, S, dtype=ev.grad_dtype, device=self.dev)
-                    for k in ("g_a", "g_b", "odd", "mid", "tmp", "lca")}
-        self.evals = ledger.ckpt.evals  # gradient evaluations, including those before a resume
-
-    def _states(self, first: int, last: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """Flat float64 states [padded] on the device, in order: steps first..last and the state after last.
-
-        CUDA: decoded one step ahead on a background thread into pinned memory, copied
-        non-blocking, so reading overlaps the GPU's work. CPU: decoded inline — there is
-        nothing to overlap, and torch ops on a second thread start a second OpenMP team that
-        competes with the gradients (measured: 2x slower replay on 2 cores).
-        """
-        P = self.ledger.P
-        pad = [torch.zeros(self.ev.padded - P, dtype=torch.float64)] if self.ev.padded > P else []
-        flat_states = ((t, torch.cat([v.reshape(-1).double() for v in st.values()] + pad))
-                       for t, st in self.run.states(first, last + 1 + self.run.manifest.every))
-        if self.dev.type != "cuda":
-            yield from flat_states
-            return
-        q: queue.Queue = queue.Queue(maxsize=2)
-
-        def produce():
-            try:
-                for t, flat in flat_states:
-                    q.put((t, flat.pin_memory()))
-            except BaseException as e:  # surfaced in the consumer
-                q.put(e)
-            q.put(None)
-
-        threading.Thread(target=produce, daemon=True, name="replay-prefetch").start()
-        while (item := q.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            t, flat = item
-            yield t, flat.to(self.dev, non_blocking=True)
-
-    def _eval(self, theta: torch.Tensor, out: torch.Tensor, partial: bool = False) -> tuple[torch.Tensor,
-                                                                                            torch.Tensor]:
-        self.evals += 1
-        return self.ev(theta, out, partial=partial)
-
-    def _points(self, th0: torch.Tensor, d: torch.Tensor, points: list[float]) -> torch.Tensor:
-        """Σ of the gradients at θ_t + s·Δθ for s in points (interior points: gradients only), in buf['odd']."""
-        odd, tmp = self.buf["odd"], self.buf["tmp"]
-        for j, s in enumerate(points):
-            self._eval(th0 + s * d, odd if j == 0 else tmp, partial=True)
-            if j:
-                odd += tmp
-        return odd
-
-    def _allocate(self, th0: torch.Tensor, d: torch.Tensor, v0: torch.Tensor, g0: torch.Tensor, v1: torch.Tensor,
-                  g1: torch.Tensor) -> StepLCA:
-        """Simpson refined per loss, each loss until its allocation is grounded (or n = max_splits).
-
-        Each loss keeps the allocation of the first level at which it is grounded, so that
-        requesting more losses never changes another loss's numbers: the others' refinement only
-        adds points that this loss no longer uses. The test is on the float64 per-tensor sums of
-        the allocation itself, the numbers the frames report. `v1` is this rank's part of the end
-        losses in data mode (summed with the first level's sums: one collective per level).
-        """
-        lca = self.buf["lca"]
-        L = lca.shape[0]
-        dw = d[self.lo:self.hi].to(lca.dtype)  # Δθ of the own columns, in the gradients' dtype
-        tensor_lca = torch.empty(L, self.ledger.T, dtype=torch.float64, device=self.dev)
-        splits, grounded = torch.zeros(L, dtype=torch.int64), torch.zeros(L, dtype=torch.bool)
-        if self.first_order:
-            level, cand = None, torch.mul(g0, dw, out=lca)
-        else:
-            level = Level(2, g0, g1, self._points(th0, d, [0.5]))
-            cand = allocation(level, dw, out=lca)
-        pending = torch.arange(L)  # the losses whose allocation is not final yet (host)
-        v1_known = not self.place.shards_data
-        while True:
-            sums = self.ledger.tensor_sums(cand)  # [pending, T]
-            if not v1_known:  # data mode: the shards' end losses and the slices' sums, in one all-reduce
-                both = torch.cat([sums.reshape(-1), v1])
-                self.place.sum_shards(both)
-                sums, v1, v1_known = both[:-L].view_as(sums), both[-L:], True
-            else:
-                self.place.sum_shards(sums)
-            # host sync: the refinement decision. In data mode every rank decides alike, from the same
-            # all-reduced numbers (an all-reduce leaves identical bits on every rank), so none waits alone.
-            dl = (v1 - v0)[pending.to(v1.device)]
-            ok = is_grounded(dl - sums.sum(1), dl, self.tol, self.rtol).cpu()
-            n = 1 if level is None else level.n
-            # a loss that is not finite (a diverged step, a NaN example) cannot be grounded by more points
-            finite = torch.isfinite(dl - sums.sum(1)).cpu()
-            final = ok | (n >= self.max_splits) | (level is None) | ~finite
-            done = pending[final]
-            if cand is not lca:
-                lca.index_copy_(0, done.to(lca.device), cand[final.to(cand.device)])
-            tensor_lca.index_copy_(0, done.to(self.dev), sums[final.to(sums.device)])
-            splits[done], grounded[done] = n, ok[final]
-            pending = pending[~final]
-            if not len(pending):
-                return StepLCA(lca, tensor_lca, splits, grounded, v1)
-            level = refine(level, lambda points: self._points(th0, d, points), mid_out=self.buf["mid"])
-            if "cand" not in self.buf:
-                self.buf["cand"] = torch.empty_like(lca)
-            cand = allocation(level, dw, rows=pending.to(lca.device), out=self.buf["cand"][:len(pending)])
-
-    def execute(self, notes: dict) -> Frames:
-        self._done, self._started, self._last_print = 0, time.perf_counter(), 0.0
-        for seg in self.segments:
-            self._segment(seg)
-        if self.progress and self.todo:
-            sys.stderr.write("\n")
-        return self.ledger.finish(self.evals, str(self.run.path.resolve()), notes)
-
-    def _segment(self, seg: list[int]) -> None:
-        """Consecutive steps: the first state is evaluated, then each step's end is the next one's start.
-
-        A step that changed no parameter (θ' = θ bit for bit: a skipped AMP step, an accumulation
-        micro-batch captured as a step) needs no evaluation: its LCA is exactly 0 and its end
-        gradient is its start's.
-        """
-        it = self._states(seg[0], seg[-1])
-        t0, th0 = next(it)
-        v0, g0 = self._eval(th0, self.buf["g_a"])
-        if t0 == self._resumed_at:
-            self.evals -= 1
-        for t1, th1 in it:
-            if _same_bits(th1, th0):  # (NaN ≠ NaN, so values cannot tell a diverged run's repeated states)
-                self.ledger.record(t0, t1, v0, None)
-                v1, g1 = v0, g0
-            else:
-                v1, g1 = self._eval(th1, self.buf["g_b" if g0 is self.buf["g_a"] else "g_a"], partial=True)
-                step = self._allocate(th0, th1 - th0, v0, g0, v1, g1)
-                self.ledger.record(t0, t1, v0, step)
-                v1 = step.loss_after
-            if self.per_example is not None and self.place.writes_steps:
-                self._record_examples(t0, th0, th1)
-            last = t0 == self.todo[-1]
-            self.ledger.since_flush += 1
-            if self.ledger.since_flush >= self.flush_every or last:
-                self.ledger.flush(t1, self.evals)
-            self._done += 1
-            if self.progress and (time.perf_counter() - self._last_print > 0.5 or last):
-                self._last_print = time.perf_counter()
-                _print_progress(self._done, len(self.todo), self._last_print - self._started)
-            t0, th0, v0, g0 = t1, th1, v1, g1
-
-    def _record_examples(self, t0: int, th0: torch.Tensor, th1: torch.Tensor) -> None:
-        """Per-example LCA of the step (nothing to evaluate when no parameter moved: all zeros)."""
-        pe = self.per_example
-        if _same_bits(th0, th1):
-            for name, ex in pe.data.items():
-                n, T = len(ex), len(pe.names)
-                v = pe.losses(name, th0)
-                z = torch.zeros(n, dtype=torch.int64)
-                self.ledger.record_examples(t0, name, {"lca": torch.zeros(n, T, dtype=torch.float64), "before": v,
-                                                       "after": v, "splits": z, "grounded": z == 0})
-            return
-        for name, r in pe.step(th0, th1).items():
-            self.ledger.record_examples(t0, name, r)
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """θ' = θ bit for bit (host sync)."""
-    return torch.equal(a.view(torch.int64), b.view(torch.int64))
-
-
-def _print_progress(done: int, total: int, elapsed: float) -> None:
-    rate = done / max(elapsed, 1e-9)
-    eta = (total - done) / max(rate, 1e-9)
-    sys.stderr.write(f"\rreplay compute: {done}/{total} steps  {rate:.2f} steps/s  ETA {eta:,.0f}s   ")
-    sys.stderr.flush()

@@ -1,10 +1,19 @@
-"""Loss values and gradients of every requested loss at one θ, in one pass per data set.
+"""Loss values, per-tensor projections and (for per-parameter losses) gradients of every loss at one θ, in
+one pass per data set.
 
 Examples are sorted by their group cell (the combination of all group keys in use) and
 batches never straddle cells, so each backward contributes to exactly one cell; at the end
-of a cell its gradient sum is added to every loss the cell belongs to (the data set's own
-loss, its class, its other groups). All per-class gradients together thus cost one pass,
-and the whole-set gradient is their sum — never a second pass.
+of a cell its gradient sum goes to every loss the cell belongs to (the data set's own loss,
+its class, its other groups). All per-class losses together thus cost one pass, and a data
+set's gradient is the sum of its cells' — never a second pass.
+
+What a loss receives depends on what it reports (`per_param`):
+- a per-parameter loss (default: the data-set losses): its whole gradient [P], added cell by
+  cell (the params frame and the helped counts need it per parameter);
+- any other loss (classes, groups): only the projections of the cell's gradient onto the
+  step's direction(s) per tensor, [directions × T], taken as soon as the cell is complete. So
+  memory is O(P) whatever the number of group losses: 100 or 1,000 classes cost T scalars
+  each, not P.
 
 Batch-norm with batch statistics makes a batch's composition part of every example's
 loss, so there the batches stay those of the data set's own order (requesting a class
@@ -19,7 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from replay.engine.parallel import Placement, param_pieces, shard_batches
+from replay.engine.columns import Columns
+from replay.engine.parallel import Placement, shard_batches
 from replay.errors import ReplayError, TaskError
 from replay.task import Examples, Task, user_error
 from replay.wrappers import unwrap_model
@@ -37,16 +47,18 @@ class _DataPlan:
 
 
 class LossEvaluator:
-    """Evaluates `loss_names` (float64) and their gradients (model dtype, flat over `param_names`).
+    """Evaluates `loss_names`: values (float64), projections per tensor (float64) onto given directions, and
+    the gradients (model dtype, flat over `param_names`) of the losses in `per_param` (`full`: their indices).
 
     With a data-parallel `place`, this process evaluates only its shard of each data set's
-    examples; the loss sums are all-reduced and the gradients reduce-scattered, so it returns
-    every loss and the whole gradients of its own columns `own` of the flat parameter vector
-    (padded to `padded` = world × slice, so that every rank's slice has one size).
+    examples; the loss sums and projections are all-reduced and the gradients reduce-scattered,
+    so it returns every loss and projection and the whole gradients of its own columns `own` of
+    the flat parameter vector (padded to `padded` = world × slice, so that every rank's slice
+    has one size).
     """
 
     def __init__(self, task: Task, param_names: list[str], datasets: list[str], per_class: list[str],
-                 device: torch.device, place: Placement | None = None):
+                 device: torch.device, place: Placement | None = None, per_param: object = "datasets"):
         self.task, self.device, self.place = task, device, place or Placement()
         self.model = task.model.to(device)
         # batch statistics make a batch's composition part of the loss: batches are never regrouped
@@ -60,26 +72,36 @@ class LossEvaluator:
         self.loss_sizes: list[int] = []
         self.plans = [self._plan(d, d in per_class) for d in datasets]
         self.n_examples = torch.tensor(self.loss_sizes, dtype=torch.float64, device=device)
+        L = len(self.loss_names)
+        wanted = datasets if per_param == "datasets" else (self.loss_names if per_param == "all" else per_param)
+        self.full = [i for i, n in enumerate(self.loss_names) if n in set(wanted)]  # losses with [P] gradients
+        self._full_of = {li: k for k, li in enumerate(self.full)}
         P, N = sum(self.numels), self.place.world if self.place.shards_data else 1
         S = -(-P // N)
         r = self.place.rank if N > 1 else 0
         self.own, self.padded = (r * S, (r + 1) * S), N * S
-        self._pieces = param_pieces(self.numels, S)
         self.inv_sizes = [1.0 / n for n in self.loss_sizes]
         # gradients are computed in the model's dtype and kept in it (the widest, if mixed);
-        # loss values and LCA totals are accumulated in float64 by the caller
+        # loss values, projections and LCA totals are accumulated in float64
         self.grad_dtype = max((p.dtype for p in self.params), key=lambda d: d.itemsize)
-        # data mode: this process's partial sums for every rank's slice, [world, L, slice], reduce-scattered
-        self._send = (torch.empty(N, len(self.loss_names), S, dtype=self.grad_dtype, device=device)
-                      if N > 1 else None)
+        K = len(self.full)
+        # data mode: this process's partial sums for every rank's slice, [world, K, slice], reduce-scattered
+        self._send = (torch.empty(N, K, S, dtype=self.grad_dtype, device=device) if N > 1 and K else None)
         # one flat gradient buffer [P] that every p.grad is a view of: backward accumulates a cell's
         # gradient into it in place (no allocation per cell), and it goes into each loss in one add per
-        # rank slice, not one per parameter. Mixed parameter dtypes keep per-parameter gradients.
-        uniform = len({(p.dtype, p.device) for p in self.params}) == 1
-        self._flat = torch.zeros(P, dtype=self.grad_dtype, device=device) if uniform else None
+        # rank slice, not one per parameter. Mixed parameter dtypes keep per-parameter gradients, copied
+        # into it at the end of a cell.
+        self._uniform = len({(p.dtype, p.device) for p in self.params}) == 1
+        self._flat = torch.zeros(P, dtype=self.grad_dtype, device=device)
         self._views: list[torch.Tensor] | None = None  # the p.grad views of _flat during an evaluation
         self._flat_pieces = [(r, 0, min(P, (r + 1) * S) - r * S, r * S, min(P, (r + 1) * S))
                              for r in range(N) if r * S < P]
+        self.cols_all = Columns(self.numels, 0, P, device, rows=2)  # a cell's projections (all columns)
+        self.cols_own = Columns(self.numels, self.own[0], min(self.own[1], P), device, rows=2)
+        self._dirs: torch.Tensor | None = None  # [D, P] this evaluation's directions (gradient dtype)
+        self._prod: torch.Tensor | None = None  # [D, P] scratch for a cell's products
+        self._proj: torch.Tensor | None = None  # [D, L, T] this evaluation's projections
+        self._is_proj = torch.tensor([i not in self._full_of for i in range(L)])
         _set_deterministic_mode(self.model, task.batchnorm)
 
     def _add_loss(self, name: str, size: int) -> int:
@@ -137,37 +159,51 @@ class LossEvaluator:
             for p, v in zip(self.params, torch.split(theta[:sum(self.numels)], self.numels), strict=True):
                 p.copy_(v.view(p.shape))
 
-    def __call__(self, theta: torch.Tensor, out: torch.Tensor | None = None,
-                 partial: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Losses [L] (float64) and gradients [L, own columns] (model dtype) of every loss at θ.
+    def __call__(self, theta: torch.Tensor, dirs: torch.Tensor, out: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(values [L] float64, projections [D, L, T] float64 onto `dirs` [D, ≥P], gradients [K, own columns]
+        of the per-parameter losses (model dtype, or None when there are none)) at θ.
 
-        One pass per data set. `out` is overwritten when given: preallocated buffers spare
-        the page faults of a fresh multi-megabyte tensor per evaluation. `partial` (data
-        mode): return this rank's part of the losses, for the caller to sum with others.
+        One pass per data set. `out` [K, own columns] is overwritten when given: preallocated buffers
+        spare the page faults of a fresh multi-megabyte tensor per evaluation. In data mode the values
+        and projections of every shard are summed in one all-reduce.
         """
         self.load(theta)
-        L, S = len(self.loss_names), self.own[1] - self.own[0]
+        L, K, S = len(self.loss_names), len(self.full), self.own[1] - self.own[0]
+        P = sum(self.numels)
+        D = dirs.shape[0]
         sums = torch.zeros(L, dtype=torch.float64, device=self.device)
-        grads = out if out is not None else torch.empty(L, S, dtype=self.grad_dtype, device=self.device)
-        target = (self._send if self._send is not None else grads.view(1, L, S)).zero_()
-        # views [L, n] of the target, per parameter, where its gradient's pieces go: needed only without
-        # the flat gradient buffer (mixed parameter dtypes)
-        blocks = [] if self._flat is not None else [[(target[r, :, a:b], sa, sb) for r, a, b, sa, sb in pieces]
-                                                     for pieces in self._pieces]
+        grads = (out if out is not None else torch.empty(K, S, dtype=self.grad_dtype, device=self.device)) if K \
+            else None
+        target = None
+        if K:
+            target = (self._send if self._send is not None else grads.view(1, K, S)).zero_()
+        self._dirs = dirs[:, :P].to(self.grad_dtype)  # (a view when the caller passes them in this dtype)
+        if self._prod is None or self._prod.shape[0] != D:
+            self._prod = torch.empty(D, P, dtype=self.grad_dtype, device=self.device)
+        self._proj = torch.zeros(D, L, len(self.numels), dtype=torch.float64, device=self.device)
         for plan in self.plans:
             if plan.mixed:
-                self._mixed_pass(plan, sums, target, blocks)
+                self._mixed_pass(plan, sums, target)
             else:
-                self._sorted_pass(plan, sums, target, blocks)
+                self._sorted_pass(plan, sums, target)
         for p in self.params:  # the views must not outlive the evaluation (a later one re-binds them)
             p.grad = None
         self._views = None
         if self._send is not None:  # each rank holds its shard's share of every sum
-            if not partial:
-                self.place.sum_shards(sums)
             self.place.sum_scattered(grads, self._send)
-        return sums / self.n_examples, grads
-
+        if K:  # the per-parameter losses' projections, from their (whole, reduced) gradients
+            lo, hi = self.own[0], min(self.own[1], P)
+            for d in range(D):
+                prod = grads[:, :hi - lo] * self._dirs[d, lo:hi]
+                self._proj[d, self.full] = self.cols_own.sums(prod)
+        proj = self._proj
+        if self.place.shards_data:  # shards' cell projections and slices' projections, summed in one call
+            both = torch.cat([proj.reshape(-1), sums])
+            self.place.sum_shards(both)
+            proj, sums = both[:-L].view_as(proj), both[-L:]
+        self._proj = None
+        return sums / self.n_examples, proj, grads
 
     def _losses(self, plan: _DataPlan, a: int, b: int) -> torch.Tensor:
         """Per-example losses [b-a] of examples a..b: the user's model and loss_fn, checked."""
@@ -186,7 +222,7 @@ class LossEvaluator:
 
     def _start_cell(self) -> None:
         """Zero the gradients a cell accumulates: the flat buffer (its views are p.grad), or per-parameter ones."""
-        if self._flat is None:
+        if not self._uniform:
             for p in self.params:
                 p.grad = None
             return
@@ -196,26 +232,34 @@ class LossEvaluator:
             for p, v in zip(self.params, self._views, strict=True):
                 p.grad = v
 
-    def _add_grads(self, target: torch.Tensor, blocks: list, cell_losses: list[int]) -> None:
-        """Add one cell's gradient sums (accumulated since _start_cell) to every loss it belongs to, as a mean."""
-        if self._flat is not None:
+    def _add_grads(self, target: torch.Tensor | None, cell_losses: list[int]) -> None:
+        """One cell's gradient sum (accumulated since _start_cell) into every loss it belongs to, as a mean:
+        whole into the per-parameter losses, as projections [D, T] into the others."""
+        if self._uniform:
             for p, v in zip(self.params, self._views, strict=True):
                 if p.grad is not v:  # user code replaced p.grad during the cell: take what it holds too
                     if p.grad is not None:
                         v.add_(p.grad.reshape(v.shape))
                     p.grad = v
-            for li in cell_losses:
-                for r, a, b, fa, fb in self._flat_pieces:
-                    target[r, li, a:b].add_(self._flat[fa:fb], alpha=self.inv_sizes[li])
-            return
+        else:  # mixed dtypes: the per-parameter gradients into the flat buffer, in its dtype
+            for p, v in zip(self.params, self._flat.split(self.numels), strict=True):
+                v.copy_(p.grad.reshape(-1)) if p.grad is not None else v.zero_()
+        flat = self._flat
+        proj_rows = []
         for li in cell_losses:
-            for views, p in zip(blocks, self.params, strict=True):
-                if p.grad is not None:
-                    g = p.grad.reshape(-1)
-                    for v, sa, sb in views:
-                        v[li].add_(g[sa:sb], alpha=self.inv_sizes[li])
+            k = self._full_of.get(li)
+            if k is None:
+                proj_rows.append(li)
+                continue
+            for r, a, b, fa, fb in self._flat_pieces:
+                target[r, k, a:b].add_(flat[fa:fb], alpha=self.inv_sizes[li])
+        if proj_rows:  # the cell's projections per tensor, taken once, then scaled into each loss
+            torch.mul(self._dirs, flat, out=self._prod)
+            cell = self.cols_all.sums(self._prod)  # [D, T] float64
+            for li in proj_rows:
+                self._proj[:, li].add_(cell, alpha=self.inv_sizes[li])
 
-    def _sorted_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor, blocks: list) -> None:
+    def _sorted_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor | None) -> None:
         """Batches sorted by cell: gradients accumulate over a cell's batches, added once per cell."""
         self._start_cell()
         cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -226,11 +270,11 @@ class LossEvaluator:
             if i + 1 == len(plan.batches) or plan.batches[i + 1][2] != c:  # end of cell
                 for li in plan.cell_losses[c]:
                     sums[li] += cell_sum
-                self._add_grads(target, blocks, plan.cell_losses[c])
+                self._add_grads(target, plan.cell_losses[c])
                 self._start_cell()
                 cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
 
-    def _mixed_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor, blocks: list) -> None:
+    def _mixed_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor | None) -> None:
         """The data set's own batches (batch statistics): one forward each, one backward per cell in it."""
         own = plan.cell_losses[0][0]
         for a, b, c in plan.batches:
@@ -243,7 +287,7 @@ class LossEvaluator:
                 part.backward(retain_graph=k + 1 < len(segs))
                 for li in plan.cell_losses[cell][1:]:
                     sums[li] += part.detach().double()
-                self._add_grads(target, blocks, plan.cell_losses[cell])
+                self._add_grads(target, plan.cell_losses[cell])
 
 
 def _class_labels(name: str, y: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """The ledger of one compute process: what each step adds to the frames and to the per-parameter
 totals, flushed with the resume state so that an interrupted compute resumes from its last flush.
 
-It owns every [losses × parameters] buffer that outlives a step: the totals (float64 LCA and
-helped counts), and the scratch its per-tensor sums use. Only [losses × tensors] sums leave
-the device each step (one sync); the per-parameter totals stay there until `finish`.
+It owns every buffer that outlives a step, and only for the losses that report per-parameter
+numbers (`full`, K of the L losses): the float64 LCA totals and helped counts [K × own columns].
+The other losses leave the device as [L × tensors] sums each step (one sync) and hold nothing
+per parameter, so memory does not grow with the number of group losses.
 """
 
 from __future__ import annotations
@@ -16,59 +17,54 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from replay.engine import parallel
 from replay.engine.checkpoint import Checkpoint
+from replay.engine.columns import Columns
 from replay.engine.parallel import Placement
 from replay.frames import Frames, FrameWriter, load, write_meta
 from replay.lcadir import DENSE_DIR, write_part
-
-COPY_BYTES = 64 << 20  # the largest float64 copy of one tensor's columns that tensor_sums makes
 
 
 @dataclass
 class StepLCA:
     """One step's allocation for every loss, as the step loop hands it over.
 
-    `lca` [L, own columns] in the gradients' dtype; `tensor_lca` [L, T] float64 sums per tensor
-    (over all ranks' columns); `splits` and `grounded` [L] on the host; `loss_after` [L] float64.
+    `full` [K, own columns] the per-parameter allocation of the per-parameter losses (the gradients'
+    dtype, or None); `tensor_lca` and `error` [L, T] float64 (over all ranks' columns); `splits`,
+    `grounded` [L] and `points` (per loss, the s of its points) on the host; `loss_after` [L] float64.
     """
 
-    lca: torch.Tensor
+    full: torch.Tensor | None
     tensor_lca: torch.Tensor
+    error: torch.Tensor
     splits: torch.Tensor
     grounded: torch.Tensor
     loss_after: torch.Tensor
+    points: list[list[float]]
 
 
 class Ledger:
-    """Per-step rows and per-parameter totals of this process's columns `own` (all, but in data mode)."""
+    """Per-step rows of every loss and per-parameter totals of the losses `full`, over the columns `own`."""
 
-    def __init__(self, out: Path, loss_names: list[str], loss_sizes: list[int], names: list[str], sizes: list[int],
-                 own: tuple[int, int], device: torch.device, ckpt: Checkpoint, place: Placement,
+    def __init__(self, out: Path, loss_names: list[str], loss_sizes: list[int], full: list[int], names: list[str],
+                 sizes: list[int], own: tuple[int, int], device: torch.device, ckpt: Checkpoint, place: Placement,
                  dense: bool):
         self.out, self.loss_names, self.loss_sizes, self.ckpt, self.place = out, loss_names, loss_sizes, ckpt, place
-        self.dense, self.dev = dense, device
-        self.writer = FrameWriter(out, loss_names, names, sizes, prefix=f"part{place.tag}")
+        self.full, self.dense, self.dev = full, dense, device
+        self.writer = FrameWriter(out, loss_names, names, sizes, full, prefix=f"part{place.tag}")
         self.lo, self.hi = own
         self.P, self.T = sum(sizes), len(sizes)
-        self.cut_sizes, self.cut_ids = parallel.slice_cuts(sizes, self.lo, self.hi, device)
-        L, S = len(loss_names), self.hi - self.lo
-        self.totals = ckpt.totals or {"lca": torch.zeros(L, S, dtype=torch.float64),
-                                      "helped": torch.zeros(L, S, dtype=torch.int32),
+        K, S = len(full), self.hi - self.lo
+        self.cols = Columns(sizes, self.lo, min(self.hi, self.P), device, rows=max(1, K))
+        self.totals = ckpt.totals or {"lca": torch.zeros(K, S, dtype=torch.float64),
+                                      "helped": torch.zeros(K, S, dtype=torch.int32),
                                       "n_steps": torch.zeros(1, dtype=torch.int64),
                                       "n_unchanged": torch.zeros(1, dtype=torch.int64)}
         self.totals = {k: v.to(device) for k, v in self.totals.items()}
-        # CPU: scratch for the float64 copy of one tensor's columns (summing float32 in float64 with a
-        # cast inside the reduction is ~2x slower there than a copy and a plain float64 sum), for
-        # tensors whose copy fits in 64 MiB; bigger ones (an LM's embedding) and CUDA sum with the cast
-        fit = COPY_BYTES // (8 * L) if device.type == "cpu" else 0
-        self._copy_cols = fit
-        self._scratch = torch.empty(L * min(fit, max(self.cut_sizes)), dtype=torch.float64, device=device)
-        self._helped = torch.empty(L, S, dtype=torch.bool, device=device)
+        self._helped = torch.empty(K, S, dtype=torch.bool, device=device)
         # helped counts of the last < 255 steps, in one byte per count: a quarter of the int32 totals'
         # memory traffic per step (measured 0.05 vs 0.5 ms for [12 × 85k]); folded into the totals
         # before they are read (flush, finish) and before a byte could overflow
-        self._recent = torch.zeros(L, S, dtype=torch.uint8, device=device)
+        self._recent = torch.zeros(K, S, dtype=torch.uint8, device=device)
         self._recent_steps = 0
         self.dense_buf: dict[str, torch.Tensor] = {}
         self.since_flush = 0
@@ -76,20 +72,8 @@ class Ledger:
 
     def tensor_sums(self, x: torch.Tensor) -> torch.Tensor:
         """[rows, T] float64 sums of x [rows, own columns] over each tensor's columns (0 outside the own slice)."""
-        rows, sums, a = x.shape[0], [], 0
-        for n in self.cut_sizes:
-            if n <= self._copy_cols:
-                sums.append(self._scratch[:rows * n].view(rows, n).copy_(x[:, a:a + n]).sum(1))
-            else:
-                sums.append(x[:, a:a + n].sum(1, dtype=torch.float64))
-            a += n
-        return self._place_tensors(torch.stack(sums, 1))
-
-    def _place_tensors(self, sums: torch.Tensor) -> torch.Tensor:
-        if self.cut_ids is None:  # the own columns are all the tensors, in order
-            return sums
-        out = torch.zeros(sums.shape[0], self.T + 1, dtype=sums.dtype, device=sums.device)  # T: the padding
-        return out.index_copy_(1, self.cut_ids, sums)[:, :self.T].contiguous()  # collectives need contiguous
+        S = self.hi - self.lo
+        return self.cols.sums(x[:, :min(S, self.P - self.lo)])
 
     def record(self, t0: int, t1: int, loss_before: torch.Tensor, step: StepLCA | None) -> None:
         """Add the step to the totals, and its per-loss and per-tensor sums to the frames.
@@ -97,37 +81,41 @@ class Ledger:
         `step` None: no parameter moved (LCA exactly 0, no evaluation): it adds nothing to the
         totals and is no step in which a parameter could have helped.
         """
-        L = len(self.loss_names)
+        L, K = len(self.loss_names), len(self.full)
+        helped_t = np.zeros((L, self.T), np.int64)
         if step is None:
             self.totals["n_unchanged"] += 1
-            zeros = torch.zeros(L, self.T, dtype=torch.float64)
-            host = [loss_before.cpu().numpy()] * 2 + [np.zeros(L), np.ones(L, bool), zeros.numpy(),
-                                                         zeros.long().numpy()]
-            splits = np.zeros(L, np.int64)
-            lca = None
+            zeros = np.zeros((L, self.T))
+            host = [loss_before.cpu().numpy()] * 2 + [np.zeros(L), np.ones(L, bool), zeros, zeros]
+            splits, points, full = np.zeros(L, np.int64), [[] for _ in range(L)], None
         else:
-            lca = step.lca
-            helped = torch.lt(lca, 0, out=self._helped)
-            th = self._place_tensors(torch.stack([c.sum(1, dtype=torch.int32) for c in
-                                                  helped.split(self.cut_sizes, 1)], 1)).long()
-            self.totals["lca"] += lca
-            self._recent += helped.view(torch.uint8)
-            self._recent_steps += 1
-            if self._recent_steps == 255:
-                self._fold()
+            full = step.full
+            if K:
+                helped = torch.lt(full, 0, out=self._helped)
+                th = self.cols.place(torch.stack([c.sum(1, dtype=torch.int32) for c in
+                                                  helped[:, :self.P - self.lo].split(self.cols.cut_sizes, 1)], 1)
+                                     ).long()
+                self.totals["lca"] += full
+                self._recent += helped.view(torch.uint8)
+                self._recent_steps += 1
+                if self._recent_steps == 255:
+                    self._fold()
+                self.place.sum_shards_onto_first(th)  # data mode: each rank counted its slice; rank 0 writes
+                if self.place.writes_steps:
+                    helped_t[self.full] = th.cpu().numpy()
             self.totals["n_steps"] += 1
-            self.place.sum_shards_onto_first(th)  # data mode: each rank counted its slice; rank 0 writes
             tl = step.tensor_lca
             if self.place.writes_steps:  # one sync per step
-                host = [x.cpu().numpy() for x in (loss_before, step.loss_after, tl.sum(1), step.grounded, tl, th)]
-            splits = step.splits.numpy()
-        if self.dense:
-            if lca is None:
-                lca = torch.zeros(L, self.hi - self.lo, device=self.dev)
-            if (full := self.place.columns_on_first(lca)) is not None:
-                self.dense_buf[str(t0)] = full[:, :self.P].to("cpu", torch.float64, copy=True)
+                host = [x.cpu().numpy() for x in (loss_before, step.loss_after, tl.sum(1), step.grounded, tl,
+                                                  step.error)]
+            splits, points = step.splits.numpy(), step.points
+        if self.dense and K:
+            if full is None:
+                full = torch.zeros(K, self.hi - self.lo, device=self.dev)
+            if (cols := self.place.columns_on_first(full)) is not None:
+                self.dense_buf[str(t0)] = cols[:, :self.P].to("cpu", torch.float64, copy=True)
         if self.place.writes_steps:
-            self.writer.add(t0, t1, host[0], host[1], host[2], splits, host[3], host[4], host[5])
+            self.writer.add(t0, t1, host[0], host[1], host[2], splits, host[3], host[4], helped_t, host[5], points)
 
     def _fold(self) -> None:
         """Add the recent helped counts to the totals (exact: integers)."""
@@ -135,10 +123,6 @@ class Ledger:
             self.totals["helped"] += self._recent
             self._recent.zero_()
             self._recent_steps = 0
-
-    def record_examples(self, t0: int, name: str, r: dict[str, torch.Tensor]) -> None:
-        h = {k: v.cpu().numpy() for k, v in r.items()}
-        self.writer.add_examples(t0, name, h["lca"], h["before"], h["after"], h["splits"], h["grounded"])
 
     def flush(self, next_step: int, evals: int) -> None:
         """Write the buffered rows as parquet parts (and dense parts), then the resume state."""
@@ -148,8 +132,8 @@ class Ledger:
         if self.dense and self.dense_buf:
             (self.out / DENSE_DIR).mkdir(exist_ok=True)
             rel = f"{DENSE_DIR}/part{self.place.tag}-{ck.seq:06d}.safetensors"
-            ck.parts.append(write_part(self.out, rel, save(self.dense_buf,
-                                                           metadata={"losses": json.dumps(self.loss_names)})))
+            losses = [self.loss_names[i] for i in self.full]
+            ck.parts.append(write_part(self.out, rel, save(self.dense_buf, metadata={"losses": json.dumps(losses)})))
             self.dense_buf = {}
         ck.seq += 1
         self._fold()
@@ -166,7 +150,7 @@ class Ledger:
         tot = {k: v.cpu() for k, v in totals.items()}
         n_steps = int(tot["n_steps"].item())
         parts = []
-        if place.rank == 0 or place.shards_data:
+        if self.full and (place.rank == 0 or place.shards_data):
             own = max(0, min(self.hi, self.P) - self.lo)  # the last slice may end in padding
             parts.append(self.writer.write_params(tot["lca"][:, :own].numpy(), tot["helped"][:, :own].numpy(),
                                                   n_steps, start=self.lo))
@@ -174,7 +158,8 @@ class Ledger:
         place.barrier()  # every params part is written and recorded
         if place.rank == 0:
             write_meta(self.out, {"complete": True, "config": self.ckpt.config, "losses": self.loss_names,
-                                  "loss_sizes": self.loss_sizes, "n_steps": n_steps + int(tot["n_unchanged"]),
+                                  "loss_sizes": self.loss_sizes, "per_param": [self.loss_names[i] for i in self.full],
+                                  "n_steps": n_steps + int(tot["n_unchanged"]),
                                   "n_unchanged": int(tot["n_unchanged"]),
                                   "tensors": self.writer.tensor_names, "run": run,
                                   "grad_evals": int(tot["evals"].item()), "processes": place.world,
@@ -183,3 +168,7 @@ class Ledger:
         place.barrier()  # meta.json is written: every rank may load, and drop its resume state
         self.ckpt.remove()
         return load(self.out)
+
+    def record_examples(self, t0: int, name: str, r: dict[str, torch.Tensor]) -> None:
+        h = {k: v.cpu().numpy() for k, v in r.items()}
+        self.writer.add_examples(t0, name, h["lca"], h["before"], h["after"], h["splits"], h["grounded"])

@@ -1,78 +1,199 @@
-"""Composite Simpson along one step, as pure functions of gradient sums.
+"""Simpson's rule on an adaptive mesh of panels shared by many rows, as pure functions of projections.
 
-Along θ(s) = θ_t + s·Δθ, s ∈ [0, 1], with n (even) sub-intervals of width h = 1/n:
+Along θ(s) = θ_t + s·Δθ, s ∈ [0, 1], a row r (a loss, an example, a token) has per column c (a
+tensor, or the total) the directional derivative d_rc(s) = Δθ_c · ∇_c ℓ_r(θ(s)). A panel [a, b]
+with midpoint m allocates by Simpson's rule
 
-    ∫₀¹ g(s) ds ≈ h/3 · (E + 4·O + 2·M)
+    A_rc(panel) = (b − a)/6 · (d_rc(a) + 4·d_rc(m) + d_rc(b)),
 
-E = g(0) + g(1), O = Σ g at odd multiples of h, M = Σ g at interior even multiples of h
-(`mid`). Doubling n keeps every point: the old odd and even interior points become the new
-even ones (M' = M + O) and only the new odd points are evaluated (O' = their sum). n = 2 is
-plain Simpson, (g(0) + 4·g(½) + g(1))/6, exact for losses polynomial of degree ≤ 4 in θ.
+exact for losses polynomial of degree ≤ 4 in θ. Because every point's loss is known, every
+panel's own residual is measurable: r_r(panel) = (ℓ_r(b) − ℓ_r(a)) − Σ_c A_rc(panel).
 
-The state of one step's refinement is a `Level`: the gradient sums [losses, params] at n
-sub-intervals. Functions here never evaluate anything; the caller evaluates the points
-`refine_points(n)` asks for and passes their sum to `refine`.
+**Refinement, per row, where the error is.** A row starts with one panel [0, 1] (plain Simpson, 3
+points). Until |Σ panels r_r| ≤ tol_r (grounded), each round splits the row's panels whose own
+|residual| exceeds their fair share tol_r·(b − a) (the largest first, within the row's budget of
+`max_splits` sub-intervals = max_splits/2 panels); a split panel's two halves need their
+midpoints evaluated. A smooth step refines everywhere, exactly as uniform composite Simpson; a
+kink or a rough stretch gets its points where it is. Rows share the points (one evaluation
+serves every row), but each row's panels depend on its own residuals only, so requesting more
+rows never changes another row. A row keeps the panels of the round at which it is grounded.
+
+**What remains, per column** (`error`): |A(final panels) − A(the row's panels one round
+coarser)|, the change of the last refinement; for a row never refined, the change from the
+trapezoid rule on the ends to Simpson (a conservative estimate: the trapezoid's own error).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-
-@dataclass
-class Level:
-    """Simpson's gradient sums at n sub-intervals: ends g(0), g(1); odd; mid (None: M = 0, n = 2)."""
-
-    n: int
-    g0: torch.Tensor
-    g1: torch.Tensor
-    odd: torch.Tensor
-    mid: torch.Tensor | None = None
+MAX_DEPTH = 30  # panels of width 2⁻³⁰: far below any useful resolution (and exact in float64)
 
 
-def refine(level: Level, evaluate: Callable[[list[float]], torch.Tensor],
-           mid_out: torch.Tensor | None = None) -> Level:
-    """The level at 2n sub-intervals: M' = M + O, then O' = evaluate(refine_points(n)), the sum of the
-    gradients at the new points.
-
-    M' goes into `mid_out` when given (preallocated; it may be `level.mid` itself). M' is formed
-    before `evaluate` runs, so that the new points may be summed into the buffer of the old O.
-    """
-    if level.mid is None:
-        mid = level.odd.clone() if mid_out is None else mid_out.copy_(level.odd)
-    else:
-        mid = torch.add(level.mid, level.odd, out=mid_out) if mid_out is not None else level.mid + level.odd
-    return Level(2 * level.n, level.g0, level.g1, evaluate(refine_points(level.n)), mid)
-
-
-def refine_points(n: int) -> list[float]:
-    """The new evaluation points when going from n to 2n sub-intervals: odd multiples of 1/(2n)."""
-    return [(2 * j + 1) / (2 * n) for j in range(n)]
-
-
-def allocation(level: Level, dw: torch.Tensor, rows: torch.Tensor | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-    """LCA [..., P] = Δθ ⊙ h/3·(E + 4·O + 2·M) of the level (of its `rows` only, when given).
-
-    Three passes over [rows, P] (add, add, multiply), in `out` when given.
-    """
-    pick = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))
-    g0, g1, odd = pick(level.g0), pick(level.g1), pick(level.odd)
-    out = torch.add(g0, g1, out=out) if out is not None else g0 + g1
-    out.add_(odd, alpha=4.0)
-    if level.mid is not None:
-        out.add_(pick(level.mid), alpha=2.0)
-    return out.mul_(dw / (3.0 * level.n))
-
-
-def simpson_integral(ends: torch.Tensor, odd: torch.Tensor, mid: torch.Tensor, n: int) -> torch.Tensor:
-    """h/3 · (E + 4·O + 2·M) for n sub-intervals; works on [..., P] stacks of gradients."""
-    return (ends + 4.0 * odd + 2.0 * mid) / (3.0 * n)
+def panel_simpson(da: torch.Tensor, dm: torch.Tensor, db: torch.Tensor, h: float) -> torch.Tensor:
+    """h/6·(d(a) + 4·d(m) + d(b)) for any stack of projections."""
+    return (da + 4.0 * dm + db) * (h / 6.0)
 
 
 def is_grounded(residual: torch.Tensor, delta_loss: torch.Tensor, tol: float, rtol: float) -> torch.Tensor:
     """|ΔL − ΣLCA| ≤ tol + rtol·|ΔL| (absolute tolerance in loss units, plus an optional relative one)."""
     return residual.abs() <= tol + rtol * delta_loss.abs()
+
+
+@dataclass
+class Node:
+    """A panel [a, b] with midpoint m (indices into the mesh's points) at depth `depth` (width 2⁻ᵈᵉᵖᵗʰ)."""
+
+    a: int
+    m: int
+    b: int
+    depth: int
+    children: tuple[int, int] | None = None
+
+    @property
+    def h(self) -> float:
+        return 2.0 ** -self.depth
+
+
+class Mesh:
+    """The points and panels of one step for R rows and C columns, and each row's panels (`leaf` [R, nodes]).
+
+    Points arrive as (s, values [R] float64, projections [R, C] float64). Nothing here evaluates
+    anything: `plan()` says which points the next round needs, the caller evaluates them and
+    passes them to `add()`.
+    """
+
+    def __init__(self, ends: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                 mid: tuple[torch.Tensor, torch.Tensor], max_splits: int):
+        (v0, d0), (v1, d1) = ends
+        self.s: list[float] = [0.0, 1.0, 0.5]
+        self.index = {0.0: 0, 1.0: 1, 0.5: 2}
+        self.values = [v0, v1, mid[0]]  # [R] each
+        self.proj = [d0, d1, mid[1]]  # [R, C] each
+        self.nodes = [Node(0, 2, 1, 0)]
+        R = v0.shape[0]
+        self.leaf = torch.ones(R, 1, dtype=torch.bool, device=v0.device)
+        self.budget = max(1, max_splits // 2)  # panels per row
+        self.final = torch.zeros(R, dtype=torch.bool, device=v0.device)  # rows whose panels are settled
+        self.coarser = (d0 + d1) / 2.0  # [R, C] the previous estimate: trapezoid on the ends
+        self._node_alloc: list[torch.Tensor] = []
+        self._pending: list[tuple[int, int]] = []  # (node, child) splits waiting for their midpoints
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return self.values[1] - self.values[0]
+
+    def _alloc(self, i: int) -> torch.Tensor:
+        while len(self._node_alloc) <= i:
+            n = self.nodes[len(self._node_alloc)]
+            self._node_alloc.append(panel_simpson(self.proj[n.a], self.proj[n.m], self.proj[n.b], n.h))
+        return self._node_alloc[i]
+
+    def node_allocations(self) -> torch.Tensor:
+        """[nodes, R, C]: every panel's allocation for every row."""
+        return torch.stack([self._alloc(i) for i in range(len(self.nodes))])
+
+    def allocation(self) -> torch.Tensor:
+        """[R, C]: each row's allocation over its own panels."""
+        return torch.einsum("rn,nrc->rc", self.leaf.to(self.proj[0].dtype), self.node_allocations())
+
+    def residual(self) -> torch.Tensor:
+        return self.delta - self.allocation().sum(-1)
+
+    def splits(self) -> torch.Tensor:
+        """[R] sub-intervals of each row (2 per panel)."""
+        return 2 * self.leaf.sum(1)
+
+    def plan(self, tol: float, rtol: float, override: torch.Tensor | None = None) -> list[float]:
+        """Split, for every unsettled row that is not grounded, its panels whose residual exceeds their fair
+        share (largest first, within its budget); settle the others. Returns the new points to evaluate.
+
+        `override` [R]: residuals to judge groundedness by instead, where not NaN (the per-parameter
+        losses' own float64 sums at plain Simpson: they decide as they always did).
+        """
+        alloc = self.node_allocations()  # [N, R, C]
+        total = torch.einsum("rn,nrc->rc", self.leaf.to(alloc.dtype), alloc)
+        dl = self.delta
+        res = dl - total.sum(-1)
+        if override is not None:
+            res = torch.where(torch.isnan(override), res, override)
+        finite = torch.isfinite(res)
+        ok = is_grounded(res, dl, tol, rtol)
+        panels = self.leaf.sum(1)
+        active = ~self.final & ~ok & finite & (panels < self.budget)
+        self.final |= ~active
+        if not bool(active.any()):  # host sync: the refinement decision
+            return []
+        v = torch.stack(self.values)  # [points, R]
+        a = torch.tensor([n.a for n in self.nodes], device=v.device)
+        b = torch.tensor([n.b for n in self.nodes], device=v.device)
+        h = torch.tensor([n.h for n in self.nodes], dtype=v.dtype, device=v.device)
+        node_res = ((v[b] - v[a]) - alloc.sum(-1)).T.abs()  # [R, N]
+        deep = torch.tensor([n.depth >= MAX_DEPTH for n in self.nodes], device=v.device)
+        share = (tol + rtol * dl.abs())[:, None] * h[None, :]
+        cand = self.leaf & ~deep & active[:, None]
+        over = cand & (node_res > share)
+        # a row not grounded has a panel over its share unless rounding hides it: then its worst panel
+        none = active & ~over.any(1)
+        over |= cand & none[:, None] & (node_res == torch.where(cand, node_res, -1.0).max(1, keepdim=True).values)
+        room = (self.budget - panels).clamp(min=0)
+        score = torch.where(over, node_res, torch.full_like(node_res, -1.0))
+        order = torch.argsort(-score, dim=1, stable=True)  # largest first, leftmost nodes first on ties
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(order.shape[1], device=v.device).expand_as(order))
+        chosen = over & (rank < room[:, None])
+        self.final |= active & ~chosen.any(1)
+        rows_split = chosen.any(1)
+        self.coarser = torch.where(rows_split[:, None], total, self.coarser)
+        new_points: list[float] = []
+        for i in torch.nonzero(chosen.any(0)).flatten().tolist():  # each node split by some row
+            kids = self._children(i, new_points)
+            rows = chosen[:, i]
+            self.leaf[rows, i] = False
+            for k in kids:
+                self.leaf[rows, k] = True
+        return new_points
+
+    def _children(self, i: int, new_points: list[float]) -> tuple[int, int]:
+        n = self.nodes[i]
+        if n.children is None:
+            sa, sm, sb = self.s[n.a], self.s[n.m], self.s[n.b]
+            kids = []
+            for lo, hi, lo_s, hi_s in ((n.a, n.m, sa, sm), (n.m, n.b, sm, sb)):
+                mid = (lo_s + hi_s) / 2.0
+                if mid not in self.index:
+                    self.index[mid] = len(self.s)
+                    self.s.append(mid)
+                    self.values.append(None)
+                    self.proj.append(None)
+                    new_points.append(mid)
+                self.nodes.append(Node(lo, self.index[mid], hi, n.depth + 1))
+                kids.append(len(self.nodes) - 1)
+            n.children = (kids[0], kids[1])
+            grow = torch.zeros(self.leaf.shape[0], 2, dtype=torch.bool, device=self.leaf.device)
+            self.leaf = torch.cat([self.leaf, grow], 1)
+        return n.children
+
+    def add(self, s: float, values: torch.Tensor, proj: torch.Tensor) -> None:
+        i = self.index[s]
+        self.values[i], self.proj[i] = values, proj
+
+    def error(self) -> torch.Tensor:
+        """[R, C] |A(final) − A(one round coarser)| (never refined: Simpson against the trapezoid)."""
+        return (self.allocation() - self.coarser).abs()
+
+    def weights(self, rows: torch.Tensor) -> torch.Tensor:
+        """[len(rows), points] each point's weight in the rows' allocation: Σ over their panels of h/6 at the ends,
+        4h/6 at the midpoint (for per-parameter allocations: Δθ ⊙ Σ_p w_p g_p)."""
+        w = torch.zeros(len(rows), len(self.s), dtype=torch.float64)
+        leaf = self.leaf[rows.to(self.leaf.device)].cpu()
+        for i, n in enumerate(self.nodes):
+            on = leaf[:, i].double()
+            if not bool(on.any()):
+                continue
+            w[:, n.a] += on * (n.h / 6.0)
+            w[:, n.m] += on * (4.0 * n.h / 6.0)
+            w[:, n.b] += on * (n.h / 6.0)
+        return w

@@ -1,0 +1,228 @@
+"""Per-example directional derivatives Δθ_T · ∇_T ℓ_i for every example i and tensor T of a batch, at the cost of
+about one forward and one backward ("ghost" products, as in DP ghost clipping and In-Run Data Shapley).
+
+A layer whose output is linear in a parameter gives that parameter's directional derivative of
+every example's loss from the layer's input a and its output gradient b = ∂(Σ_i ℓ_i)/∂y (examples
+do not mix inside these layers, so b's rows are each example's own ∂ℓ_i/∂y):
+
+    Δθ_T · ∇_T ℓ_i = Σ_{positions} ⟨ b_i, J_T(a_i) Δθ_T ⟩
+
+- Linear (and HF's Conv1D): J Δθ = a ΔWᵀ (a ΔW), the bias: Δb;
+- Conv1d/2d/3d (zero padding): J Δθ = conv(a, ΔW), the bias: Δb per channel;
+- Embedding: J Δθ = ΔW[indices] (0 at the padding index, whose gradient torch leaves 0);
+  one whose output is shared by the examples (a position embedding of shape [1, S, D], broadcast
+  later) holds no per-example gradient, and takes the forward-mode product;
+- LayerNorm: J Δθ = x̂ ⊙ Δγ, the bias: Δβ, with x̂ the normalized input.
+
+A tensor used by several layers (tied weights) sums their contributions; a layer applied
+several times sums each application. Every other recorded tensor (and any whose layer's output
+was changed in place after it, which makes b another tensor's gradient) goes through the
+forward-mode product (`torch.func.jvp`, batched by `vmap`), as before. On the first batch every
+fast tensor is checked against a few examples' own gradients; one that disagrees falls back.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp, vmap
+
+from replay.errors import TaskError
+from replay.task import Examples, user_error
+from replay.wrappers import unwrap_model
+
+CHECK_EXAMPLES = 4  # examples of the first batch compared with their own gradients (one backward each)
+CHECK_RTOL = 1e-3  # the ghost product agrees to ~1e-6 relative in float32; a wrong rule is far off
+
+
+def _kind(m: nn.Module) -> str | None:
+    if isinstance(m, nn.Linear):
+        return "linear"
+    if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and m.padding_mode == "zeros":
+        return "conv"
+    if isinstance(m, nn.Embedding) and m.max_norm is None and not m.scale_grad_by_freq:
+        return "embedding"
+    if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+        return "layernorm"
+    if type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None:
+        return "hf_conv1d"  # transformers' GPT-2 projection: y = x @ W + b, W [in, out]
+    return None
+
+
+def _per_example(x: torch.Tensor) -> torch.Tensor:
+    """Σ over every dimension but the first (the batch)."""
+    return x.reshape(x.shape[0], -1).sum(1)
+
+
+def _directional(kind: str, m: nn.Module, pname: str, a: torch.Tensor, b: torch.Tensor, dp: torch.Tensor,
+                 ) -> torch.Tensor:
+    """[B] ⟨b, J(a) Δθ⟩ of one use of layer m for its parameter `pname` with direction dp."""
+    if pname == "bias":
+        if kind == "conv":
+            return _per_example(b * dp.view(1, -1, *([1] * (b.dim() - 2))))
+        return _per_example(b * dp)  # Linear, Conv1D, LayerNorm: the last dimension
+    if kind == "linear":
+        return _per_example(b * nn.functional.linear(a, dp))
+    if kind == "hf_conv1d":
+        return _per_example(b * (a @ dp))
+    if kind == "conv":
+        return _per_example(b * m._conv_forward(a, dp, None))
+    if kind == "embedding":
+        out = nn.functional.embedding(a, dp)
+        if m.padding_idx is not None:
+            out = out * (a != m.padding_idx).unsqueeze(-1)
+        return _per_example(b * out)
+    if kind == "layernorm":
+        xhat = nn.functional.layer_norm(a, m.normalized_shape, None, None, m.eps)
+        return _per_example(b * xhat * dp)
+    raise AssertionError(kind)
+
+
+class ExampleProducts:
+    """d[D, B, T] for the examples of a batch at the model's current parameters, and their losses [B]."""
+
+    def __init__(self, model: nn.Module, names: list[str], loss_fn: Callable, device: torch.device):
+        self.model, self.names, self.loss_fn, self.device = model, list(names), loss_fn, device
+        inner = unwrap_model(model)
+        self.prefix = "" if inner is model else "_orig_mod."  # functional_call on the module that is called
+        self.params = dict(inner.named_parameters(remove_duplicate=False))
+        index = {n: i for i, n in enumerate(self.names)}
+        by_id = {id(p): n for n, p in inner.named_parameters() if n in index}  # the recorded name of each tensor
+        self.uses: list[tuple[nn.Module, str, str, int]] = []  # (module, kind, its parameter name, tensor index)
+        for m in inner.modules():
+            kind = _kind(m)
+            if kind is None:
+                continue
+            for pname, p in m.named_parameters(recurse=False):
+                if id(p) in by_id and pname in ("weight", "bias"):
+                    self.uses.append((m, kind, pname, index[by_id[id(p)]]))
+        covered = {i for *_, i in self.uses}
+        self.fallback = [i for i in range(len(self.names)) if i not in covered]
+        self.checked = False
+        self._vmap_ok = True
+
+    # ---- the fast path -------------------------------------------------------------------------------
+
+    def __call__(self, batch: Examples, dirs: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(losses [B] float64, d [D, B, T] float64) of the batch for each direction ({name: Δθ})."""
+        D, T = len(dirs), len(self.names)
+        records: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []  # (use, input, output, its version)
+        hooks = []
+        for u, (m, *_rest) in enumerate(self.uses):
+            def hook(mod: nn.Module, args: tuple, out: torch.Tensor, u: int = u) -> None:
+                if isinstance(out, torch.Tensor) and out.requires_grad and args:
+                    records.append((u, args[0], out, out._version))
+            hooks.append(m.register_forward_hook(hook))
+        try:
+            with torch.enable_grad():
+                losses = self._losses(batch)
+                ys = [r[2] for r in records]
+                grads = torch.autograd.grad(losses.sum(), ys, allow_unused=True) if ys else []
+        finally:
+            for h in hooks:
+                h.remove()
+        B = losses.shape[0]
+        d = torch.zeros(D, B, T, dtype=torch.float64, device=self.device)
+        stale = set()
+        with torch.no_grad():
+            for (u, a, y, version), b in zip(records, grads, strict=True):
+                m, kind, pname, ti = self.uses[u]
+                if y._version != version or y.shape[0] != B:  # changed in place after the layer (b is another
+                    stale.add(ti)  # tensor's gradient), or not batch-first (GPT-2's position embedding: one
+                    continue  # row broadcast to every example, so b sums the examples): the slow product
+                if b is None:
+                    continue
+                for k, dd in enumerate(dirs):
+                    d[k, :, ti] += _directional(kind, m, pname, a, b, dd[self.names[ti]]).double()
+        slow = sorted(set(self.fallback) | stale)
+        if not self.checked:
+            slow = self._check(batch, dirs, d, slow)
+        if slow:
+            d[:, :, slow] = self._forward_mode(batch, dirs, slow)
+        return losses.detach().double(), d
+
+    def _losses(self, batch: Examples) -> torch.Tensor:
+        try:
+            out = batch.losses(self.model, self.loss_fn)
+        except Exception as e:  # the user's model on the user's data: one line, their error
+            raise TaskError(f"per-example LCA: the task's model or loss_fn failed: {user_error(e)}") from None
+        if not isinstance(out, torch.Tensor) or out.dim() != 1:
+            raise TaskError(f"loss_fn returned {tuple(getattr(out, 'shape', ()))}; per-example LCA needs one loss "
+                            f"per example")
+        return out
+
+    def _check(self, batch: Examples, dirs: list[dict], d: torch.Tensor, slow: list[int]) -> list[int]:
+        """Compare the fast tensors, on a few examples, with each example's own gradient (one backward per
+        example: no forward-mode AD needed); those that disagree fall back for the rest of the compute."""
+        self.checked = True
+        fast = [i for i in range(len(self.names)) if i not in slow]
+        if not fast:
+            return slow
+        params = [self.params[self.names[i]] for i in fast]
+        bad = set()
+        for e in range(min(CHECK_EXAMPLES, len(batch))):
+            with torch.enable_grad():
+                loss = self._losses(batch.slice(e, e + 1)).sum()
+                gs = torch.autograd.grad(loss, params, allow_unused=True)
+            for j, (i, g) in enumerate(zip(fast, gs, strict=True)):
+                ref = 0.0 if g is None else float((g.double() * dirs[0][self.names[i]].double()).sum())
+                got = float(d[0, e, i])
+                if abs(got - ref) > CHECK_RTOL * max(abs(ref), abs(got)) + 1e-10:
+                    bad.add(fast[j])
+        if bad:
+            names = ", ".join(self.names[i] for i in sorted(bad)[:3])
+            warnings.warn(f"per-example LCA: the one-backward products of {names} disagree with the examples' own "
+                          f"gradients (a layer used batch-second, or changed in place?); they use the forward-mode "
+                          f"product", stacklevel=3)
+            self.fallback = sorted(set(self.fallback) | bad)
+        return sorted(set(slow) | bad)
+
+    # ---- the fallback: forward-mode products, one per tensor (batched by vmap) -------------------------
+
+    def _forward_mode(self, batch: Examples, dirs: list[dict], which: list[int]) -> torch.Tensor:
+        """d [D, B, len(which)] from torch.func.jvp with the tangent restricted to each tensor in turn."""
+        params = {self.prefix + n: p.detach() for n, p in unwrap_model(self.model).named_parameters()}
+        keys = [self.prefix + self.names[i] for i in which]
+        zeros = {k: torch.zeros_like(v) for k, v in params.items()}
+        t = batch.tensors
+
+        def losses(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            out = functional_call(self.model, p, (), t) if isinstance(t, dict) else functional_call(self.model, p,
+                                                                                                      (t[0],))
+            return self.loss_fn(out, t if isinstance(t, dict) else t[1])
+
+        out = []
+        for dd in dirs:
+            delta = {self.prefix + n: v for n, v in dd.items()}
+            out.append(self._products(losses, params, zeros, delta, keys))
+        return torch.stack(out).double()
+
+    def _products(self, losses: Callable, params: dict, zeros: dict, delta: dict, keys: list[str]) -> torch.Tensor:
+        """d [B, len(keys)]: the forward-mode products, batched in one vmap when the model allows it (a k-fold
+        tangent costs k × the parameters' memory: up to 256 MiB), else one after another."""
+        size = sum(v.numel() * v.element_size() for v in params.values())
+        if self._vmap_ok and len(keys) * size <= 256 << 20:
+            tangents = {k: torch.stack([delta[k] if key == k else zeros[k] for key in keys]) if k in keys else
+                        zeros[k].expand(len(keys), *zeros[k].shape) for k in params}
+            try:
+                _, d = vmap(lambda tg: jvp(losses, (params,), (tg,)), randomness="same")(tangents)
+                return d.T
+            except (RuntimeError, NotImplementedError, ValueError):  # an op without a batching rule
+                self._vmap_ok = False
+        cols = []
+        for key in keys:  # one forward-mode product per tensor: Δθ restricted to it
+            try:
+                _, d = jvp(losses, (params,), ({**zeros, key: delta[key]},))
+            except (NotImplementedError, RuntimeError) as e:
+                if "forward AD" not in str(e) and "forward-mode" not in str(e):
+                    raise
+                raise TaskError(f"per-example LCA of {key.removeprefix(self.prefix)!r} differentiates forward "
+                                f"(torch.func.jvp), which an op of the task's model does not support "
+                                f"({user_error(e)}); use an implementation that does (HF: "
+                                f"attn_implementation='eager'; scaled_dot_product_attention: the math backend, "
+                                f"torch.nn.attention.sdpa_kernel(SDPBackend.MATH))") from None
+            cols.append(d)
+        return torch.stack(cols, 1)

@@ -1,0 +1,184 @@
+"""Rows of their own along the data set's steps: each example's (or each token's) loss change, allocated.
+
+The same Simpson as the data-set losses (`engine.simpson`), on a mesh of their own per step: an
+example's loss is far less smooth than a mean (a ReLU kink of its own), so it gets points where
+its residual is, shared with the other examples of the data set (one evaluation serves all).
+
+- examples: d [D, n, T] = Δθ_T · ∇_T ℓ_i, from `ghost.ExampleProducts` (one forward and one
+  backward per batch, the forward-mode product for the tensors no fast rule covers);
+- tokens (causal LMs): d [D, tokens, 1] = dℓ_{i,p}/ds, one forward-mode product of every token's
+  loss along the whole Δθ per direction (a token's loss depends on the tokens before it, so no
+  per-layer decomposition gives it from one backward); `lca` is then Σ over tensors.
+
+Memory: one batch of activations, and [points × rows × columns] scalars; never rows × parameters.
+The start of a step is the end of the previous one (projected onto the next step's direction
+when it is evaluated), as for the data-set losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.func import functional_call, jvp
+
+from replay.engine.ghost import ExampleProducts
+from replay.engine.simpson import Mesh, is_grounded
+from replay.engine.steps import refine
+from replay.errors import TaskError
+from replay.frames import FrameWriter
+from replay.task import Examples, user_error
+from replay.wrappers import unwrap_model
+
+
+class ExampleIntegrand:
+    """The examples of one data set as rows: values [n], projections [D, n, T], batch by batch."""
+
+    columns_per_tensor = True
+
+    def __init__(self, products: ExampleProducts, data: Examples, batch: int):
+        self.products, self.data, self.batch = products, data, batch
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __call__(self, dirs: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        values, proj = [], []
+        for a in range(0, len(self.data), self.batch):
+            v, d = self.products(self.data.slice(a, a + self.batch), dirs)
+            values.append(v)
+            proj.append(d)
+        return torch.cat(values), torch.cat(proj, 1)
+
+    def values(self) -> torch.Tensor:
+        out = []
+        with torch.no_grad():
+            for a in range(0, len(self.data), self.batch):
+                out.append(self.products._losses(self.data.slice(a, a + self.batch)).double())
+        return torch.cat(out)
+
+
+class TokenIntegrand:
+    """The tokens of one data set (a causal LM) as rows: values [tokens], projections [D, tokens, 1]."""
+
+    columns_per_tensor = False
+
+    def __init__(self, model: torch.nn.Module, token_loss: Callable, data: Examples, batch: int):
+        self.model, self.token_loss, self.data, self.batch = model, token_loss, data, batch
+        inner = unwrap_model(model)
+        self.prefix = "" if inner is model else "_orig_mod."
+        self.index: list[tuple[torch.Tensor, torch.Tensor]] = []  # per batch: (examples, positions) of its tokens
+        with torch.no_grad():
+            for a in range(0, len(data), batch):
+                _, keep = self._losses(data.slice(a, a + batch), None)
+                ex, pos = torch.nonzero(keep, as_tuple=True)
+                self.index.append((ex + a, pos + 1))  # position: the target token's index in its sequence
+        self.examples = torch.cat([e for e, _ in self.index]).cpu()
+        self.positions = torch.cat([p for _, p in self.index]).cpu()
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _losses(self, batch: Examples, params: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+        t = batch.tensors
+        try:
+            if params is None:
+                out = self.model(**t) if isinstance(t, dict) else self.model(t[0])
+            else:
+                out = functional_call(self.model, params, (), t) if isinstance(t, dict) else \
+                    functional_call(self.model, params, (t[0],))
+            return self.token_loss(out, t if isinstance(t, dict) else t[1])
+        except TaskError:
+            raise
+        except Exception as e:  # the user's model on the user's data
+            raise TaskError(f"per-token LCA: the task's model or token loss failed: {user_error(e)}") from None
+
+    def __call__(self, dirs: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        params = {self.prefix + n: p.detach() for n, p in unwrap_model(self.model).named_parameters()}
+        values, proj = [], []
+        for bi, a in enumerate(range(0, len(self.data), self.batch)):
+            batch = self.data.slice(a, a + self.batch)
+            ex, pos = self.index[bi]
+            rows = (ex - a, pos - 1)
+            cols = []
+            for dd in dirs:
+                tangent = {k: dd.get(k.removeprefix(self.prefix), torch.zeros_like(v)) for k, v in params.items()}
+                try:
+                    tok, dtok = jvp(lambda p, b=batch: self._losses(b, p)[0], (params,), (tangent,))
+                except (NotImplementedError, RuntimeError) as e:
+                    raise TaskError(f"per-token LCA differentiates forward (torch.func.jvp), which an op of the "
+                                    f"task's model does not support ({user_error(e)}); use the math attention path "
+                                    f"(HF: attn_implementation='eager')") from None
+                cols.append(dtok[rows].double())
+            values.append(tok.detach()[rows].double())
+            proj.append(torch.stack(cols)[..., None])
+        return torch.cat(values), torch.cat(proj, 1)
+
+    def values(self) -> torch.Tensor:
+        out = []
+        with torch.no_grad():
+            for bi, a in enumerate(range(0, len(self.data), self.batch)):
+                tok, _ = self._losses(self.data.slice(a, a + self.batch), None)
+                ex, pos = self.index[bi]
+                out.append(tok[ex - a, pos - 1].double())
+        return torch.cat(out)
+
+
+class Rows:
+    """One integrand's rows over the steps, written into the frames: examples, or tokens."""
+
+    def __init__(self, name: str, integrand: ExampleIntegrand | TokenIntegrand, load: Callable[[torch.Tensor], None],
+                 split: Callable[[torch.Tensor], dict[str, torch.Tensor]], writer: FrameWriter, tol: float,
+                 rtol: float, max_splits: int, on_eval: Callable[[], None] | None = None):
+        self.name, self.f, self.load, self.split, self.writer = name, integrand, load, split, writer
+        self.tol, self.rtol, self.max_splits = tol, rtol, max_splits
+        self.on_eval = on_eval or (lambda: None)
+        self._carry: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (state, values, proj onto this Δθ)
+
+    def _at(self, theta: torch.Tensor, dirs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.load(theta)
+        self.on_eval()
+        return self.f([self.split(d) for d in dirs])
+
+    def step(self, t0: int, t1: int, th0: torch.Tensor, th1: torch.Tensor, d_next: torch.Tensor | None) -> None:
+        d = th1 - th0
+        if self._carry is not None and self._carry[0] == t0:
+            v0, p0 = self._carry[1], self._carry[2]
+        else:
+            v0, p = self._at(th0, [d])
+            p0 = p[0]
+        v1, p1 = self._at(th1, [d] + ([d_next] if d_next is not None else []))
+        vm, pm = self._at(th0 + 0.5 * d, [d])
+        mesh = Mesh(((v0, p0), (v1, p1[0])), (vm, pm[0]), self.max_splits)
+
+        def point(s: float) -> tuple[torch.Tensor, torch.Tensor]:
+            v, p = self._at(th0 + s * d, [d])
+            return v, p[0]
+
+        refine(mesh, point, self.tol, self.rtol)
+        lca = mesh.allocation()
+        res = mesh.residual()
+        grounded = is_grounded(res, v1 - v0, self.tol, self.rtol)
+        self._write(t0, lca, v0, v1, mesh.splits(), grounded)
+        self._carry = (t1, v1, p1[1] if d_next is not None else p1[0])
+
+    def unchanged(self, t0: int, t1: int, theta: torch.Tensor) -> None:
+        """No parameter moved: LCA exactly 0, the losses by a forward (or the carried start's)."""
+        if self._carry is not None and self._carry[0] == t0:
+            v = self._carry[1]
+            self._carry = (t1, *self._carry[1:])  # θ_t1 = θ_t0: still the next moving step's start
+        else:
+            self.load(theta)
+            v = self.f.values()
+        cols = len(self.writer.tensor_names) if self.f.columns_per_tensor else 1
+        zeros = torch.zeros(len(v), cols, dtype=torch.float64)
+        self._write(t0, zeros, v, v, torch.zeros(len(v), dtype=torch.int64), torch.ones(len(v), dtype=torch.bool))
+
+    def _write(self, t0: int, lca: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor, splits: torch.Tensor,
+               grounded: torch.Tensor) -> None:
+        h = [x.cpu().numpy() for x in (lca, v0, v1, splits, grounded)]
+        if isinstance(self.f, TokenIntegrand):
+            self.writer.add_tokens(t0, self.name, self.f.examples.numpy(), self.f.positions.numpy(), h[0][:, 0],
+                                   h[1], h[2], h[3], h[4])
+        else:
+            self.writer.add_examples(t0, self.name, h[0], h[1], h[2], h[3], h[4])

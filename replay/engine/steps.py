@@ -1,0 +1,317 @@
+"""The step loop: states in order, each step's points evaluated, refined where the error is, allocated.
+
+Per step t → t' of one segment (consecutive recorded states), for every row of an integrand
+(the losses of the data sets; and, per data set asked, its examples or its tokens):
+
+    start  θ_t: the previous step's end, already evaluated (and projected onto this step's Δθ)
+    end    θ_t': evaluated once, projected onto Δθ_t and onto the next moving step's Δθ (reused)
+    mid    θ_t + ½Δθ: plain Simpson, 2 evaluations per step
+    refine `simpson.Mesh.plan`: the panels that miss get their midpoints, row by row
+    allocate per tensor from the projections; per parameter (the `full` losses) from their gradients,
+           Δθ ⊙ Σ_p w_p g_p with the mesh's weights (a step grounded at plain Simpson uses the formula
+           of earlier releases, bit for bit)
+
+A step whose states are equal bit for bit (a skipped AMP step) is not evaluated: LCA exactly 0.
+Only [rows × tensors] sums leave the device per step (one sync); gradients [K × P] are kept for
+the per-parameter losses only, one per point of the step.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from replay.engine.evaluate import LossEvaluator
+from replay.engine.ledger import Ledger, StepLCA
+from replay.engine.parallel import Placement
+from replay.engine.simpson import Mesh, is_grounded
+from replay.frames import Frames
+from replay.store import Run
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """θ' = θ bit for bit (host sync). NaN ≠ NaN, so values cannot tell a diverged run's repeated states."""
+    return torch.equal(a.view(torch.int64), b.view(torch.int64))
+
+
+@dataclass
+class Start:
+    """A step's start point, carried from the previous step's end: values [R], projections [R, C] onto this
+    step's Δθ, and (data sets) the per-parameter gradients [K, S]."""
+
+    values: torch.Tensor
+    proj: torch.Tensor
+    grads: torch.Tensor | None = None
+
+
+def refine(mesh: Mesh, point: Callable[[float], tuple[torch.Tensor, torch.Tensor]], tol: float, rtol: float,
+           override: torch.Tensor | None = None) -> None:
+    """Evaluate the points the mesh asks for until every row is grounded or out of budget."""
+    while points := mesh.plan(tol, rtol, override):
+        override = None
+        for s in points:
+            mesh.add(s, *point(s))
+
+
+def points_of(mesh: Mesh) -> list[list[float]]:
+    """Per row, the s of the points its panels used (sorted)."""
+    leaf = mesh.leaf.cpu()
+    out = []
+    for r in range(leaf.shape[0]):
+        used = set()
+        for i in torch.nonzero(leaf[r]).flatten().tolist():
+            n = mesh.nodes[i]
+            used |= {mesh.s[n.a], mesh.s[n.m], mesh.s[n.b]}
+        out.append(sorted(used))
+    return out
+
+
+class StepLoop:
+    """The step loop of one process over its segments of steps (all steps, or its blocks under torchrun)."""
+
+    def __init__(self, run: Run, ev: LossEvaluator, segments: list[list[int]], ledger: Ledger, place: Placement,
+                 tol: float, rtol: float, max_splits: int, first_order: bool, flush_every: int, progress: bool,
+                 rows: list | None = None):
+        self.run, self.ev, self.ledger, self.place, self.rows = run, ev, ledger, place, rows or []
+        self.tol, self.rtol, self.max_splits, self.first_order = tol, rtol, max_splits, first_order
+        self.flush_every, self.progress = flush_every, progress and place.rank == 0
+        self.dev = ev.device
+        nxt = ledger.ckpt.next_step
+        done = sum(1 for seg in segments for s in seg if nxt is not None and s < nxt)
+        if nxt is not None and done != ledger.ckpt.steps_done:
+            from replay.lcadir import LcaDirDamaged
+
+            raise LcaDirDamaged(f"{ledger.out}/progress{place.tag}.json: it says {ledger.ckpt.steps_done} steps are "
+                                f"done before step {nxt}, this compute has {done} there; the compute cannot resume "
+                                f"from it: run the same command with --restart to start over")
+        # the first state of a resumed segment was evaluated before the interruption (as the previous step's
+        # end): evaluated again, it is not counted, so grad_evals is that of an uninterrupted compute
+        self._resumed_at = nxt
+        left = [[s for s in seg if nxt is None or s >= nxt] for seg in segments]
+        self.segments = [seg for seg in left if seg]
+        self.todo = [s for seg in self.segments for s in seg]
+        self.lo, self.hi = ev.own
+        K, S = len(ev.full), self.hi - self.lo
+        # [K, S] per-parameter buffers in the gradients' dtype, preallocated (fresh ones cost page faults):
+        # the two endpoint gradients (swapped each step), the allocation, and a pool for the other points
+        mk = lambda: torch.empty(K, S, dtype=ev.grad_dtype, device=self.dev)  # noqa: E731
+        self._ends = [mk(), mk()] if K else [None, None]
+        self._alloc = mk() if K else None
+        self._pool: list[torch.Tensor] = []
+        self.evals = ledger.ckpt.evals  # gradient evaluations, including those before a resume
+
+    # ---- states -----------------------------------------------------------------------------------
+
+    def _states(self, first: int, last: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Flat float64 states [padded] on the device, in order: steps first..last and the state after last.
+
+        CUDA: decoded one step ahead on a background thread into pinned memory, copied
+        non-blocking, so reading overlaps the GPU's work. CPU: decoded inline — there is
+        nothing to overlap, and torch ops on a second thread start a second OpenMP team that
+        competes with the gradients (measured: 2x slower replay on 2 cores).
+        """
+        P = self.ledger.P
+        layout = self.run.layout
+        pad = torch.zeros(self.ev.padded - P, dtype=torch.float64) if self.ev.padded > P else None
+        views_of = layout.views
+
+        def flat64(flat: torch.Tensor) -> torch.Tensor:
+            views = views_of(flat)
+            parts = [views[n].reshape(-1).double() for n in self.run.param_names]
+            return torch.cat(parts + ([pad] if pad is not None else []))
+
+        flat_states = ((t, flat64(flat)) for t, flat in
+                       self.run.flat_states(first, last + 1 + self.run.manifest.every))
+        if self.dev.type != "cuda":
+            yield from flat_states
+            return
+        q: queue.Queue = queue.Queue(maxsize=2)
+
+        def produce():
+            try:
+                for t, flat in flat_states:
+                    q.put((t, flat.pin_memory()))
+            except BaseException as e:  # surfaced in the consumer
+                q.put(e)
+            q.put(None)
+
+        threading.Thread(target=produce, daemon=True, name="replay-prefetch").start()
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            t, flat = item
+            yield t, flat.to(self.dev, non_blocking=True)
+
+    # ---- evaluation ----------------------------------------------------------------------------------
+
+    def _eval(self, theta: torch.Tensor, dirs: list[torch.Tensor], grads: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        self.evals += 1
+        return self.ev(theta, torch.stack(dirs), grads)
+
+    def _spare(self) -> torch.Tensor | None:
+        if not self.ev.full:
+            return None
+        return self._pool.pop() if self._pool else torch.empty_like(self._ends[0])
+
+    # ---- one step ----------------------------------------------------------------------------------
+
+    def _allocate(self, th0: torch.Tensor, d: torch.Tensor, start: Start, end: Start) -> StepLCA:
+        """Simpson on the step's mesh, refined per loss until grounded (or out of budget)."""
+        ev, K = self.ev, len(self.ev.full)
+        full = torch.tensor(ev.full, dtype=torch.long)
+        dw = d[self.lo:self.hi].to(ev.grad_dtype) if K else None  # Δθ of the own columns, gradients' dtype
+        dl = end.values - start.values
+        if self.first_order:
+            lca = start.proj
+            trap = (start.proj + end.proj) / 2.0
+            tensor_lca, error = lca.clone(), (lca - trap).abs()
+            alloc = torch.mul(start.grads, dw, out=self._alloc) if K else None
+            if K:
+                tensor_lca[full] = self._sums(alloc)
+            splits = torch.ones(len(dl), dtype=torch.int64)
+            grounded = is_grounded(dl - tensor_lca.sum(1), dl, self.tol, self.rtol).cpu()
+            return StepLCA(alloc, tensor_lca, error, splits, grounded, end.values, [[0.0]] * len(dl))
+        gm = self._spare()
+        vm, pm, gm = self._eval(th0 + 0.5 * d, [d], gm)
+        mesh = Mesh(((start.values, start.proj), (end.values, end.proj)), (vm, pm[0]), self.max_splits)
+        grads = {0.0: start.grads, 1.0: end.grads, 0.5: gm}
+        override = None
+        root = None
+        if K:  # the per-parameter losses decide at plain Simpson on their own float64 sums, as always
+            root = torch.add(start.grads, end.grads, out=self._alloc).add_(gm, alpha=4.0).mul_(dw / 6.0)
+            root_sums = self._sums(root)
+            override = torch.full_like(dl, float("nan"))
+            override[full] = dl[full] - root_sums.sum(1)
+
+        def point(s: float) -> tuple[torch.Tensor, torch.Tensor]:
+            v, p, g = self._eval(th0 + s * d, [d], self._spare())
+            grads[s] = g
+            return v, p[0]
+
+        refine(mesh, point, self.tol, self.rtol, override)
+        tensor_lca = mesh.allocation()
+        splits = mesh.splits().cpu()
+        alloc = None
+        if K:
+            once = splits[full] == 2
+            if bool(once.all()):
+                alloc, sums = root, root_sums
+            else:
+                alloc = self._alloc if bool((~once).all()) else root.clone()
+                w = mesh.weights(full).to(ev.grad_dtype)  # [K, points]
+                for k in torch.nonzero(~once).flatten().tolist():
+                    row = alloc[k].zero_()
+                    for i, s in enumerate(mesh.s):
+                        if float(w[k, i]) != 0.0:
+                            row.add_(grads[s][k], alpha=float(w[k, i]))
+                    row.mul_(dw)
+                sums = self._sums(alloc)
+            tensor_lca[full] = sums
+        for s, g in grads.items():  # the inner points' buffers go back to the pool
+            if s not in (0.0, 1.0) and g is not None:
+                self._pool.append(g)
+        grounded = is_grounded(dl - tensor_lca.sum(1), dl, self.tol, self.rtol).cpu()
+        return StepLCA(alloc, tensor_lca, mesh.error(), splits, grounded, end.values, points_of(mesh))
+
+    def _sums(self, alloc: torch.Tensor) -> torch.Tensor:
+        """[K, T] float64 per-tensor sums of a per-parameter allocation (summed over ranks' slices in data mode)."""
+        sums = self.ledger.tensor_sums(alloc)
+        self.place.sum_shards(sums)
+        return sums
+
+    # ---- segments -----------------------------------------------------------------------------------
+
+    def execute(self, notes: dict) -> Frames:
+        self._done, self._started, self._last_print = 0, time.perf_counter(), 0.0
+        for seg in self.segments:
+            self._segment(seg)
+        if self.progress and self.todo:
+            sys.stderr.write("\n")
+        return self.ledger.finish(self.evals, str(self.run.path.resolve()), notes)
+
+    def _segment(self, seg: list[int]) -> None:
+        """Consecutive steps: the first moving state is evaluated, then each step's end is the next one's start
+        (projected onto the next moving step's direction when it is evaluated: states are read ahead)."""
+        start: Start | None = None
+        values = None  # the loss before the first moving step, when the segment begins with unchanged ones
+        for kind, t0, th0, t1, th1, d_next in self._steps(seg):
+            if kind == "unchanged":  # no parameter moved: nothing to evaluate, LCA exactly 0
+                if start is None and values is None:  # a segment that begins unchanged: its start, once
+                    v0, p0, g0 = self._eval(th0, [d_next if d_next is not None else torch.zeros_like(th0)],
+                                            self._ends[0])
+                    if t0 == self._resumed_at:
+                        self.evals -= 1
+                    values = v0
+                    if d_next is not None:  # (projected onto the first moving step's direction)
+                        start = Start(v0, p0[0], g0)
+                self.ledger.record(t0, t1, start.values if start is not None else values, None)
+                for r in self.rows:
+                    r.unchanged(t0, t1, th0)
+                self._after_step(t0, t1)
+                continue
+            d = th1 - th0
+            if start is None:
+                v0, p0, g0 = self._eval(th0, [d], self._ends[0])
+                if t0 == self._resumed_at:
+                    self.evals -= 1
+                start = Start(v0, p0[0], g0)
+            end_buf = self._ends[1] if start.grads is self._ends[0] else self._ends[0]
+            v1, p1, g1 = self._eval(th1, [d] + ([d_next] if d_next is not None else []), end_buf)
+            step = self._allocate(th0, d, start, Start(v1, p1[0], g1))
+            self.ledger.record(t0, t1, start.values, step)
+            for r in self.rows:
+                r.step(t0, t1, th0, th1, d_next)
+            start = Start(v1, p1[1] if d_next is not None else p1[0], g1)
+            self._after_step(t0, t1)
+
+    def _after_step(self, t0: int, t1: int) -> None:
+        last = t0 == self.todo[-1]
+        self.ledger.since_flush += 1
+        if self.ledger.since_flush >= self.flush_every or last:
+            self.ledger.flush(t1, self.evals)
+        self._done += 1
+        if self.progress and (time.perf_counter() - self._last_print > 0.5 or last):
+            self._last_print = time.perf_counter()
+            _print_progress(self._done, len(self.todo), self._last_print - self._started)
+
+    def _steps(self, seg: list[int]) -> Iterator[tuple]:
+        """("moving" | "unchanged", t0, θ0, t1, θ1, Δθ of the next moving step or None) for each step.
+
+        Between two moving steps the states are all equal (unchanged steps), so the next direction is
+        the first state that differs from the current one, minus it: only that state is read ahead,
+        whatever the length of the run of equal states.
+        """
+        it = self._states(seg[0], seg[-1])
+        cur_t, cur = next(it)
+        pending = None  # a moving step (t0, θ0, t1, θ1) waiting for the next direction
+        while True:
+            equal: list[int] = []
+            after = next(it, None)
+            while after is not None and same_bits(after[1], cur):
+                equal.append(after[0])
+                after = next(it, None)
+            d_next = after[1] - cur if after is not None else None
+            if pending is not None:
+                yield ("moving", *pending, d_next)
+            prev = cur_t
+            for t in equal:
+                yield "unchanged", prev, cur, t, cur, d_next
+                prev = t
+            if after is None:
+                return
+            pending = (prev, cur, after[0], after[1])
+            cur_t, cur = after
+
+
+def _print_progress(done: int, total: int, elapsed: float) -> None:
+    rate = done / max(elapsed, 1e-9)
+    eta = (total - done) / max(rate, 1e-9)
+    sys.stderr.write(f"\rreplay compute: {done}/{total} steps  {rate:.2f} steps/s  ETA {eta:,.0f}s   ")
+    sys.stderr.flush()
