@@ -9,22 +9,23 @@ do not mix inside these layers, so b's rows are each example's own ∂ℓ_i/∂y
 
 - Linear (and HF's Conv1D): J Δθ = a ΔWᵀ (a ΔW), the bias: Δb;
 - Conv1d/2d/3d (zero padding): J Δθ = conv(a, ΔW), the bias: Δb per channel;
-- Embedding: J Δθ = ΔW[indices] (0 at the padding index, whose gradient torch leaves 0);
-  one whose output is shared by the examples (a position embedding of shape [1, S, D], broadcast
-  later) holds no per-example gradient, and takes the forward-mode product;
+- Embedding: J Δθ = ΔW[indices] (the padding row included: torch zeros only its gradient, while
+  the forward reads it, and a tied output layer moves it); one whose output is shared by the
+  examples (a position embedding [1, S, D], broadcast later) takes the forward-mode product;
 - LayerNorm: J Δθ = x̂ ⊙ Δγ, the bias: Δβ, with x̂ the normalized input.
 
 A tensor used by several layers (tied weights) sums their contributions; a layer applied
 several times sums each application. Every other recorded tensor (and any whose layer's output
 was changed in place after it, which makes b another tensor's gradient) goes through the
 forward-mode product (`torch.func.jvp`, batched by `vmap`), as before. On the first batch every
-fast tensor is checked against a few examples' own gradients; one that disagrees falls back.
+fast tensor is checked against it on a few examples; one that disagrees falls back.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -34,8 +35,21 @@ from replay.errors import TaskError
 from replay.task import Examples, user_error
 from replay.wrappers import unwrap_model
 
-CHECK_EXAMPLES = 4  # examples of the first batch compared with their own gradients (one backward each)
+CHECK_EXAMPLES = 4  # examples of the first batch compared with the forward-mode product
 CHECK_RTOL = 1e-3  # the ghost product agrees to ~1e-6 relative in float32; a wrong rule is far off
+
+
+@contextmanager
+def forward_mode_attention() -> Iterator[None]:
+    """scaled_dot_product_attention's fused CPU/GPU kernels have no forward-mode AD; its math backend computes
+    the same function (to rounding) and has: forward-mode products run under it (the PyTorch 2.x API)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def _kind(m: nn.Module) -> str | None:
@@ -70,11 +84,8 @@ def _directional(kind: str, m: nn.Module, pname: str, a: torch.Tensor, b: torch.
         return _per_example(b * (a @ dp))
     if kind == "conv":
         return _per_example(b * m._conv_forward(a, dp, None))
-    if kind == "embedding":
-        out = nn.functional.embedding(a, dp)
-        if m.padding_idx is not None:
-            out = out * (a != m.padding_idx).unsqueeze(-1)
-        return _per_example(b * out)
+    if kind == "embedding":  # the forward reads the padding row too: its directional derivative counts there
+        return _per_example(b * nn.functional.embedding(a, dp))
     if kind == "layernorm":
         xhat = nn.functional.layer_norm(a, m.normalized_shape, None, None, m.eps)
         return _per_example(b * xhat * dp)
@@ -155,30 +166,38 @@ class ExampleProducts:
         return out
 
     def _check(self, batch: Examples, dirs: list[dict], d: torch.Tensor, slow: list[int]) -> list[int]:
-        """Compare the fast tensors, on a few examples, with each example's own gradient (one backward per
-        example: no forward-mode AD needed); those that disagree fall back for the rest of the compute."""
+        """Compare the fast tensors on a few examples with the forward-mode product (or, where the model has no
+        forward-mode AD, with each example's own gradient); those that disagree fall back for good."""
         self.checked = True
         fast = [i for i in range(len(self.names)) if i not in slow]
         if not fast:
             return slow
-        params = [self.params[self.names[i]] for i in fast]
-        bad = set()
-        for e in range(min(CHECK_EXAMPLES, len(batch))):
-            with torch.enable_grad():
-                loss = self._losses(batch.slice(e, e + 1)).sum()
-                gs = torch.autograd.grad(loss, params, allow_unused=True)
-            for j, (i, g) in enumerate(zip(fast, gs, strict=True)):
-                ref = 0.0 if g is None else float((g.double() * dirs[0][self.names[i]].double()).sum())
-                got = float(d[0, e, i])
-                if abs(got - ref) > CHECK_RTOL * max(abs(ref), abs(got)) + 1e-10:
-                    bad.add(fast[j])
+        few = batch.slice(0, min(CHECK_EXAMPLES, len(batch)))
+        try:
+            ref = self._forward_mode(few, dirs[:1], fast)[0]  # [b, len(fast)]
+        except TaskError:  # no forward-mode AD here: each example's own gradient (one backward each)
+            ref = self._by_gradients(few, dirs[0], fast)
+        got = d[0, :ref.shape[0]][:, fast]
+        scale = torch.maximum(ref.abs(), got.abs()).amax(0)
+        bad = {fast[j] for j in torch.nonzero((got - ref).abs().amax(0) > CHECK_RTOL * scale + 1e-10).flatten()
+               .tolist()}
         if bad:
             names = ", ".join(self.names[i] for i in sorted(bad)[:3])
-            warnings.warn(f"per-example LCA: the one-backward products of {names} disagree with the examples' own "
-                          f"gradients (a layer used batch-second, or changed in place?); they use the forward-mode "
-                          f"product", stacklevel=3)
+            warnings.warn(f"per-example LCA: the one-backward products of {names} disagree with the forward-mode "
+                          f"product (a layer used batch-second?); they use the forward-mode product", stacklevel=3)
             self.fallback = sorted(set(self.fallback) | bad)
         return sorted(set(slow) | bad)
+
+    def _by_gradients(self, batch: Examples, direction: dict, which: list[int]) -> torch.Tensor:
+        params = [self.params[self.names[i]] for i in which]
+        rows = []
+        for e in range(len(batch)):
+            with torch.enable_grad():
+                gs = torch.autograd.grad(self._losses(batch.slice(e, e + 1)).sum(), params, allow_unused=True)
+            rows.append(torch.stack([torch.zeros((), dtype=torch.float64) if g is None else
+                                     (g.double() * direction[self.names[i]].double()).sum()
+                                     for i, g in zip(which, gs, strict=True)]))
+        return torch.stack(rows).to(self.device)
 
     # ---- the fallback: forward-mode products, one per tensor (batched by vmap) -------------------------
 
@@ -195,9 +214,10 @@ class ExampleProducts:
             return self.loss_fn(out, t if isinstance(t, dict) else t[1])
 
         out = []
-        for dd in dirs:
-            delta = {self.prefix + n: v for n, v in dd.items()}
-            out.append(self._products(losses, params, zeros, delta, keys))
+        with forward_mode_attention():
+            for dd in dirs:
+                delta = {self.prefix + n: v for n, v in dd.items()}
+                out.append(self._products(losses, params, zeros, delta, keys))
         return torch.stack(out).double()
 
     def _products(self, losses: Callable, params: dict, zeros: dict, delta: dict, keys: list[str]) -> torch.Tensor:

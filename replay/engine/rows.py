@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch.func import functional_call, jvp
 
-from replay.engine.ghost import ExampleProducts
+from replay.engine.ghost import ExampleProducts, forward_mode_attention
 from replay.engine.simpson import Mesh, is_grounded
 from replay.engine.steps import refine
 from replay.errors import TaskError
@@ -104,7 +104,8 @@ class TokenIntegrand:
             for dd in dirs:
                 tangent = {k: dd.get(k.removeprefix(self.prefix), torch.zeros_like(v)) for k, v in params.items()}
                 try:
-                    tok, dtok = jvp(lambda p, b=batch: self._losses(b, p)[0], (params,), (tangent,))
+                    with forward_mode_attention():
+                        tok, dtok = jvp(lambda p, b=batch: self._losses(b, p)[0], (params,), (tangent,))
                 except (NotImplementedError, RuntimeError) as e:
                     raise TaskError(f"per-token LCA differentiates forward (torch.func.jvp), which an op of the "
                                     f"task's model does not support ({user_error(e)}); use the math attention path "

@@ -1,0 +1,111 @@
+"""Per-example products from one forward and one backward (engine.ghost), per layer type, against the forward-mode
+product and against each example's loss evaluated directly (a float64 central difference along Δθ_T)."""
+
+import pytest
+import torch
+from torch import nn
+
+from replay.engine.ghost import ExampleProducts
+from replay.task import Examples
+
+
+class Net(nn.Module):
+    """Every layer type with a fast rule, a tied weight used twice, a layer applied twice, and a parameter no
+    rule covers (`scale`, used directly)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6, padding_idx=0)
+        self.conv1 = nn.Conv1d(6, 5, 3, padding=1)
+        self.conv2 = nn.Conv2d(1, 3, 3, padding=1, stride=2)
+        self.norm = nn.LayerNorm(5)
+        self.fc = nn.Linear(5, 5)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.emb.weight  # tied
+        self.scale = nn.Parameter(torch.tensor(1.3))
+
+    def forward(self, idx):
+        x = self.emb(idx)  # [B, S, 6]
+        h = self.conv1(x.transpose(1, 2)).transpose(1, 2)  # [B, S, 5]
+        img = self.conv2(h.unsqueeze(1)).mean((1, 2, 3))  # [B]
+        h = self.fc(torch.tanh(self.norm(h)))
+        h = self.fc(h) * self.scale  # fc applied twice
+        out = self.head(torch.cat([h, img[:, None, None].expand(-1, h.shape[1], 1)], 2))  # [B, S, 11]
+        return out
+
+
+def loss_fn(out, idx):
+    return nn.functional.cross_entropy(out.transpose(1, 2), idx, reduction="none").mean(1)
+
+
+def setup(dtype=torch.float64):
+    torch.manual_seed(0)
+    model = Net().to(dtype)
+    idx = torch.randint(0, 11, (7, 9))
+    idx[0, :3] = 0  # padding positions: the embedding's gradient is 0 there
+    names = [n for n, _ in model.named_parameters()]
+    g = torch.Generator().manual_seed(1)
+    delta = {n: torch.randn(p.shape, generator=g, dtype=dtype) * 0.1 for n, p in model.named_parameters()}
+    return model, idx, names, delta
+
+
+def direct(model, idx, name, delta, h=1e-6):
+    """dℓ_i/ds of θ + s·Δθ_name at s = 0, by a float64 central difference of every example's own loss."""
+    p = dict(model.named_parameters())[name]
+    base = p.detach().clone()
+    out = []
+    with torch.no_grad():
+        for sign in (1, -1):
+            p.copy_(base + sign * h * delta[name])
+            out.append(loss_fn(model(idx), idx))
+        p.copy_(base)
+    return (out[0] - out[1]) / (2 * h)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["vmap", "one-by-one"])
+def test_every_fast_rule_matches_the_forward_mode_product_and_the_loss_itself(batched):
+    model, idx, names, delta = setup()
+    ex = ExampleProducts(model, names, loss_fn, torch.device("cpu"))
+    assert [names[i] for i in ex.fallback] == ["scale"], "only the parameter no layer rule covers"
+    ex._vmap_ok = batched
+    values, d = ex(Examples((idx, idx)), [delta])
+    fast = [i for i in range(len(names)) if i not in ex.fallback]
+    ref = ex._forward_mode(Examples((idx, idx)), [delta], list(range(len(names))))[0]  # [B, T]
+    for i, n in enumerate(names):
+        torch.testing.assert_close(d[0, :, i], ref[:, i], rtol=1e-9, atol=1e-12, msg=f"{n} vs forward mode")
+        torch.testing.assert_close(d[0, :, i], direct(model, idx, n, delta), rtol=1e-6, atol=1e-9,
+                                   msg=f"{n} vs the loss evaluated directly")
+    assert len(fast) == len(names) - 1
+    torch.testing.assert_close(values, loss_fn(model(idx), idx).double())
+
+
+def test_two_directions_at_once_and_a_batch_one_by_one():
+    model, idx, names, delta = setup()
+    other = {k: -2 * v for k, v in delta.items()}
+    ex = ExampleProducts(model, names, loss_fn, torch.device("cpu"))
+    _, both = ex(Examples((idx, idx)), [delta, other])
+    torch.testing.assert_close(both[1], -2 * both[0], rtol=1e-12, atol=1e-14)
+    rows = torch.cat([ex(Examples((idx[i:i + 1], idx[i:i + 1])), [delta])[1][0] for i in range(len(idx))])
+    torch.testing.assert_close(rows, both[0], rtol=1e-10, atol=1e-13)
+
+
+def test_a_layer_changed_in_place_after_it_falls_back_without_a_wrong_number():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(self.fc(x).relu_())  # the Linear's output is overwritten in place
+
+    torch.manual_seed(0)
+    model = InPlace().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 2, (5,))
+    names = [n for n, _ in model.named_parameters()]
+    delta = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    ex = ExampleProducts(model, names, lambda o, t: nn.functional.cross_entropy(o, t, reduction="none"),
+                         torch.device("cpu"))
+    _, d = ex(Examples((x, y)), [delta])
+    ref = ex._forward_mode(Examples((x, y)), [delta], list(range(len(names))))[0]
+    torch.testing.assert_close(d[0], ref, rtol=1e-9, atol=1e-12)
