@@ -148,6 +148,13 @@ def compute(
     progress: Annotated[bool, typer.Option(help="progress bar on stderr")] = True,
     per_example: Annotated[list[str] | None, typer.Option(
         help="also each example's own LCA, per step and tensor, for this data set (repeat)")] = None,
+    per_token: Annotated[list[str] | None, typer.Option(
+        help="causal LMs: also each token's own LCA (Σ over tensors) per step, for this data set (repeat)")] = None,
+    per_param: Annotated[list[str] | None, typer.Option(
+        help="losses that get per-parameter totals and helped counts (repeat; 'all'; default: the data-set "
+             "losses, not classes or groups)")] = None,
+    precision: Annotated[str, typer.Option(help="float32: evaluate 16-bit models in float32 (exact for their "
+                                                "values); model: in their own dtype")] = "float32",
     data_parallel: Annotated[bool, typer.Option(
         "--data-parallel", help="under torchrun: every process takes a shard of the data of every step "
                                 "(default: a block of steps each)")] = False,
@@ -166,8 +173,8 @@ def compute(
         fr = run_compute(run, loss, per_class, task=task, device=device, tol=tol, rtol=rtol, max_splits=max_splits,
                          first_order=first_order, steps=_parse_steps(steps), out=out, dense=dense, progress=progress,
                          data_parallel=data_parallel, per_example=per_example, restart=restart,
-                         constants=constants)
-    except (ReplayError, ValueError) as e:
+                         constants=constants, per_token=per_token, per_param=per_param, precision=precision)
+    except ReplayError as e:
         raise _fail(e) from None
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports for all
         return

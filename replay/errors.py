@@ -25,6 +25,10 @@ class TaskError(ReplayError):
     """The task cannot be imported, built, or does not match the run."""
 
 
+class SettingError(ReplayError, ValueError):
+    """An option has a value replay cannot use (a ValueError too, as Python's own argument errors are)."""
+
+
 class ReplayWarning(UserWarning):
     """Something the user must know to read the numbers right; the CLI prints it as one line."""
 

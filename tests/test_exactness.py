@@ -384,3 +384,35 @@ def test_summary_names_its_two_helped_fractions_apart(tmp_path):
     assert res.exit_code == 0, res.output
     assert "frac_param_steps_helped" in res.output and "frac_params_helped_in_total" in res.output
     assert " frac_helped " not in res.output
+
+
+def test_a_bfloat16_run_is_evaluated_in_float32_unless_asked(tmp_path):
+    """bf16 ⊂ fp32: the states are exact in float32, whose losses round far less; meta.json says so."""
+    from replay.digits import load_digits_tensors
+
+    torch.manual_seed(0)
+    model = digits_mlp().to(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = load_digits_tensors()["train"]
+    with replay.Recorder(model, tmp_path / "run", optimizer=opt):
+        for i in range(0, 640, 64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[i:i + 64].bfloat16()).float(), y[i:i + 64]).backward()
+            opt.step()
+    data = {"train": (x.bfloat16(), y)}
+    task = replay.Task(digits_mlp().to(torch.bfloat16), data)
+    f32 = replay.compute(tmp_path / "run", task=task, out=tmp_path / "a", progress=False)
+    assert "evaluated in float32" in f32.meta["precision_note"]
+    assert next(task.model.parameters()).dtype == torch.bfloat16, "the caller's model is given back as it was"
+    b16 = replay.compute(tmp_path / "run", task=replay.Task(digits_mlp().to(torch.bfloat16), data),
+                         out=tmp_path / "b", progress=False, precision="model")
+    assert "own dtype" in b16.meta["precision_note"]
+    # the float32 loss of state 0, evaluated here independently
+    ref = digits_mlp().float()
+    ref.load_state_dict({k: v.float() for k, v in replay.open_run(tmp_path / "run").state(0).items()})
+    with torch.no_grad():
+        want = nn.functional.cross_entropy(ref(x.float()), y).item()
+    got = f32.steps.sort("step").collect()["loss_before"][0]
+    assert abs(got - want) < 1e-6
+    g32, g16 = f32.steps.collect()["grounded"].mean(), b16.steps.collect()["grounded"].mean()
+    assert g32 == 1.0 and g32 >= g16

@@ -10,6 +10,7 @@ settings, builds those, and leaves the caller's Task as it found it (parameter v
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from replay.engine.ledger import Ledger
 from replay.engine.model_check import check_constants, check_model
 from replay.engine.rows import ExampleIntegrand, Rows, TokenIntegrand
 from replay.engine.steps import StepLoop
-from replay.errors import ReplayError, ReplayWarning, RunError, TaskError, os_reason
+from replay.errors import ReplayError, ReplayWarning, RunError, SettingError, TaskError, os_reason
 from replay.frames import Frames, load
 from replay.store import Run, open_run
 from replay.task import Examples, Task, load_task
@@ -51,11 +52,11 @@ class Settings:
     def __post_init__(self):
         ms = self.max_splits
         if not isinstance(ms, int) or ms < 2 or ms & (ms - 1):
-            raise ValueError(f"max_splits: expected a power of two ≥ 2, got {ms}")
+            raise SettingError(f"max_splits: expected a power of two ≥ 2, got {ms}")
         if not (math.isfinite(self.tol) and math.isfinite(self.rtol) and self.tol >= 0 and self.rtol >= 0):
-            raise ValueError(f"tol, rtol: expected finite numbers ≥ 0, got {self.tol}, {self.rtol}")
+            raise SettingError(f"tol, rtol: expected finite numbers ≥ 0, got {self.tol}, {self.rtol}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
+            raise SettingError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
 
 
 def compute(
@@ -109,6 +110,7 @@ def compute(
     if spec is None:
         raise TaskError(f"{run.path}: the run names no task; pass task='module:function' (--task)")
     t = load_task(spec, run.path, named=task is not None)
+    t = copy.copy(t)  # (its data may be replaced below; its model is borrowed and given back)
     losses, per_class, per_example, per_token = _names(t, losses, per_class, per_example, per_token)
     if (per_example or per_token) and data_parallel:
         raise ReplayError("--per-example and --per-token with --data-parallel are not supported: use steps mode "
@@ -264,6 +266,7 @@ def _notes(run: Run, t: Task, todo: list[int], st: Settings) -> dict:
     if half:
         if st.precision == "float32":
             t.model.float()  # bf16 and fp16 values are exact in float32: the states are unchanged
+            t.data = {k: _float32_inputs(v) for k, v in t.data.items()}
             notes["precision_note"] = (f"the run's {'/'.join(half)} parameters were evaluated in float32 (their "
                                        f"values are exact there; the losses' rounding is not the 16-bit model's)")
         else:
@@ -283,6 +286,15 @@ def _notes(run: Run, t: Task, todo: list[int], st: Settings) -> dict:
         warnings.warn(f"{run.path}: states {first}..{last} are missing (a chunk is lost; see `replay verify`): "
                       f"computing steps {todo[0]}..{todo[-1]} only", ReplayWarning, stacklevel=3)
     return notes
+
+
+def _float32_inputs(d: object) -> object:
+    """16-bit floating inputs as float32 (exact), for a 16-bit model evaluated in float32."""
+    half = (torch.float16, torch.bfloat16)
+    if isinstance(d, dict):
+        return {k: v.float() if v.dtype in half else v for k, v in d.items()}
+    x, y = d
+    return (x.float() if x.dtype in half else x, y.float() if y.dtype in half else y)
 
 
 def _write_failed(out: Path, e: OSError) -> ReplayError:

@@ -41,15 +41,19 @@ CHECK_RTOL = 1e-3  # the ghost product agrees to ~1e-6 relative in float32; a wr
 
 @contextmanager
 def forward_mode_attention() -> Iterator[None]:
-    """scaled_dot_product_attention's fused CPU/GPU kernels have no forward-mode AD; its math backend computes
-    the same function (to rounding) and has: forward-mode products run under it (the PyTorch 2.x API)."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - older torch
-        yield
-        return
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
+    """Where replay differentiates forward: scaled_dot_product_attention's fused CPU/GPU kernels have no
+    forward-mode AD, its math backend computes the same function (to rounding) and has, so it is chosen;
+    and torch's forward-AD decompositions script themselves (a FutureWarning about torch.jit.script that
+    is torch's own, not the user's), so that warning is silenced here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:  # pragma: no cover - older torch
+            yield
+            return
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
 
 
 def _kind(m: nn.Module) -> str | None:

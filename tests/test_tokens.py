@@ -1,0 +1,78 @@
+"""Per-token LCA of a causal LM: each token's own loss change along every step, Σ over tensors; checked against
+the token losses evaluated directly and against the per-example (per-sequence) LCA they average to."""
+
+import polars as pl
+import pytest
+import torch
+
+import replay
+from replay.losses import causal_lm, causal_lm_tokens
+
+transformers = pytest.importorskip("transformers")
+
+
+def gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=40, n_positions=16,
+                                  attn_implementation="eager")
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def data(n, seed):
+    ids = torch.randint(0, 40, (n, 12), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0  # a padded sequence: its last tokens count for nothing
+    labels = ids.clone()
+    labels[1, :4] = -100  # ignored labels
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lm") / "run"
+    model = gpt2()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    train = data(32, 1)
+    with replay.Recorder(model, path, optimizer=opt):
+        for i in range(0, 32, 8):
+            opt.zero_grad()
+            batch = {k: v[i:i + 8] for k, v in train.items()}
+            causal_lm(model(**batch), batch).mean().backward()
+            opt.step()
+    return path
+
+
+def token_losses(state, val):
+    model = gpt2()
+    model.load_state_dict(state, strict=False)
+    model.eval()
+    with torch.no_grad():
+        tok, keep = causal_lm_tokens(model(**val), val)
+    return tok.double(), keep
+
+
+def test_per_token_totals_are_each_tokens_own_loss_change(lm_run, tmp_path):
+    val = data(6, 2)
+    task = replay.Task(gpt2(), {"val": val}, loss_fn=causal_lm, batchnorm="running")
+    fr = replay.compute(lm_run, ["val"], task=task, per_token=["val"], per_example=["val"], out=tmp_path / "lca",
+                        tol=1e-6)
+    tok = fr.tokens.collect()
+    assert tok.columns[:5] == ["step", "loss", "example", "position", "lca"]
+    run = replay.open_run(lm_run)
+    first, last = token_losses(run.state(run.steps[0]), val), token_losses(run.state(run.steps[-1]), val)
+    keep = first[1]
+    assert len(tok.filter(pl.col("step") == 0)) == int(keep.sum()), "one row per token that counts"
+    total = tok.group_by("example", "position").agg(pl.col("lca").sum(), pl.col("residual").sum(),
+                                                   pl.col("grounded").all()).sort("example", "position")
+    change = (last[0] - first[0])[keep]
+    ex, pos = torch.nonzero(keep, as_tuple=True)
+    want = pl.DataFrame({"example": ex.numpy(), "position": (pos + 1).numpy(), "change": change.numpy()})
+    j = total.join(want, on=["example", "position"])
+    assert len(j) == len(total) == len(want)
+    err = (j["lca"] + j["residual"] - j["change"]).abs().max()
+    assert err < 1e-9, "Σ over steps of a token's loss change is its own loss change"
+    assert (j["lca"] - j["change"]).abs().max() < 1e-4 and tok["grounded"].mean() > 0.99
+    # the tokens of a sequence average to its per-example LCA (causal_lm is the mean over its tokens)
+    per_seq = (tok.group_by("step", "example").agg(pl.col("lca").mean()).sort("step", "example"))
+    es = fr.example_steps.sort("step", "example").collect()
+    assert (per_seq["lca"] - es["lca"]).abs().max() < 1e-5
