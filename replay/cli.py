@@ -47,6 +47,10 @@ def info(run: RunArg) -> None:
     zstd = f" ({i.compressed} zstd-compressed)" if i.compressed else ""
     typer.echo(f"chunks     {i.chunks}, {i.bytes_on_disk / 2**20:.2f} MiB on disk{zstd}")
     typer.echo(f"bytes      {i.bytes_per_param_step:.3f} per parameter per step")
+    if m.shards is not None:
+        sizes = [b - a for a, b in zip(m.shards["bounds"], m.shards["bounds"][1:], strict=False)]
+        typer.echo(f"shards     {m.shards['world']} ranks recorded a slice of every state each "
+                   f"({min(sizes) / 2**20:.2f}-{max(sizes) / 2**20:.2f} MiB per rank per state)")
     if m.aliases:
         typer.echo("tied       " + ", ".join(f"{a} = {t}" for a, t in m.aliases.items()) + " (recorded once)")
     if m.frozen:

@@ -30,6 +30,9 @@ class ReplayCallback(TrainerCallback):
 
     def __init__(self, path: str | os.PathLike, *, task: str | None = None, ids: str | None = "example_ids",
                  **recorder_kwargs: object):
+        if "shard" in recorder_kwargs:
+            raise ValueError("shard: the callback records on the main process only; for sharded recording create "
+                             "replay.Recorder on every rank")
         self.path, self.task, self.ids, self.kwargs = path, task, ids, recorder_kwargs
         self.recorder: Recorder | None = None
         self._steps = 0
@@ -43,8 +46,10 @@ class ReplayCallback(TrainerCallback):
                 "gradient_accumulation_steps": args.gradient_accumulation_steps, **self.kwargs.pop("metadata", {})}
         # the torch optimizer inside accelerate's wrapper: its hooks fire on real updates only;
         # a skipped (AMP overflow) step is added in on_optimizer_step
+        # created on the main process only, so it records whole states there (not sharded: the other
+        # ranks create no Recorder to record their slices)
         self.recorder = Recorder(model, self.path, optimizer=torch_optimizer(optimizer), task=self.task,
-                                 metadata=meta, **self.kwargs)
+                                 metadata=meta, **{"rank": 0, **self.kwargs})
         self._steps = 0
         if self.ids:
             self._hook = model.register_forward_pre_hook(self._take_ids, with_kwargs=True)

@@ -29,6 +29,9 @@ class ReplayCallback(Callback):
 
     def __init__(self, path: str | os.PathLike, *, task: str | None = None,
                  ids: str | Callable[[object], object] | None = "example_ids", **recorder_kwargs: object):
+        if "shard" in recorder_kwargs:
+            raise ValueError("shard: the callback records on the main process only; for sharded recording create "
+                             "replay.Recorder on every rank")
         self.path, self.task, self.ids, self.kwargs = path, task, ids, recorder_kwargs
         self.recorder: Recorder | None = None
 
@@ -41,7 +44,7 @@ class ReplayCallback(Callback):
         meta = {"trainer": "lightning", "first_global_step": trainer.global_step,
                 "accumulate_grad_batches": trainer.accumulate_grad_batches, **self.kwargs.pop("metadata", {})}
         self.recorder = Recorder(pl_module, self.path, optimizer=torch_optimizer(trainer.optimizers[0]),
-                                 task=self.task, metadata=meta, **self.kwargs)
+                                 task=self.task, metadata=meta, **{"rank": 0, **self.kwargs})
         self._first = trainer.global_step
 
     def on_train_batch_start(self, trainer: object, pl_module: object, batch: object, batch_idx: int) -> None:

@@ -14,9 +14,12 @@ What state t is: the parameters as the forward of update t sees them. That is th
 right after the previous `optimizer.step()` plus any in-place change made before the next
 step begins (weight clipping, projections, max-norm: `p.clamp_()` after `opt.step()`).
 
-Under torch.distributed (DDP) every rank holds the same parameters, so one rank records
-(`rank`, default 0); on the others the Recorder only counts steps — no fence, threads or
-files — and so can never make them wait.
+Under torch.distributed (DDP, more than one process) every rank holds the same parameters, and
+by default each records one contiguous 1/N byte range of every state into its own shard
+directory of the run (`store.shards`): copy, encoding and writes fall N× per rank and no rank
+is the slow one. Every rank must create the Recorder (the same call, as DDP code does); creation
+is collective (the run id is agreed, and a failure on any rank fails all). `rank=r` instead has
+one rank record whole states (the others only count steps, with no fence, threads or files).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,14 +42,15 @@ from torch import nn
 from replay.errors import RecordError
 from replay.recording import guard, snapshot
 from replay.recording.pacer import Pacer
-from replay.recording.snapshot import CudaSnapshot, DeferredSnapshot, Gather, InlineSnapshot, whole_pieces
+from replay.recording.snapshot import CudaSnapshot, DeferredSnapshot, Gather, InlineSnapshot, Piece, whole_pieces
 from replay.recording.watch import ParamWatch, wrap_skipping_step
 from replay.recording.writer import Writer
-from replay.store.claim import claim
+from replay.store.claim import Claim, claim
 from replay.store.compress import zstd
 from replay.store.constants import constants_of
 from replay.store.layout import StateLayout, spec_of
-from replay.store.manifest import MANIFEST, Manifest
+from replay.store.manifest import MANIFEST, SHARDED_FORMAT, Manifest
+from replay.store.shards import bounds, shard_layout, shard_name, shard_run_id
 from replay.wrappers import torch_optimizer, trainable_parameters, unwrap_model
 
 # Chosen by tools/bench_chunks.py (2.4 MB states, this 2-core box): write throughput is the
@@ -101,6 +106,14 @@ def _refuse_unrecordable(params: list[tuple[str, nn.Parameter]]) -> None:
                           f"record a model whose parameters are on one device")
 
 
+def _rmdir(path: Path, created: bool) -> None:
+    if created:
+        try:
+            path.rmdir()
+        except OSError:
+            pass
+
+
 def _close_at_exit(rec: Recorder) -> None:
     """A script that never calls close() still gets every state written. The writer's threads are
     concurrent.futures executors, which refuse work once the interpreter starts shutting them down, so
@@ -147,22 +160,32 @@ class Recorder:
         flush_secs: float = DEFAULT_FLUSH_SECS,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         queue_size: int = 4,
-        rank: int = 0,
+        rank: int | None = None,
+        shard: bool | None = None,
         compress: bool = False,
     ):
         _check_arguments(model, every, task, chunk_bytes, queue_size, flush_secs)
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if shard and rank is not None:
+            raise ValueError("pass rank= (one rank records whole states) or shard=True (each rank a slice), not both")
+        if shard and not distributed:
+            raise ValueError("shard=True needs an initialized torch.distributed process group of more than one "
+                             "process; without one, the Recorder records whole states")
+        self._sharded = distributed and rank is None and shard is not False
         model = unwrap_model(model)
         _refuse_sharded(model)
         opt = torch_optimizer(optimizer) if optimizer is not None else None
         self.path, self.model, self.every, self.step = Path(path), model, every, 0
+        self._dir = self.path  # where this process writes: the run, or its shard of a sharded run
         self.flush_secs = float(flush_secs)
         if compress:
             zstd()  # one line now, not a failure in the background later
         self._closed, self._hooks = False, []
+        self._top: Claim | None = None  # a sharded run's directory, held by rank 0
         self._unpatch: Callable[[], object] = lambda: None
         self._error: BaseException | None = None
         self._ids: list[np.ndarray] = []  # log_batch ids of the coming update
-        self.recording = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == rank
+        self.recording = self._sharded or not distributed or dist.get_rank() == (rank or 0)
         self._deferred = opt is not None  # a pre-hook fences each state before the parameters change
         if not self.recording:  # another process records this run: only count the steps
             if opt is not None:
@@ -180,47 +203,121 @@ class Recorder:
                                   metadata=dict(metadata or {}), chunk_bytes=chunk_bytes, aliases=aliases,
                                   frozen=frozen, constants=constants_of(model, recorded))
         self._watch = ParamWatch(model, self._params)
-        # everything above can fail without touching the disk; from here on a failure undoes what it made
-        self._claim, created = claim(self.path)
         self._writer: Writer | None = None
-        try:
-            self._manifest.write(self.path)
-            self._start(opt, queue_size, chunk_bytes, compress)
-        except OSError as e:
-            self._abandon(created)
-            raise RecordError(f"{self.path}: cannot start recording ({e.strerror or e}); nothing was left behind — "
-                              f"fix that and create the Recorder again") from None
-        except BaseException:
-            self._abandon(created)
-            raise
+        if self._sharded:
+            self._start_shard(opt, queue_size, chunk_bytes, compress)
+        else:
+            # everything above can fail without touching the disk; from here on a failure undoes what it made
+            self._claim, created = claim(self.path)
+            try:
+                self._manifest.write(self.path)
+                self._start(opt, queue_size, chunk_bytes, compress, self.layout, self._manifest.run_id,
+                            whole_pieces([self.layout.offsets[s.name] for s in specs], [p for _, p in self._params]
+                                         + [b for _, b in self._buffers]))
+            except OSError as e:
+                self._abandon(created)
+                raise RecordError(f"{self.path}: cannot start recording ({e.strerror or e}); nothing was left "
+                                  f"behind — fix that and create the Recorder again") from None
+            except BaseException:
+                self._abandon(created)
+                raise
         if opt is not None and opt is not optimizer and hasattr(optimizer, "step_was_skipped"):
             self._unpatch = wrap_skipping_step(optimizer, self)
         _close_at_exit(self)
 
-    def _start(self, opt: torch.optim.Optimizer | None, queue_size: int, chunk_bytes: int, compress: bool) -> None:
+    def _start(self, opt: torch.optim.Optimizer | None, queue_size: int, chunk_bytes: int, compress: bool,
+               layout: StateLayout, run_id: str, pieces: list[Piece]) -> None:
+        """Writer, snapshot and hooks for the flat state `layout` whose bytes are `pieces` of the recorded
+        tensors (sources: the parameters, then the buffers, in recording order); state 0 taken now."""
         device = self._params[0][1].device
         cuda = device.type == "cuda"
-        self._pacer = Pacer(self.path, self.every, compress)
-        self._writer = Writer(self.path, self.layout, self._manifest.run_id, chunk_bytes=chunk_bytes,
-                              flush_secs=self.flush_secs, compress=compress, pinned=cuda, pacer=self._pacer)
-        by_name = {**dict(self._params), **dict(self._buffers)}
-        param_specs = [s for s in self.layout.specs if s.kind == "param"]
-        buffer_specs = [s for s in self.layout.specs if s.kind == "buffer"]
-        plist, blist = [by_name[s.name] for s in param_specs], [by_name[s.name] for s in buffer_specs]
-        params = Gather(whole_pieces([self.layout.offsets[s.name] for s in param_specs], plist), lambda: plist)
-        bufs = Gather(whole_pieces([self.layout.offsets[s.name] for s in buffer_specs], blist), lambda: blist)
-        nbytes = self.layout.nbytes
+        self._pacer = Pacer(self._dir, self.every, compress)
+        self._writer = Writer(self._dir, layout, run_id, chunk_bytes=chunk_bytes, flush_secs=self.flush_secs,
+                              compress=compress, pinned=cuda, pacer=self._pacer)
+        plist, blist = [p for _, p in self._params], [b for _, b in self._buffers]
+        n = len(plist)
+        ppieces = [p for p in pieces if p.source < n]
+        bpieces = [replace(p, source=p.source - n) for p in pieces if p.source >= n]
+        params, bufs = Gather(ppieces, lambda: plist), Gather(bpieces, lambda: blist)
+        nbytes = layout.nbytes
         if cuda:
             self._snapshot = CudaSnapshot(params, bufs, nbytes, self._writer, self._pacer, device)
         elif nbytes < snapshot.DEFER_BYTES or opt is None:  # without a pre-hook there is no forward to overlap
             self._snapshot = InlineSnapshot(params, bufs, nbytes, self._writer, self._pacer)
         else:
             self._snapshot = DeferredSnapshot(params, bufs, nbytes, self._writer, self._pacer,
-                                              lambda: [p._version for p in plist], queue_size)
+                                              lambda: [plist[p.source]._version for p in ppieces], queue_size)
         if opt is not None:
             self._hooks.append(opt.register_step_pre_hook(lambda *_: self._fence()))
             self._hooks.append(opt.register_step_post_hook(lambda *_: self.capture()))
         self._take(0)
+
+    def _start_shard(self, opt: torch.optim.Optimizer | None, queue_size: int, chunk_bytes: int,
+                     compress: bool) -> None:
+        """Sharded recording (collective): rank 0 claims the run and writes its manifest, every rank then
+        claims and starts its own shard; a failure anywhere fails every rank with the same line."""
+        world, me = dist.get_world_size(), dist.get_rank()
+        b = bounds(self.layout.nbytes, world)
+        m = self._manifest
+        m.shards, m.format = {"world": world, "bounds": b}, SHARDED_FORMAT
+        top = [None]
+        if me == 0:
+            try:
+                self._top, created = claim(self.path)
+                try:
+                    m.write(self.path)
+                except OSError as e:
+                    self._top.release()
+                    _rmdir(self.path, created)
+                    raise RecordError(f"{self.path}: cannot start recording ({e.strerror or e}); nothing was left "
+                                      f"behind — fix that and create the Recorder again") from None
+                top = [("ok", m.run_id)]
+            except RecordError as e:
+                top = [("error", str(e))]
+        dist.broadcast_object_list(top, src=0)
+        if top[0][0] == "error":
+            raise RecordError(top[0][1])
+        m.run_id = top[0][1]
+        start, stop = b[me], b[me + 1]
+        error = None
+        if start == stop:  # more ranks than 8-byte units: this one has nothing to record
+            self.recording = False
+            if opt is not None:
+                self._hooks.append(opt.register_step_post_hook(lambda *_: self.capture()))
+        else:
+            shard_pieces, slayout = shard_layout(self.layout, start, stop)
+            sm = Manifest(slayout.specs, every=m.every, task=m.task, torch_version=m.torch_version,
+                          metadata=m.metadata, chunk_bytes=m.chunk_bytes, run_id=shard_run_id(m.run_id, me),
+                          shard={"rank": me, "world": world, "start": start, "stop": stop, "run": m.run_id})
+            self._dir = self.path / shard_name(me, world)
+            index = {s.name: i for i, s in enumerate(self.layout.specs)}
+            pieces = [Piece(index[p.source], p.lo, p.hi, slayout.offsets[p.spec.name], p.spec.torch_dtype,
+                            p.spec.shape if p.whole else None) for p in shard_pieces]
+            try:
+                self._claim, created = claim(self._dir)
+                try:
+                    sm.write(self._dir)
+                    self._start(opt, queue_size, chunk_bytes, compress, slayout, sm.run_id, pieces)
+                except BaseException as e:
+                    self._abandon(created)
+                    raise RecordError(f"{self._dir}: cannot start recording ({getattr(e, 'strerror', None) or e})"
+                                      ) from None
+            except RecordError as e:
+                error = str(e)
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if failed:
+            if error is None and self.recording:
+                self._abandon(True)
+            dist.barrier()  # every shard undone before the run's directory goes
+            if self._top is not None:
+                (self.path / MANIFEST).unlink(missing_ok=True)
+                self._top.release()
+                _rmdir(self.path, True)
+            r, e = failed[0]
+            raise RecordError(f"rank {r}: {e}" + (f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1
+                                                  else ""))
 
     def _abandon(self, created: bool) -> None:
         """The constructor failed: stop what started and remove what it wrote, so a retry can succeed."""
@@ -230,15 +327,11 @@ class Recorder:
         self._watch.remove()
         if self._writer is not None:
             self._writer.abandon()
-        for p in self.path.iterdir():
+        for p in self._dir.iterdir():
             if p.name == MANIFEST or p.name.startswith(("chunk-", "batches-", ".")):
                 p.unlink(missing_ok=True)
         self._claim.release()
-        if created:
-            try:
-                self.path.rmdir()
-            except OSError:
-                pass
+        _rmdir(self._dir, created)
 
     # ---- training thread -------------------------------------------------------------
 
@@ -305,6 +398,8 @@ class Recorder:
                 h.remove()
             self._unpatch()
             if not self.recording:
+                if self._top is not None:
+                    self._top.release()
                 return
             self._watch.remove()
             try:
@@ -318,6 +413,8 @@ class Recorder:
                         self._writer.close()
                     finally:
                         self._claim.release()
+                        if self._top is not None:
+                            self._top.release()
             self._raise_if_failed()
 
     def __enter__(self) -> Recorder:

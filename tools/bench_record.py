@@ -11,6 +11,12 @@ zero test, checksum, write), against the time of one training step.
 
     python tools/bench_record.py [--model mlp512|mlp784|mlp4k] [--device cuda] [--every k] [--batch 64]
                                  [--threads 1] [--steps 300]
+
+With --ddp N: N DDP processes (torchrun, gloo; 1 thread each), interleaved rounds of plain training,
+rank 0 recording whole states (`Recorder(rank=0)`) and sharded recording (the default under DDP:
+each rank its 1/N of every state); per-rank slowdown against plain and bytes written per rank.
+
+    python tools/bench_record.py --ddp 2 [--model mlp512] [--steps 300] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -106,6 +112,76 @@ def breakdown(model_name: str, step_s: float, out: Path) -> None:
         print(f"  {k:32s} {v * 1e6:8.0f} µs  {v / step_s:6.1%} of a step")
 
 
+def ddp_worker(a) -> None:
+    """One of the --ddp processes: every mode in every round; rank 0 prints the table."""
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    out = Path(a.ddp_worker)
+    modes = ["plain", "rank0", "shard"]
+    secs: dict[str, list[float]] = {m: [] for m in modes}
+
+    def run(mode: str, path: Path, steps: int) -> float:
+        model, _ = make(a.model, "cpu")
+        model = DistributedDataParallel(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        g = torch.Generator().manual_seed(rank)
+        xs, ys = torch.randn(16, a.batch, MODELS[a.model][0], generator=g), torch.randint(0, 10, (16, a.batch))
+        rec = (None if mode == "plain" else
+               replay.Recorder(model, path, optimizer=opt, **({"rank": 0} if mode == "rank0" else {})))
+        dist.barrier()
+        t0 = time.perf_counter()
+        for i in range(steps):
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(xs[i % 16]), ys[i % 16]).backward()
+            opt.step()
+        dt = time.perf_counter() - t0
+        if rec is not None:
+            rec.close()
+        dist.barrier()
+        return dt / steps
+
+    run("plain", out / "warm", 30)
+    for r in range(a.rounds):
+        for m in modes if r % 2 == 0 else modes[::-1]:
+            secs[m].append(run(m, out / f"{m}{r}", a.steps))
+    mine = {m: [v / p for v, p in zip(secs[m], secs["plain"], strict=True)] for m in modes[1:]}
+    written = {"rank0": sum(f.stat().st_size for f in (out / "rank00").glob("chunk-*")) if rank == 0 else 0,
+               "shard": sum(f.stat().st_size for f in (out / "shard0" / f"shard-{rank}-of-{world}").glob("chunk-*"))}
+    rows = [None] * world
+    dist.all_gather_object(rows, {"ratios": mine, "written": written, "plain": statistics.median(secs["plain"])})
+    if rank == 0:
+        n = sum(p.numel() for p in make(a.model, "cpu")[0].parameters())
+        print(f"DDP {world} ranks (gloo, 1 thread each), model {a.model} ({n:,} params), batch {a.batch} per rank, "
+              f"{a.steps} steps, {a.rounds} rounds (medians of per-round ratios)")
+        print("| rank | plain ms/step | rank 0 records (slowdown) | sharded (slowdown) | bytes written, rank 0 "
+              "records | bytes written, sharded |")
+        print("|---|---|---|---|---|---|")
+        for r, x in enumerate(rows):
+            print(f"| {r} | {x['plain'] * 1e3:.3f} | {statistics.median(x['ratios']['rank0']):.3f}x | "
+                  f"{statistics.median(x['ratios']['shard']):.3f}x | {x['written']['rank0'] / 2**20:.1f} MiB | "
+                  f"{x['written']['shard'] / 2**20:.1f} MiB |")
+    dist.destroy_process_group()
+
+
+def ddp(a) -> None:
+    import subprocess
+    import sys
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_record_ddp_"))
+    try:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(a.ddp),
+               __file__, "--ddp-worker", str(tmp), "--model", a.model, "--steps", str(a.steps), "--rounds",
+               str(a.rounds), "--batch", str(a.batch)]
+        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="mlp512", choices=sorted(MODELS))
@@ -116,7 +192,13 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=1, help="Recorder(every=k)")
     ap.add_argument("--compress", action="store_true", help="Recorder(compress=True)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--ddp", type=int, default=0, help="measure N-rank DDP recording (rank 0 vs sharded)")
+    ap.add_argument("--ddp-worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.ddp_worker:
+        return ddp_worker(a)
+    if a.ddp:
+        return ddp(a)
     torch.set_num_threads(a.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_record_"))
     modes = ["plain", "clone", "recorder"]

@@ -1,20 +1,31 @@
-"""Replay speed, measured side by side in one process.
+"""Replay speed and memory on the digits toys and on models people train, side by side in one run.
 
-(a) overhead factor = replay wall time / (gradient evaluations done × time of one plain
-    forward+backward over the same data): how much the engine adds beyond the gradients
-    it cannot avoid (reading states, Simpson, per-tensor sums, frames). Target ≤ 1.15.
-(b) speed-up over a straightforward implementation that evaluates each loss (train, val,
-    every class) in its own pass with three gradients per step (start, midpoint, end).
+Workloads (built here, nothing downloaded):
+  mlp, cnn   the digits MLP / CNN, train + val + per-class train (12 losses)
+  resnet20   the LCA paper's CIFAR ResNet-20 (tools/paper.py) on synthetic, class-structured
+             CIFAR-shaped images, train + val + per-class train, batch-norm batch statistics
+  lm         a nanoGPT-shaped causal LM (6 layers, 6 heads, width 384, context 256, vocab 65,
+             tied embedding, SDPA attention: ~10.7M params), train and val, replay.losses.causal_lm
 
-Both on a digits MLP or CNN run recorded here (train + val + per-class train: 12 losses).
+For each, per round and implementation (this tree, and with --against DIR an older checkout,
+each in its own fresh process so that peak memory is its own):
+  seconds per replayed step and gradient evaluations per step;
+  (a) overhead factor = replay seconds / (gradient evaluations × one plain forward+backward over
+      the same data): in the engine's batches (split at class boundaries) and in large batches.
+      1.0 means the engine adds nothing to the gradients it cannot avoid;
+  (b) speed-up over the paper's loop (every loss its own pass, gradients at start, midpoint and
+      end of every step), against replay at the same rule (plain Simpson, --max-splits 2) and
+      against replay refining to tol;
+  peak RSS of the compute process (and peak CUDA memory on a GPU).
 
-(c) with --nproc N: scaling efficiency of torchrun = N-process throughput / (N × 1-process
-    throughput), both launched by torchrun with the same threads per process (cores / N), timed
-    inside the processes from a barrier after start-up to the end of compute. Also the speed-up
-    over one plain process using every core, which is what a user compares against.
+--memory instead measures peak RSS against the number of group losses (0, 100, 1000 random groups
+of train, per_param left at its default), each compute in a fresh process.
 
-    python tools/bench_replay.py [--model mlp|cnn] [--hidden 256] [--epochs 1] [--device cpu] [--repeat 3]
-    python tools/bench_replay.py --nproc 2 [--data-parallel] [--model cnn] [--epochs 4]
+    python tools/bench_replay.py --model mlp --repeat 3 [--against /tmp/old-checkout]
+    python tools/bench_replay.py --model resnet20 --examples 1000 --steps 4 --threads 1
+    python tools/bench_replay.py --model lm --examples 16 --context 128 --steps 3
+    python tools/bench_replay.py --memory --model mlp --hidden 2000
+    python tools/bench_replay.py --nproc 2 [--data-parallel] --model cnn      # torchrun scaling
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -30,36 +42,193 @@ import tempfile
 import time
 from pathlib import Path
 
-import polars as pl
 import torch
 from torch import nn
 
 import replay
-from replay.digits import digits_cnn, digits_mlp, load_digits_tensors, train_digits
-from replay.engine.evaluate import LossEvaluator
+
+HERE = Path(__file__).resolve().parent
+
+# ---- workloads --------------------------------------------------------------------------------
 
 
-def plain_fb(ev, device: str, full_batch: bool) -> float:
-    """Seconds of one plain forward+backward over every data set, nothing else.
+class CausalSelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(width, 3 * width), nn.Linear(width, width)
 
-    full_batch=False uses exactly the engine's batches (group-sorted, split at class
-    boundaries): the gradient evaluation it cannot avoid. full_batch=True: one batch per set.
-    """
-    model = ev.model
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    batches = [pl.examples.tensors if full_batch else pl.examples.slice(a, b).tensors for pl in ev.plans
-               for (a, b, _) in ([(0, len(pl.examples), 0)] if full_batch else pl.batches)]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in self.qkv(x).split(c, 2))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(width), CausalSelfAttention(width, heads)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """nanoGPT's shape: learned positions, pre-norm blocks, the output layer tied to the embedding."""
+
+    def __init__(self, layers: int = 6, heads: int = 6, width: int = 384, context: int = 256, vocab: int = 65):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, width), nn.Embedding(context, width)
+        self.blocks = nn.Sequential(*[Block(width, heads) for _ in range(layers)])
+        self.ln_f, self.head = nn.LayerNorm(width), nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.head(self.ln_f(self.blocks(self.wte(input_ids) + self.wpe(pos))))
+
+
+def markov_text(n: int, context: int, vocab: int, seed: int) -> torch.Tensor:
+    """Sequences of a sparse random Markov chain (each token has 4 likely successors): learnable text."""
+    g = torch.Generator().manual_seed(1234)
+    succ = torch.randint(0, vocab, (vocab, 4), generator=g)
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(n, context, dtype=torch.long)
+    out[:, 0] = torch.randint(0, vocab, (n,), generator=g)
+    for t in range(1, context):
+        nxt = succ[out[:, t - 1], torch.randint(0, 4, (n,), generator=g)]
+        noise = torch.rand(n, generator=g) < 0.1
+        out[:, t] = torch.where(noise, torch.randint(0, vocab, (n,), generator=g), nxt)
+    return out
+
+
+def cifar_like(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-shaped [n, 3, 32, 32] images: a smooth per-class pattern plus noise, so the loss falls."""
+    g = torch.Generator().manual_seed(99)
+    protos = nn.functional.interpolate(torch.randn(10, 3, 4, 4, generator=g), size=32, mode="bilinear")
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return protos[y] + 1.5 * torch.randn(n, 3, 32, 32, generator=g), y
+
+
+def make_model(a) -> nn.Module:
+    torch.manual_seed(0)
+    if a.model == "resnet20":
+        sys.path.insert(0, str(HERE))
+        from paper import resnet20_model
+        return resnet20_model()
+    if a.model == "lm":
+        return GPT(context=a.context)
+    from replay.digits import digits_cnn, digits_mlp
+    return digits_cnn() if a.model == "cnn" else digits_mlp(a.hidden)
+
+
+def make_data(a) -> dict:
+    if a.model == "resnet20":
+        return {"train": cifar_like(a.examples, 1), "val": cifar_like(max(a.examples // 10, 100), 2)}
+    if a.model == "lm":
+        return {"train": {"input_ids": markov_text(a.examples, a.context, 65, 1)},
+                "val": {"input_ids": markov_text(a.examples, a.context, 65, 2)}}
+    from replay.digits import load_digits_tensors
+    return load_digits_tensors()
+
+
+def make_task(a, groups: int = 0) -> replay.Task:
+    data = make_data(a)
+    kw: dict = {}
+    if a.model == "lm":
+        kw.update(loss_fn=replay.losses.causal_lm, batch_size=a.batch)
+    elif a.model == "resnet20":
+        kw.update(batch_size=a.batch, batchnorm="batch")
+    if groups:
+        d = data["train"]
+        n = len(next(iter(d.values()))) if isinstance(d, dict) else len(d[1])
+        kw["groups"] = {"train": {"g": torch.randint(0, groups, (n,), generator=torch.Generator().manual_seed(5))}}
+    return replay.Task(make_model(a), data, **kw)
+
+
+def losses_of(a) -> dict:
+    return {"losses": ["train", "val"], "per_class": [] if a.model == "lm" or a.memory else ["train"]}
+
+
+def record(a, path: Path) -> None:
+    """Train `a.steps` optimizer steps (SGD+momentum; AdamW for the LM) on the task's train set, recorded."""
+    if a.model in ("mlp", "cnn"):
+        from replay.digits import train_digits
+        train_digits(make_model(a), str(path), epochs=a.epochs, task="bench_replay:task")
+        return
+    torch.manual_seed(1)
+    model, data = make_model(a), make_data(a)["train"]
+    opt = (torch.optim.AdamW(model.parameters(), lr=1e-3) if a.model == "lm"
+           else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    n = len(data["input_ids"]) if a.model == "lm" else len(data[1])
+    bs = min(n, 128 if a.model == "resnet20" else 8)
+    model.train()
+    with replay.Recorder(model, path, optimizer=opt):
+        for _ in range(a.steps):
+            i = torch.randint(0, n, (bs,))
+            opt.zero_grad()
+            if a.model == "lm":
+                batch = {"input_ids": data["input_ids"][i]}
+                replay.losses.causal_lm(model(**batch), batch).mean().backward()
+            else:
+                nn.functional.cross_entropy(model(data[0][i]), data[1][i]).backward()
+            opt.step()
+
+
+# ---- what is timed ----------------------------------------------------------------------------
+
+
+def loss_of(a, model: nn.Module, batch) -> torch.Tensor:
+    """Sum of per-example losses of one batch, as the engine would evaluate it."""
+    if a.model == "lm":
+        return replay.losses.causal_lm(model(**batch), batch).sum()
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y, reduction="sum")
+
+
+def batches_of(a, task: replay.Task, device: str, big: bool) -> list:
+    """Every data set cut into the engine's batches (per class when per-class and not batch-norm batch
+    statistics, then task.batch_size), or into batches of `a.big_batch` examples (big=True)."""
+    per_class = set(losses_of(a)["per_class"])
+    out = []
+    for name, d in task.data.items():
+        if name not in ("train", "val"):
+            continue
+        n = len(next(iter(d.values()))) if isinstance(d, dict) else len(d[1])
+        bs = a.big_batch if big else (task.batch_size or n)
+        if name in per_class and not big and task.batchnorm != "batch":
+            order = torch.sort(d[1], stable=True).indices
+            cells = [order[d[1][order] == c] for c in torch.unique(d[1])]
+        else:
+            cells = [torch.arange(n)]
+        out += [take(d, c[i:i + bs], device) for c in cells for i in range(0, len(c), bs)]
+    return out
+
+
+def take(d, idx: torch.Tensor, device: str):
+    return {k: v[idx].to(device) for k, v in d.items()} if isinstance(d, dict) else tuple(v[idx].to(device) for v in d)
+
+
+def plain_fb(a, task: replay.Task, device: str, big: bool) -> float:
+    """Median seconds of one plain forward+backward over train and val, nothing else."""
+    model = task.model.to(device)
+    model.eval() if task.batchnorm != "batch" else model.train()
+    batches = batches_of(a, task, device, big)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def once():
-        for x, y in batches:
-            nn.functional.cross_entropy(model(x), y, reduction="none").sum().backward()
+        for b in batches:
+            loss_of(a, model, b).backward()
         model.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        once()
+    once()
     sync()
     times = []
-    for _ in range(20):
+    for _ in range(a.unit_repeat):
         t0 = time.perf_counter()
         once()
         sync()
@@ -67,37 +236,220 @@ def plain_fb(ev, device: str, full_batch: bool) -> float:
     return statistics.median(times)
 
 
-def naive(run_dir: Path, model: nn.Module, data: dict, device: str) -> float:
-    """Each loss in its own pass, 3 gradients per step, nothing reused. Returns seconds."""
+def paper_loop(a, run_dir: Path, device: str) -> float:
+    """The paper's algorithm as one would write it: every loss its own pass, the gradient at the start,
+    the midpoint and the end of every step, Simpson's weights. Returns seconds."""
+    task = make_task(a)
+    model = task.model.to(device)
+    model.eval() if task.batchnorm != "batch" else model.train()
+    params = dict(model.named_parameters())
+    losses = []
+    for name in ("train", "val"):
+        d = task.data[name]
+        losses.append(d)
+        if name in losses_of(a)["per_class"]:
+            losses += [(d[0][d[1] == k], d[1][d[1] == k]) for k in range(10)]
+    bs = task.batch_size
+
+    def chunks(d):
+        if isinstance(d, dict):
+            n = len(next(iter(d.values())))
+            return n, [{k: v[i:i + (bs or n)].to(device) for k, v in d.items()} for i in range(0, n, bs or n)]
+        n = len(d[1])
+        return n, [(d[0][i:i + (bs or n)].to(device), d[1][i:i + (bs or n)].to(device)) for i in range(0, n, bs or n)]
+
+    prepared = [chunks(d) for d in losses]
     run = replay.open_run(run_dir)
-    model = model.to(device).eval()
-    params = list(model.parameters())
-    xt, yt = data["train"]
-    losses = {"train": data["train"], "val": data["val"]}
-    for k in range(10):
-        losses[f"train/class={k}"] = (xt[yt == k], yt[yt == k])
-
-    def grad_at(theta: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        with torch.no_grad():
-            for p, v in zip(params, theta, strict=True):
-                p.copy_(v)
-        loss = nn.functional.cross_entropy(model(x), y)
-        return torch.autograd.grad(loss, params)
-
+    names = run.param_names
     t0 = time.perf_counter()
-    states = [[v.to(device) for v in st.values()] for _, st in run.states()]
-    for s0, s1 in zip(states[:-1], states[1:], strict=True):
-        mid = [(a + b) / 2 for a, b in zip(s0, s1, strict=True)]
-        for x, y in losses.values():
-            g = [grad_at(th, x, y) for th in (s0, mid, s1)]
-            lca = [(a + 4 * m + b) / 6 * (v1 - v0) for a, m, b, v0, v1 in zip(*g, s0, s1, strict=True)]
-            _ = [t.sum().item() for t in lca]
-    if device == "cuda":
+    prev = None
+    for _, state in run.states():
+        cur = [state[k].to(device).double() for k in names]
+        if prev is not None:
+            mid = [(x + y) / 2 for x, y in zip(prev, cur, strict=True)]
+            for n, batches in prepared:
+                gs = []
+                for theta in (prev, mid, cur):
+                    with torch.no_grad():
+                        for k, v in zip(names, theta, strict=True):
+                            params[k].copy_(v)
+                    model.zero_grad(set_to_none=True)
+                    for b in batches:
+                        (loss_of(a, model, b) / n).backward()
+                    gs.append([params[k].grad.double() for k in names])
+                [((g0 + 4 * g1 + g2) / 6 * (y - x)).sum().item()
+                 for g0, g1, g2, x, y in zip(*gs, prev, cur, strict=True)]
+        prev = cur
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
-LOSSES = {"losses": ["train", "val"], "per_class": ["train"]}
+# ---- child processes: one measurement each, in a fresh interpreter ------------------------------
+
+
+def child(a) -> None:
+    job, out = a.child
+    torch.set_num_threads(a.threads)
+    run = Path(a.run)
+    result: dict = {}
+    if job == "record":
+        record(a, run)
+    elif job == "compute":
+        task = make_task(a, a.groups)
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if a.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        fr = replay.compute(run, **losses_of(a), task=task, device=a.device, out=Path(out).with_suffix(".lca"),
+                            max_splits=a.max_splits, tol=a.tol)
+        result["seconds"] = time.perf_counter() - t0
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["setup_rss_mib"] = rss0 / 1024
+        if a.device.startswith("cuda"):
+            result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["grad_evals"] = fr.meta["grad_evals"]
+        st = fr.steps.collect()
+        result["steps"] = st["step"].n_unique()
+        result["grounded"] = float(st["grounded"].mean())
+        result["losses"] = st["loss"].n_unique()
+        if a.units:
+            result["unit"] = plain_fb(a, make_task(a), a.device, False)
+            result["unit_big"] = plain_fb(a, make_task(a), a.device, True)
+    elif job == "paper":
+        result["seconds"] = paper_loop(a, run, a.device)
+    Path(out).write_text(json.dumps(result))
+
+
+def launch(a, tree: Path, job: str, tmp: Path, tag: str, **over) -> dict:
+    """Run one job of this script in a fresh process that imports replay from `tree`."""
+    out = tmp / f"{tag}.json"
+    args = {**vars(a), **over}
+    cmd = [sys.executable, str(HERE / "bench_replay.py"), "--child", job, str(out)]
+    for k in ("model", "hidden", "epochs", "examples", "steps", "context", "batch", "big_batch", "device",
+              "threads", "max_splits", "tol", "groups", "run", "unit_repeat"):
+        cmd += [f"--{k.replace('_', '-')}", str(args[k])]
+    cmd += ["--units"] if args.get("units") else []
+    cmd += ["--memory"] if a.memory else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(HERE)]), "OMP_NUM_THREADS": str(a.threads)}
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp)
+    if p.returncode:
+        sys.exit(f"error: {job} in {tree} failed:\n{p.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def describe(a) -> str:
+    n = sum(p.numel() for p in make_model(a).parameters())
+    what = {"mlp": f"digits MLP hidden {a.hidden}", "cnn": "digits CNN",
+            "resnet20": f"CIFAR ResNet-20, {a.examples} train examples, BN batch statistics, batch {a.batch}",
+            "lm": f"nanoGPT-shaped LM 6L/6H/384, context {a.context}, {a.examples} sequences per set, "
+                  f"batch {a.batch}"}[a.model]
+    return f"{what} ({n:,} params)"
+
+
+def speed(a, trees: dict[str, Path], tmp: Path) -> None:
+    for name, tree in trees.items():
+        launch(a, tree, "record", tmp, f"record-{name}", run=tmp / f"run-{name}")
+    rows: dict[str, list[dict]] = {n: [] for n in trees}
+    papers, plains = [], []
+    for r in range(a.repeat):
+        for name, tree in trees.items():
+            rows[name].append(launch(a, tree, "compute", tmp, f"c-{name}-{r}", run=tmp / f"run-{name}", units=True))
+            x = rows[name][-1]
+            print(f"round {r} {name}: {x['seconds']:.2f}s, {x['grad_evals']} evals, unit {x['unit'] * 1e3:.1f} ms "
+                  f"(big {x['unit_big'] * 1e3:.1f}), peak RSS {x['peak_rss_mib']:.0f} MiB", flush=True)
+        plains.append(launch(a, trees["new"], "compute", tmp, f"plain-{r}", run=tmp / "run-new", max_splits=2)
+                      ["seconds"])
+        papers.append(launch(a, trees["new"], "paper", tmp, f"paper-{r}", run=tmp / "run-new")["seconds"])
+        print(f"round {r}: paper's loop {papers[-1]:.2f}s, replay at plain Simpson {plains[-1]:.2f}s", flush=True)
+    med = statistics.median
+    print(f"\n{describe(a)}, device {a.device}, {a.threads} thread(s), tol {a.tol}, {a.repeat} rounds (medians)")
+    print("| tree | losses | steps | s/step | evals/step | overhead (engine batches) | overhead (batch "
+          f"{a.big_batch}) | peak RSS MiB | grounded |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, xs in rows.items():
+        steps = xs[0]["steps"]
+        f = med(x["seconds"] / (x["grad_evals"] * x["unit"]) for x in xs)
+        fb = med(x["seconds"] / (x["grad_evals"] * x["unit_big"]) for x in xs)
+        print(f"| {name} | {xs[0]['losses']} | {steps} | {med(x['seconds'] for x in xs) / steps:.3f} | "
+              f"{xs[0]['grad_evals'] / steps:.2f} | {f:.3f} | {fb:.3f} | {med(x['peak_rss_mib'] for x in xs):.0f} | "
+              f"{xs[0]['grounded']:.1%} |")
+    ours = med(x["seconds"] for x in rows["new"])
+    print(f"(b) speed-up over the paper's loop: {med(papers) / med(plains):.2f}x at its own rule (plain Simpson), "
+          f"{med(papers) / ours:.2f}x refining to tol {a.tol}")
+
+
+def memory(a, trees: dict[str, Path], tmp: Path) -> None:
+    for name, tree in trees.items():
+        launch(a, tree, "record", tmp, f"record-{name}", run=tmp / f"run-{name}")
+    print(f"{describe(a)}, device {a.device}, losses train + val + G random groups of train, per_param default")
+    print("| tree | G | losses | peak RSS MiB | above setup MiB | ratio to G=0 |")
+    print("|---|---|---|---|---|---|")
+    for name, tree in trees.items():
+        base = None
+        for g in a.group_counts:
+            x = launch(a, tree, "compute", tmp, f"m-{name}-{g}", run=tmp / f"run-{name}", groups=g)
+            above = x["peak_rss_mib"] - x["setup_rss_mib"]
+            base = base if base is not None else x["peak_rss_mib"]
+            cuda = f" (CUDA {x['peak_cuda_mib']:.0f} MiB)" if "peak_cuda_mib" in x else ""
+            print(f"| {name} | {g} | {x['losses']} | {x['peak_rss_mib']:.0f}{cuda} | {above:.0f} | "
+                  f"{x['peak_rss_mib'] / base:.2f} |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=["mlp", "cnn", "resnet20", "lm"], default="mlp")
+    ap.add_argument("--hidden", type=int, default=256, help="digits MLP width")
+    ap.add_argument("--epochs", type=int, default=1, help="digits: epochs recorded")
+    ap.add_argument("--examples", type=int, default=0, help="resnet20/lm: train examples (default 10000 / 64)")
+    ap.add_argument("--steps", type=int, default=6, help="resnet20/lm: optimizer steps recorded")
+    ap.add_argument("--context", type=int, default=256, help="lm: sequence length")
+    ap.add_argument("--batch", type=int, default=0, help="the task's evaluation batch size")
+    ap.add_argument("--big-batch", type=int, default=0, help="the large batch of the second overhead factor")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--tol", type=float, default=1e-4)
+    ap.add_argument("--max-splits", type=int, default=32)
+    ap.add_argument("--unit-repeat", type=int, default=5)
+    ap.add_argument("--against", type=Path, help="an older checkout to measure beside this one")
+    ap.add_argument("--memory", action="store_true", help="peak RSS against the number of group losses")
+    ap.add_argument("--group-counts", type=int, nargs="+", default=[0, 100, 1000])
+    ap.add_argument("--nproc", type=int, default=0, help="torchrun scaling with this many processes")
+    ap.add_argument("--data-parallel", action="store_true")
+    ap.add_argument("--groups", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--run", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--units", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    a.examples = a.examples or {"resnet20": 10_000, "lm": 64}.get(a.model, 0)
+    a.batch = a.batch or {"resnet20": 500, "lm": 16}.get(a.model, 0)
+    a.big_batch = a.big_batch or {"resnet20": 2000, "lm": 64}.get(a.model, 4096)
+    global ARGS
+    ARGS = a
+    if a.child:
+        return child(a)
+    if a.worker:
+        return worker(a)
+    if a.nproc:
+        return scaling(a)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_replay_"))
+    trees = {"new": HERE.parent} | ({"old": a.against.resolve()} if a.against else {})
+    try:
+        (memory if a.memory else speed)(a, trees, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- (c) torchrun scaling ----------------------------------------------------------------------
+
+ARGS = None
+
+
+def task() -> replay.Task:
+    """The task a run recorded by this benchmark names (registered in the processes that replay it)."""
+    return make_task(ARGS)
 
 
 def worker(a) -> None:
@@ -106,169 +458,46 @@ def worker(a) -> None:
 
     run, out, timing = a.worker
     dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
-    task = task_obj()
+    t = make_task(a)
     dist.barrier()
     t0 = time.perf_counter()
-    fr = replay.compute(run, **LOSSES, task=task, device=a.device, out=out, data_parallel=a.data_parallel)
+    fr = replay.compute(run, **losses_of(a), task=t, device=a.device, out=out, data_parallel=a.data_parallel)
     dist.barrier()
-    seconds = time.perf_counter() - t0
     if dist.get_rank() == 0:
-        Path(timing).write_text(json.dumps({"seconds": seconds, "grad_evals": fr.meta["grad_evals"]}))
+        Path(timing).write_text(json.dumps({"seconds": time.perf_counter() - t0, "grad_evals": fr.meta["grad_evals"]}))
     dist.destroy_process_group()
 
 
-def scaling(a, tmp: Path) -> None:
-    """(c): torchrun with 1 and with N processes, interleaved rounds, medians."""
-    threads = max(1, (os.cpu_count() or 1) // a.nproc)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    n_steps = len(replay.open_run(tmp / "run").steps) - 1
-
-    def launch(n: int, r: int) -> dict:
-        out, timing = tmp / f"lca-n{n}-r{r}", tmp / f"time-n{n}-r{r}.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), __file__,
-               "--worker", str(tmp / "run"), str(out), str(timing), "--model", a.model, "--hidden", str(a.hidden),
-               "--device", a.device] + (["--data-parallel"] if a.data_parallel else [])
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        return json.loads(timing.read_text())
-
-    one, many, plain = [], [], []
-    for r in range(a.repeat):
-        one.append(launch(1, r))
-        many.append(launch(a.nproc, r))
-        t0 = time.perf_counter()  # one process, every core: no torchrun
-        replay.compute(tmp / "run", **LOSSES, task=task_obj(), device=a.device, out=tmp / f"plain{r}")
-        plain.append(time.perf_counter() - t0)
-        print(f"round {r}: 1 process {one[-1]['seconds']:.2f}s  {a.nproc} processes {many[-1]['seconds']:.2f}s  "
-              f"1 process on all {os.cpu_count()} cores {plain[-1]:.2f}s")
-    t1 = statistics.median(x["seconds"] for x in one)
-    tn = statistics.median(x["seconds"] for x in many)
-    mode = "data (a shard of every step's data each)" if a.data_parallel else "steps (blocks dealt in turn)"
-    print(f"\ntorchrun, mode {mode}, device {a.device}, {threads} thread(s) per process, {n_steps} steps, 12 losses")
-    print(f"1 process: {n_steps / t1:.1f} steps/s ({one[0]['grad_evals']} evals); "
-          f"{a.nproc} processes: {n_steps / tn:.1f} steps/s ({many[0]['grad_evals']} evals)")
-    print(f"(c) scaling efficiency: {t1 / (a.nproc * tn):.3f}  (target >= 0.85)")
-    print(f"    speed-up over one process using all {os.cpu_count()} cores: {statistics.median(plain) / tn:.2f}x")
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
-    ap.add_argument("--hidden", type=int, default=256, help="MLP width")
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--nproc", type=int, default=0, help="measure torchrun scaling with this many processes")
-    ap.add_argument("--data-parallel", action="store_true", help="with --nproc: shard each step's data instead")
-    ap.add_argument("--per-example", action="store_true", help="measure the cost of --per-example val instead")
-    ap.add_argument("--worker", nargs=3, metavar=("RUN", "OUT", "TIMING"), help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    globals()["HIDDEN"], globals()["MODEL"] = a.hidden, a.model
-    if a.worker:
-        return worker(a)
+def scaling(a) -> None:
+    """torchrun with 1 and with N processes, interleaved rounds, medians."""
     tmp = Path(tempfile.mkdtemp(prefix="bench_replay_"))
     try:
-        task = "bench_replay:task_obj"  # stored in the run; compute below passes the Task itself
-        train_digits(make_model(), str(tmp / "run"), epochs=a.epochs, task=task)
-        if a.nproc:
-            return scaling(a, tmp)
-        if a.per_example:
-            return per_example_cost(a, tmp)
-        data = {k: (x.to(a.device), y.to(a.device)) for k, (x, y) in load_digits_tensors().items()}
-        print("replay: 2 gradient evaluations per step + refinement; naive: 3 per step per loss")
+        record(a, tmp / "run")
+        threads = max(1, (os.cpu_count() or 1) // a.nproc)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(HERE)}
         n_steps = len(replay.open_run(tmp / "run").steps) - 1
-        ours, theirs, plain, factors, factors_full = [], [], [], [], []
+
+        def go(n: int, r: int) -> dict:
+            out, timing = tmp / f"lca-n{n}-r{r}", tmp / f"time-n{n}-r{r}.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+                   __file__, "--worker", str(tmp / "run"), str(out), str(timing), "--model", a.model,
+                   "--hidden", str(a.hidden), "--device", a.device] + (["--data-parallel"] if a.data_parallel else [])
+            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            return json.loads(timing.read_text())
+
+        one, many = [], []
         for r in range(a.repeat):
-            t0 = time.perf_counter()
-            fr = replay.compute(tmp / "run", ["train", "val"], per_class=["train"], task=task_obj(),
-                                device=a.device, out=tmp / f"lca{r}")
-            ours.append(time.perf_counter() - t0)
-            evals = fr.meta["grad_evals"]
-            ev = LossEvaluator(task_obj(), replay.open_run(tmp / "run").param_names, ["train", "val"],
-                               ["train"], torch.device(a.device))
-            unit, unit_full = plain_fb(ev, a.device, False), plain_fb(ev, a.device, True)
-            factors.append(ours[-1] / (evals * unit))
-            factors_full.append(ours[-1] / (evals * unit_full))
-            theirs.append(naive(tmp / "run", make_model(), data, a.device))
-            t0 = time.perf_counter()  # the naive's own rule: plain Simpson, no refinement
-            replay.compute(tmp / "run", ["train", "val"], per_class=["train"], task=task_obj(),
-                           device=a.device, max_splits=2, out=tmp / f"plain{r}")
-            plain.append(time.perf_counter() - t0)
-            print(f"round {r}: replay {ours[-1]:.2f}s ({evals} evals, unit {unit * 1e3:.2f} ms)  "
-                  f"naive {theirs[-1]:.2f}s")
-        n_params = sum(p.numel() for p in make_model().parameters())
-        grounded = fr.steps.select(pl.col("grounded").mean()).collect().item()
-        name = "CNN" if a.model == "cnn" else f"MLP hidden {a.hidden}"
-        print(f"\ndigits {name} ({n_params:,} params), {n_steps} steps, 12 losses "
-              f"(train, val, 10 classes), device {a.device}")
-        print(f"(a) overhead factor: {statistics.median(factors):.3f}  "
-              f"(replay time / (gradient evaluations x one plain forward+backward over train+val in the "
-              f"engine's batches)); vs full-batch forward+backward: {statistics.median(factors_full):.3f}")
-        print(f"    gradient evaluations per step: {evals / n_steps:.2f} (2 = plain Simpson with endpoint reuse)")
-        speedup = statistics.median(theirs) / statistics.median(plain)
-        print(f"(b) speed-up over naive per-loss 3-gradient replay: {speedup:.2f}x at the same rule "
-              f"(plain Simpson, --max-splits 2); {statistics.median(theirs) / statistics.median(ours):.2f}x "
-              f"with refinement to tol 1e-4, which the naive loop does not reach")
-        print(f"    grounded at tol 1e-4: {grounded:.1%} of step-losses")
+            one.append(go(1, r))
+            many.append(go(a.nproc, r))
+            print(f"round {r}: 1 process {one[-1]['seconds']:.2f}s  {a.nproc} processes {many[-1]['seconds']:.2f}s")
+        t1 = statistics.median(x["seconds"] for x in one)
+        tn = statistics.median(x["seconds"] for x in many)
+        mode = "data (a shard of every step's data each)" if a.data_parallel else "steps (blocks dealt in turn)"
+        print(f"\ntorchrun, mode {mode}, device {a.device}, {threads} thread(s) per process, {n_steps} steps")
+        print(f"1 process: {n_steps / t1:.1f} steps/s; {a.nproc} processes: {n_steps / tn:.1f} steps/s")
+        print(f"(c) scaling efficiency: {t1 / (a.nproc * tn):.3f}  (target >= 0.85)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def per_example_cost(a, tmp: Path) -> None:
-    """Cost of --per-example val: total ratio, (a) evaluation points per step, (b) cost of one point."""
-    import resource
-
-    from replay.engine.per_example import PerExample
-
-    run = replay.open_run(tmp / "run")
-    with_pe, without = [], []
-    for r in range(a.repeat):
-        t0 = time.perf_counter()
-        base = replay.compute(tmp / "run", ["val"], task=task_obj(), device=a.device, out=tmp / f"base{r}")
-        without.append(time.perf_counter() - t0)
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        t0 = time.perf_counter()
-        fr = replay.compute(tmp / "run", ["val"], task=task_obj(), device=a.device, out=tmp / f"pe{r}",
-                            per_example=["val"])
-        with_pe.append(time.perf_counter() - t0)
-        print(f"round {r}: without {without[-1]:.2f}s  with --per-example val {with_pe[-1]:.2f}s")
-    es = fr.example_steps.collect()
-    n_steps, n_ex = len(run.steps) - 1, es["example"].n_unique()
-    # points per step: 3 for every example, then n/2 more for each example refined from n to 2n
-    extra = sum(int((es["splits"] >= 2 * n).sum()) * n for n in (2, 4, 8, 16)) / n_ex / n_steps
-    ev = LossEvaluator(task_obj(), run.param_names, ["val"], [], torch.device(a.device))
-    pe = PerExample(ev.task, ev.model, run.param_names, ["val"], torch.device(a.device), 1e-4, 0.0, 32)
-    theta = torch.cat([v.reshape(-1).double() for v in run.state(0).values()]).to(a.device)
-    d = torch.cat([v.reshape(-1).double() for v in run.state(1).values()]).to(a.device) - theta
-    rows = torch.arange(n_ex, device=a.device)
-    delta = pe._params(d)
-    unit = plain_fb(ev, a.device, False)
-    sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
-    pe._point("val", theta, delta, rows)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(5):
-        pe._point("val", theta, delta, rows)
-    sync()
-    point = (time.perf_counter() - t0) / 5
-    print(f"\n--per-example val ({n_ex} examples, {len(run.param_names)} tensors, {n_steps} steps): "
-          f"{statistics.median(with_pe) / statistics.median(without):.2f}x the compute without it")
-    print(f"(a) evaluation points per step per example: {3 + extra:.2f} (3 = plain Simpson, no endpoint reuse: "
-          f"the direction changes every step); the data set's own: {base.meta['grad_evals'] / n_steps:.2f}")
-    print(f"(b) one point for every example: {point * 1e3:.1f} ms = {point / unit:.1f}x a plain forward+backward "
-          f"over val ({unit * 1e3:.2f} ms): one forward-mode product per tensor")
-    print(f"peak RSS after the per-example compute: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} "
-          f"MiB (before it: {rss0 / 1024:.0f} MiB); memory holds one batch of examples, not examples x parameters")
-
-
-HIDDEN, MODEL = 256, "mlp"
-
-
-def make_model() -> nn.Module:
-    return digits_cnn() if MODEL == "cnn" else digits_mlp(HIDDEN)
-
-
-def task_obj() -> replay.Task:
-    return replay.Task(make_model(), load_digits_tensors())
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from replay.store.layout import ST_DTYPES, TensorSpec
 from replay.store.sealed import JSON_SEAL, encode_json, why_not_json
 
 FORMAT = "replay-run/2"
+SHARDED_FORMAT = "replay-run/3"  # a sharded run's top manifest, and each shard's (store.shards)
 LEGACY_FORMAT = "replay-run/1"  # 0.1.0: no checksum, no run id (still readable)
 MANIFEST = "manifest.json"
 # ~120 bytes per tensor: a manifest of this size already names ~4 million tensors; more is no model's
@@ -43,6 +44,14 @@ class Manifest:
     constants: dict[str, dict] = field(default_factory=dict)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     format: str = FORMAT
+    # a sharded run's top manifest: {"world": N, "bounds": [N + 1 byte offsets]} (store.shards)
+    shards: dict | None = None
+    # one shard of a sharded run: {"rank": r, "world": N, "start": a, "stop": b, "run": the run's id}
+    shard: dict | None = None
+
+    def __post_init__(self):
+        if self.shards is not None or self.shard is not None:
+            self.format = SHARDED_FORMAT
 
     @property
     def params(self) -> list[TensorSpec]:
@@ -69,7 +78,8 @@ class Manifest:
             "frozen": self.frozen,
             "constants": self.constants,
             "tensors": [s.to_json() for s in self.tensors],
-        }
+        } | ({"shards": self.shards} if self.shards is not None else {}) | (
+            {"shard": self.shard} if self.shard is not None else {})
 
     def encode(self) -> bytes:
         return encode_json(self.to_json())
@@ -97,11 +107,11 @@ class Manifest:
         if not isinstance(d, dict):
             raise _damaged(path, f"expected a JSON object, got {type(d).__name__}")
         fmt = d.get("format")
-        if fmt not in (FORMAT, LEGACY_FORMAT):
+        if fmt not in (FORMAT, SHARDED_FORMAT, LEGACY_FORMAT):
             if isinstance(fmt, str) and fmt.startswith("replay-run/"):
                 raise RunError(f"{path}: format {fmt!r} is newer than this replay reads ({FORMAT!r}); upgrade replay")
             raise _damaged(path, f"format {fmt!r} is not a replay run format")
-        if fmt == FORMAT and (why := check_seal(raw, JSON_SEAL)):
+        if fmt != LEGACY_FORMAT and (why := check_seal(raw, JSON_SEAL)):
             raise _damaged(path, why)
         return _validated(d, path)
 
@@ -136,7 +146,9 @@ def _validated(d: dict, path: Path) -> Manifest:
             need(False, f"tensor {name!r}: kind {kind!r} is not 'param' or 'buffer'")
         seen.add(name)
         specs.append(TensorSpec(name, tuple(shape), dtype, kind))
-    need(any(s.kind == "param" for s in specs), "no parameter is recorded")
+    shards, shard = d.get("shards"), d.get("shard")
+    if shard is None:  # a shard may hold only buffers
+        need(any(s.kind == "param" for s in specs), "no parameter is recorded")
     task, run_id = d.get("task"), d.get("run_id", "")
     need(task is None or (isinstance(task, str) and ":" in task), f"'task' must be 'module:function', got {task!r}")
     need(isinstance(run_id, str) and (d["format"] == LEGACY_FORMAT or re.fullmatch(r"[0-9a-f]{32}", run_id)),
@@ -157,6 +169,19 @@ def _validated(d: dict, path: Path) -> Manifest:
     chunk_bytes, torch_version = d.get("chunk_bytes", 0), d.get("torch_version", "")
     need(type(chunk_bytes) is int and chunk_bytes >= 0, f"bad chunk_bytes {chunk_bytes!r}")
     need(isinstance(torch_version, str), "bad torch_version")
+    sharded = d["format"] == SHARDED_FORMAT
+    need(sharded == (shards is not None or shard is not None) and (shards is None or shard is None),
+         "a sharded run's manifest has 'shards' (the run) or 'shard' (one shard), and only it does")
+    if shards is not None:
+        world, b = shards.get("world") if isinstance(shards, dict) else None, (shards or {}).get("bounds")
+        need(type(world) is int and 1 <= world <= 1 << 20 and isinstance(b, list) and len(b) == world + 1
+             and all(type(x) is int for x in b) and b[0] == 0 and all(b[i] <= b[i + 1] for i in range(world))
+             and all(x % 8 == 0 for x in b), f"bad 'shards' {str(shards)[:200]}")
+    if shard is not None:
+        ok = isinstance(shard, dict) and all(type(shard.get(k)) is int for k in ("rank", "world", "start", "stop"))
+        need(ok and 0 <= shard["rank"] < shard["world"] and 0 <= shard["start"] < shard["stop"]
+             and isinstance(shard.get("run"), str) and re.fullmatch(r"[0-9a-f]{32}", shard["run"]),
+             f"bad 'shard' {str(shard)[:200]}")
     return Manifest(tensors=specs, every=every, task=task, torch_version=torch_version, metadata=metadata,
                     chunk_bytes=chunk_bytes, aliases=dict(aliases), frozen=frozen, constants=dict(constants),
-                    run_id=run_id, format=d["format"])
+                    run_id=run_id, format=d["format"], shards=shards, shard=shard)

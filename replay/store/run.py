@@ -47,11 +47,11 @@ class RunInfo:
 class Run:
     """A recorded run. `steps` are the recorded state indices (0, every, 2·every, ...)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, manifest: Manifest | None = None):
         self.path = Path(path)
         if not self.path.is_dir():
             raise RunError(f"{self.path}: no such run directory")
-        self.manifest = Manifest.read(self.path)
+        self.manifest = manifest or Manifest.read(self.path)
         self.layout = StateLayout(self.manifest.tensors)
         every = self.manifest.every
         self.chunks: list[Chunk] = []
@@ -230,5 +230,17 @@ def _refuse_target(path: Path, overwrite: bool) -> None:
 
 
 def open_run(path: str | Path) -> Run:
-    """Open a run directory written by `Recorder` (the contiguous prefix of its chunks)."""
-    return Run(path)
+    """Open a run directory written by `Recorder` (the contiguous prefix of its chunks; a sharded run's
+    shards put together, `store.sharded`)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunError(f"{path}: no such run directory")
+    manifest = Manifest.read(path)
+    if manifest.shard is not None:
+        raise RunError(f"{path}: is shard {manifest.shard['rank']} of a sharded run, not a run; open its parent "
+                       f"directory {path.parent}")
+    if manifest.shards is not None:
+        from replay.store.sharded import ShardedRun
+
+        return ShardedRun(path, manifest)
+    return Run(path, manifest)

@@ -1,0 +1,125 @@
+"""Reading a sharded run (`store.shards`): N shard runs put side by side, bit-exact.
+
+A state exists when every shard recorded it: the run's steps are the steps all shards share (a
+rank that died early shortens the run, and `verify`/`info` say which). A missing shard, or one
+from another run (identity, range or tensors that are not the ones the run's manifest implies),
+is one line naming it; nothing is ever read as zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from replay.errors import RunError
+from replay.store.files import regular_size
+from replay.store.layout import StateLayout
+from replay.store.manifest import MANIFEST, Manifest
+from replay.store.run import Run, RunInfo
+from replay.store.shards import shard_layout, shard_name, shard_run_id
+
+
+class ShardedRun(Run):
+    """A run recorded by N ranks, one byte range of every state each; reads like any `Run`."""
+
+    def __init__(self, path: Path, manifest: Manifest):
+        self.path, self.manifest = Path(path), manifest
+        self.layout = StateLayout(manifest.tensors)
+        world, b = manifest.shards["world"], manifest.shards["bounds"]
+        if b[-1] != self.layout.nbytes or b != sorted(b):
+            raise RunError(f"{self.path}: damaged manifest (shard bounds {b[:4]}... do not cover the "
+                           f"{self.layout.nbytes:,}-byte state); restore it from a copy of the run")
+        self.bounds = b
+        self.shards: list[tuple[int, Run]] = []  # (rank, its run) for every non-empty range
+        for r in range(world):
+            if b[r] == b[r + 1]:
+                continue
+            self.shards.append((r, self._open_shard(r, world, b[r], b[r + 1])))
+        runs = [s for _, s in self.shards]
+        self.chunks = [c for s in runs for c in s.chunks]
+        self.orphans = [c for s in runs for c in s.orphans]
+        self.invalid = [c for s in runs for c in s.invalid]
+        self.leftovers = [f"{s.path.name}/{n}" for s in runs for n in s.leftovers]
+        shortest = min((s.steps for s in runs), key=len)
+        self.steps = list(shortest)
+        for r, s in self.shards:
+            if s.steps[:len(shortest)] != shortest:
+                raise RunError(f"{s.path}: shard {r} recorded steps {s.steps[:3]}... where the others recorded "
+                               f"{shortest[:3]}...; it is not this run's shard — restore it from the run's copy")
+
+    def _open_shard(self, r: int, world: int, a: int, b: int) -> Run:
+        d = self.path / shard_name(r, world)
+        if not d.is_dir():
+            raise RunError(f"{d}: shard {r} of {world} is missing (rank {r} recorded bytes {a:,}..{b:,} of every "
+                           f"state there); copy every rank's shard directory into {self.path}")
+        run = Run(d)
+        want = {"rank": r, "world": world, "start": a, "stop": b, "run": self.manifest.run_id}
+        sm = run.manifest
+        specs = [p.spec for p in shard_layout(self.layout, a, b)[0]]
+        if sm.shard != want or sm.run_id != shard_run_id(self.manifest.run_id, r) or sm.tensors != specs:
+            raise RunError(f"{d}: not shard {r} of this run (it belongs to run {str((sm.shard or {}).get('run'))[:8]}, "
+                           f"shard {(sm.shard or {}).get('rank')}; this run is {self.manifest.run_id[:8]}); "
+                           f"put this run's own shard {r} there")
+        return run
+
+    def __repr__(self) -> str:
+        return (f"Run({str(self.path)!r}, steps={len(self.steps)}, tensors={len(self.manifest.params)}, "
+                f"shards={len(self.shards)})")
+
+    @property
+    def live(self) -> bool | None:
+        states = [Run.live.fget(s) for _, s in self.shards] + [Run.live.fget(self)]
+        return True if any(states) else (None if None in states else False)
+
+    @property
+    def missing(self) -> tuple[int, int] | None:
+        gaps = [m for _, s in self.shards if (m := s.missing) is not None]
+        return min(gaps) if gaps else None
+
+    @property
+    def batches(self) -> pl.DataFrame:
+        """Every rank's logged batches (each rank logs the examples it trained on), by step."""
+        frames = [s.batches for _, s in self.shards]
+        return pl.concat(frames).sort("step", maintain_order=True) if frames else pl.DataFrame()
+
+    def flat_state(self, t: int) -> torch.Tensor:
+        if t not in set(self.steps):
+            self._chunk_of(t)  # the usual line: not recorded, and what was
+        for _, flat in self.flat_states(t, t + 1):
+            return flat.clone()
+        raise RunError(f"{self.path}: state {t} was not recorded by every shard")
+
+    def flat_states(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        stop = self.steps[-1] + 1 if stop is None and self.steps else (stop or 0)
+        stop = min(stop, self.steps[-1] + 1) if self.steps else 0
+        full = torch.zeros(self.layout.nbytes, dtype=torch.uint8)
+        streams = [(self.bounds[r], s.flat_states(start, stop)) for r, s in self.shards]
+        while True:
+            t = None
+            for a, it in streams:
+                got = next(it, None)
+                if got is None:
+                    return
+                if t is not None and got[0] != t:
+                    raise RunError(f"{self.path}: shards disagree on the state after {t}; run `replay verify`")
+                t = got[0]
+                full[a:a + got[1].numel()] = got[1]
+            yield t, full
+
+    def verify(self) -> list[str]:
+        problems = []
+        for r, s in self.shards:
+            problems += s.verify()
+            if len(s.steps) > len(self.steps):
+                problems.append(f"{s.path}: shard {r} recorded {len(s.steps) - len(self.steps)} state(s) past the "
+                                f"last one every shard has ({self.steps[-1] if self.steps else 'none'}): another "
+                                f"rank stopped earlier; the run is readable up to there")
+        return problems
+
+    def info(self) -> RunInfo:
+        info = super().info()
+        info.bytes_on_disk += sum(regular_size(s.path / MANIFEST) or 0 for _, s in self.shards)
+        return info

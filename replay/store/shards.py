@@ -1,0 +1,80 @@
+"""Sharded runs: under DDP each of N ranks records one contiguous byte range of the flat state.
+
+Every rank holds the same parameters, so recording them all on one rank makes that rank the
+slow one (its copy, encoding and writes gate the next all-reduce). Instead rank r records bytes
+[bounds[r], bounds[r+1]) of the flat state (`store.layout`), cut at multiples of 8 bytes (always
+element boundaries: tensors are packed largest element first, each at a multiple of its size).
+A shard is an ordinary run directory `shard-{r}-of-{N}` inside the run, whose tensors are the
+pieces of the full tensors that fall in its range, in byte order: its own flat state is, byte for
+byte, that range of the full one, so a full state is N slices put side by side.
+
+The run's top manifest (format replay-run/3) holds the full tensor list and the bounds; each
+shard's manifest holds its range, and its run id is derived from the run's and its index, so a
+shard of another run, or another shard's chunk, is refused by identity, never read as data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from replay.store.layout import ALIGN, StateLayout, TensorSpec
+
+
+def bounds(nbytes: int, world: int) -> list[int]:
+    """world + 1 byte offsets 0 = b0 <= b1 <= ... = nbytes, multiples of 8, as even as that allows."""
+    units = nbytes // ALIGN
+    return [(units * r // world) * ALIGN for r in range(world)] + [nbytes]
+
+
+def shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank}-of-{world}"
+
+
+def shard_run_id(run_id: str, rank: int) -> str:
+    """The shard's own identity (32 hex digits), derived: a chunk of shard 0 is foreign in shard 1."""
+    return hashlib.blake2b(f"{run_id}/shard/{rank}".encode(), digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardPiece:
+    """Elements lo..hi (flat) of the full tensor `source`, recorded as tensor `spec` of a shard."""
+
+    spec: TensorSpec
+    source: str
+    lo: int
+    hi: int
+
+    @property
+    def whole(self) -> bool:
+        return self.spec.name == self.source
+
+
+def pieces(layout: StateLayout, start: int, stop: int) -> list[ShardPiece]:
+    """The pieces of bytes [start, stop) of `layout`'s flat state, in byte order (the shard's packing order).
+
+    A tensor wholly inside keeps its name and shape; one cut by a bound becomes `name[lo:hi]`, 1-D.
+    """
+    out = []
+    for s in layout.packed:
+        o, n = layout.offsets[s.name], s.nbytes
+        a, b = max(o, start), min(o + n, stop)
+        if a >= b:
+            continue
+        lo, hi = (a - o) // s.itemsize, (b - o) // s.itemsize
+        if lo == 0 and hi == s.numel:
+            out.append(ShardPiece(s, s.name, 0, hi))
+        else:
+            out.append(ShardPiece(TensorSpec(f"{s.name}[{lo}:{hi}]", (hi - lo,), s.dtype, s.kind), s.name, lo, hi))
+    return out
+
+
+def shard_layout(layout: StateLayout, start: int, stop: int) -> tuple[list[ShardPiece], StateLayout]:
+    """The pieces and the shard's own layout; checks that the shard's flat state is bytes [start, stop)."""
+    ps = pieces(layout, start, stop)
+    sl = StateLayout([p.spec for p in ps]) if ps else None
+    if sl is not None:
+        for p in ps:
+            full = layout.offsets[p.source] + p.lo * p.spec.itemsize - start
+            assert sl.offsets[p.spec.name] == full, (p, full)  # noqa: S101 (the packing argument above)
+    return ps, sl
