@@ -123,6 +123,18 @@ def export(run: RunArg, out: Annotated[Path, typer.Argument(help="the .safetenso
     typer.echo(f"wrote {out}: state {step}, {n} tensors")
 
 
+def _parse_tokens(specs: list[str] | None) -> dict[str, list[tuple[int, int]]]:
+    out: dict[str, list[tuple[int, int]]] = {}
+    for spec in specs or []:
+        name, _, rest = spec.rpartition(":")
+        set_name, _, example = name.rpartition(":")
+        if not (set_name and example.isdigit() and rest.isdigit()):
+            raise typer.BadParameter(f"{spec!r}: expected SET:EXAMPLE:POSITION, e.g. val:3:17",
+                                     param_hint="--token-tensors")
+        out.setdefault(set_name, []).append((int(example), int(rest)))
+    return out
+
+
 def _parse_steps(spec: str | None) -> tuple[int | None, int | None] | None:
     if spec is None:
         return None
@@ -154,6 +166,8 @@ def compute(
         help="also each example's own LCA, per step and tensor, for this data set (repeat)")] = None,
     per_token: Annotated[list[str] | None, typer.Option(
         help="causal LMs: also each token's own LCA (Σ over tensors) per step, for this data set (repeat)")] = None,
+    token_tensors: Annotated[list[str] | None, typer.Option(
+        help="causal LMs: also the LCA per tensor of one token, as SET:EXAMPLE:POSITION (repeat)")] = None,
     per_param: Annotated[list[str] | None, typer.Option(
         help="losses that get per-parameter totals and helped counts (repeat; 'all'; default: the data-set "
              "losses, not classes or groups)")] = None,
@@ -177,7 +191,8 @@ def compute(
         fr = run_compute(run, loss, per_class, task=task, device=device, tol=tol, rtol=rtol, max_splits=max_splits,
                          first_order=first_order, steps=_parse_steps(steps), out=out, dense=dense, progress=progress,
                          data_parallel=data_parallel, per_example=per_example, restart=restart,
-                         constants=constants, per_token=per_token, per_param=per_param, precision=precision)
+                         constants=constants, per_token=per_token, per_param=per_param, precision=precision,
+                         token_tensors=_parse_tokens(token_tensors))
     except ReplayError as e:
         raise _fail(e) from None
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports for all

@@ -28,7 +28,7 @@ from replay.store.atomic import is_tmp, write_atomic
 from replay.store.files import digest_file, open_regular, size_of, why_unreadable
 from replay.store.sealed import Unsealed, encode_json, read_json
 
-FRAME_DIRS = ("steps", "tensors", "params", "examples", "example_steps", "tokens")
+FRAME_DIRS = ("steps", "tensors", "params", "examples", "example_steps", "tokens", "token_tensors")
 DENSE_DIR = "dense"
 META = "meta.json"
 MAX_JSON = 256 << 20  # meta.json lists every part: generous, and bounded

@@ -76,3 +76,53 @@ def test_per_token_totals_are_each_tokens_own_loss_change(lm_run, tmp_path):
     per_seq = (tok.group_by("step", "example").agg(pl.col("lca").mean()).sort("step", "example"))
     es = fr.example_steps.sort("step", "example").collect()
     assert (per_seq["lca"] - es["lca"]).abs().max() < 1e-5
+
+
+def test_selected_tokens_per_tensor_against_autograd(lm_run, tmp_path):
+    """token_tensors: each selected token's LCA per tensor, against a 64-panel Simpson of its own backward
+    gradient (autograd, not forward mode), and Σ over tensors against its loss change."""
+    val = data(6, 2)
+    pick = [(0, 3), (2, 11), (5, 1)]
+    task = replay.Task(gpt2(), {"val": val}, loss_fn=causal_lm, batchnorm="running")
+    fr = replay.compute(lm_run, ["val"], task=task, token_tensors={"val": pick}, out=tmp_path / "lca", tol=1e-7)
+    tt = fr.token_tensors.collect()
+    run = replay.open_run(lm_run)
+    names = run.param_names
+    assert sorted(set(zip(tt["example"], tt["position"], strict=True))) == pick
+    assert tt["tensor"].n_unique() == len(names)
+    t0, t1 = run.steps[0], run.steps[1]
+    a, b = run.state(t0), run.state(t1)
+    model = gpt2()
+    model.eval()
+    params = dict(model.named_parameters())
+
+    def grads(s, ex, pos):
+        with torch.no_grad():
+            for n in names:
+                params[n].copy_(a[n] + s * (b[n] - a[n]))
+        model.zero_grad()
+        tok, _ = causal_lm_tokens(model(**{k: v[ex:ex + 1] for k, v in val.items()}),
+                                  {k: v[ex:ex + 1] for k, v in val.items()})
+        tok[0, pos - 1].backward()
+        return {n: (params[n].grad.double() * (b[n] - a[n]).double()).sum().item() for n in names}
+
+    n = 64
+    for ex, pos in pick:
+        g = [grads(i / n, ex, pos) for i in range(n + 1)]
+        w = [1 if i in (0, n) else (4 if i % 2 else 2) for i in range(n + 1)]
+        want = {k: sum(wi * gi[k] for wi, gi in zip(w, g, strict=True)) / (3 * n) for k in names}
+        got = tt.filter((pl.col("step") == t0) & (pl.col("example") == ex) & (pl.col("position") == pos))
+        got = dict(zip(got["tensor"], got["lca"], strict=True))
+        for k in names:
+            assert abs(got[k] - want[k]) <= 1e-6 + 1e-4 * abs(want[k]), (ex, pos, k, got[k], want[k])
+        first, last = token_losses(a, val)[0][ex, pos - 1], token_losses(b, val)[0][ex, pos - 1]
+        assert abs(sum(got.values()) - (last - first).item()) < 1e-6
+
+
+def test_a_token_that_is_not_a_target_is_one_line(lm_run, tmp_path):
+    from replay.errors import TaskError
+
+    val = data(6, 2)
+    task = replay.Task(gpt2(), {"val": val}, loss_fn=causal_lm, batchnorm="running")
+    with pytest.raises(TaskError, match=r"token \(0, 0\) .*is not a target token"):
+        replay.compute(lm_run, ["val"], task=task, token_tensors={"val": [(0, 0)]}, out=tmp_path / "lca")

@@ -79,6 +79,7 @@ def compute(
     per_example: list[str] | None = None,
     per_param: list[str] | str | None = None,
     per_token: list[str] | None = None,
+    token_tensors: dict[str, list[tuple[int, int]]] | None = None,
     precision: str = "float32",
     restart: bool = False,
     constants: str = "check",
@@ -91,6 +92,8 @@ def compute(
     are kept for the losses in `per_param` (default: the data-set losses; "all"; or names), the
     others get per-tensor LCA only, so memory does not grow with the number of group losses.
     16-bit models are evaluated in float32 (`precision="model"`: in their own dtype).
+    `token_tensors` ({data set: [(example, position), ...]}, causal LMs) adds the LCA per tensor of
+    those tokens (frame `token_tensors`), each refined as its own row.
     Writes frames to `out` (default RUN/lca) and returns them (see `replay.load`). An interrupted
     compute resumes when run again with the same settings; `restart` replaces what `out` holds.
     The task's frozen parameters and buffers must be training's (`constants='warn'`: a warning).
@@ -111,8 +114,9 @@ def compute(
         raise TaskError(f"{run.path}: the run names no task; pass task='module:function' (--task)")
     t = load_task(spec, run.path, named=task is not None)
     t = copy.copy(t)  # (its data may be replaced below; its model is borrowed and given back)
+    token_tensors = _token_selection(t, token_tensors)
     losses, per_class, per_example, per_token = _names(t, losses, per_class, per_example, per_token)
-    if (per_example or per_token) and data_parallel:
+    if (per_example or per_token or token_tensors) and data_parallel:
         raise ReplayError("--per-example and --per-token with --data-parallel are not supported: use steps mode "
                           "(the default)")
     datasets = losses + [d for d in per_class if d not in losses]
@@ -131,16 +135,17 @@ def compute(
             t.model.load_state_dict(run.state(run.steps[-1], buffers=True), strict=False)
         place, dev = parallel.join(device, data_parallel)
         try:
-            return _run(run, t, spec, datasets, per_class, per_example, per_token, per_param, todo, settings,
-                        notes, place, dev, out, restart, flush_every, progress)
+            return _run(run, t, spec, datasets, per_class, per_example, (per_token, token_tensors), per_param, todo,
+                        settings, notes, place, dev, out, restart, flush_every, progress)
         finally:
             parallel.leave(place)
 
 
 def _run(run: Run, t: Task, spec: object, datasets: list[str], per_class: list[str], per_example: list[str],
-         per_token: list[str], per_param: object, todo: list[int], st: Settings, notes: dict,
+         tokens: tuple[list[str], dict], per_param: object, todo: list[int], st: Settings, notes: dict,
          place: parallel.Placement, dev: torch.device, out: str | Path | None, restart: bool, flush_every: int,
          progress: bool) -> Frames:
+    per_token, token_tensors = tokens
     ev = LossEvaluator(t, run.param_names, datasets, per_class, dev, place, _per_param(per_param))
     unknown = [n for n in (per_param if isinstance(per_param, list) else []) if n not in ev.loss_names]
     if unknown:
@@ -152,7 +157,9 @@ def _run(run: Run, t: Task, spec: object, datasets: list[str], per_class: list[s
               "losses": ev.loss_names, "per_param": [ev.loss_names[i] for i in ev.full], "tol": st.tol,
               "rtol": st.rtol, "max_splits": st.max_splits, "first_order": st.first_order,
               "steps": [todo[0], todo[-1]], "batchnorm": t.batchnorm, "batch_size": t.batch_size, "dense": st.dense,
-              "per_example": per_example, "per_token": per_token, "precision": st.precision}
+              "per_example": per_example, "per_token": per_token, "precision": st.precision} | (
+                  {"token_tensors": {k: [list(x) for x in v] for k, v in token_tensors.items()}} if token_tensors
+                  else {})
     state = None
     try:
         state = Checkpoint(out, config, place, restart)
@@ -161,7 +168,7 @@ def _run(run: Run, t: Task, spec: object, datasets: list[str], per_class: list[s
             return load(out)
         ledger = Ledger(out, ev.loss_names, ev.loss_sizes, ev.full, [s.name for s in run.manifest.params],
                         [s.numel for s in run.manifest.params], ev.own, dev, state, place, st.dense)
-        rows = _rows(t, ev, run, per_example, per_token, ledger, st) if place.writes_steps else []
+        rows = _rows(t, ev, run, per_example, per_token, token_tensors, ledger, st) if place.writes_steps else []
         return StepLoop(run, ev, parallel.segments(todo, place), ledger, place, st.tol, st.rtol, st.max_splits,
                         st.first_order, flush_every, progress, rows).execute(notes)
     except OSError as e:
@@ -194,10 +201,27 @@ def _names(t: Task, losses: list[str] | None, per_class: list[str] | None, per_e
     return losses, per_class, per_example, per_token
 
 
-def _rows(t: Task, ev: LossEvaluator, run: Run, per_example: list[str], per_token: list[str], ledger: Ledger,
-          st: Settings) -> list[Rows]:
+def _token_selection(t: Task, sel: object) -> dict[str, list[tuple[int, int]]]:
+    if not sel:
+        return {}
+    if not isinstance(sel, dict):
+        raise SettingError(f"token_tensors: expected {{data set: [(example, position), ...]}}, got "
+                           f"{type(sel).__name__}")
+    out = {}
+    for name, pairs in sel.items():
+        if name not in t.data:
+            raise TaskError(f"--token-tensors {name!r}: the task's data sets are {sorted(t.data)}")
+        try:
+            out[name] = sorted({(int(e), int(p)) for e, p in pairs})
+        except (TypeError, ValueError):
+            raise SettingError(f"token_tensors[{name!r}]: expected (example, position) pairs of integers") from None
+    return out
+
+
+def _rows(t: Task, ev: LossEvaluator, run: Run, per_example: list[str], per_token: list[str], token_tensors: dict,
+          ledger: Ledger, st: Settings) -> list[Rows]:
     """Examples and tokens as rows of their own (they share the evaluator's model and its loading of θ)."""
-    if not (per_example or per_token):
+    if not (per_example or per_token or token_tensors):
         return []
     if ev._batch_stats:
         raise TaskError("per-example and per-token LCA need one loss per example, and batch-norm with batch "
@@ -220,6 +244,10 @@ def _rows(t: Task, ev: LossEvaluator, run: Run, per_example: list[str], per_toke
         data = Examples(t.data[name]).to(ev.device)
         out.append(Rows(name, TokenIntegrand(ev.model, _token_loss(t, name), data, t.batch_size or len(data)),
                         ev.load, split, ledger.writer, st.tol, st.rtol, st.max_splits))
+    for name, pairs in token_tensors.items():
+        data = Examples(t.data[name]).to(ev.device)
+        f = TokenIntegrand(ev.model, _token_loss(t, name), data, t.batch_size or len(data), select=pairs, names=names)
+        out.append(Rows(name, f, ev.load, split, ledger.writer, st.tol, st.rtol, st.max_splits))
     return out
 
 
@@ -271,7 +299,9 @@ def _notes(run: Run, t: Task, todo: list[int], st: Settings) -> dict:
                                        f"values are exact there; the losses' rounding is not the 16-bit model's)")
         else:
             notes["precision_note"] = f"evaluated in the model's own dtype ({'/'.join(half)})"
-    if t.batchnorm == "running":
+    has_stats = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                    for m in t.model.modules())
+    if t.batchnorm == "running" and has_stats:  # (a model without batch-norm has no statistics to choose)
         if run.manifest.buffers:
             last = run.steps[-1]
             notes["batchnorm_stats"] = f"recorded buffers of state {last} (the last), for every step"

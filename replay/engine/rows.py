@@ -8,7 +8,9 @@ its residual is, shared with the other examples of the data set (one evaluation 
   backward per batch, the forward-mode product for the tensors no fast rule covers);
 - tokens (causal LMs): d [D, tokens, 1] = dℓ_{i,p}/ds, one forward-mode product of every token's
   loss along the whole Δθ per direction (a token's loss depends on the tokens before it, so no
-  per-layer decomposition gives it from one backward); `lca` is then Σ over tensors.
+  per-layer decomposition gives it from one backward); `lca` is then Σ over tensors;
+- selected tokens per tensor (`token_tensors`): d [D, tokens, T], one forward-mode product per
+  tensor and direction, over the selected tokens' sequences only (T× the cost of their Σ).
 
 Memory: one batch of activations, and [points × rows × columns] scalars; never rows × parameters.
 The start of a step is the end of the previous one (projected onto the next step's direction
@@ -61,19 +63,38 @@ class ExampleIntegrand:
 class TokenIntegrand:
     """The tokens of one data set (a causal LM) as rows: values [tokens], projections [D, tokens, 1]."""
 
-    columns_per_tensor = False
-
-    def __init__(self, model: torch.nn.Module, token_loss: Callable, data: Examples, batch: int):
-        self.model, self.token_loss, self.data, self.batch = model, token_loss, data, batch
+    def __init__(self, model: torch.nn.Module, token_loss: Callable, data: Examples, batch: int,
+                 select: list[tuple[int, int]] | None = None, names: list[str] | None = None):
+        """`select` (example, position) pairs: only those tokens, each per tensor of `names`."""
+        self.model, self.token_loss, self.batch = model, token_loss, batch
+        self.names = names if select is not None else None
+        self.columns_per_tensor = select is not None
         inner = unwrap_model(model)
         self.prefix = "" if inner is model else "_orig_mod."
-        self.index: list[tuple[torch.Tensor, torch.Tensor]] = []  # per batch: (examples, positions) of its tokens
+        ids = torch.arange(len(data))
+        if select is not None:  # only the sequences that hold a selected token
+            ids = torch.tensor(sorted({e for e, _ in select}), dtype=torch.long)
+            data = data.take(ids)
+        self.data = data
+        wanted = None if select is None else set(select)
+        self.index: list[tuple[torch.Tensor, torch.Tensor]] = []  # per batch: (rows in data, positions) of tokens
+        found: set[tuple[int, int]] = set()
         with torch.no_grad():
             for a in range(0, len(data), batch):
                 _, keep = self._losses(data.slice(a, a + batch), None)
                 ex, pos = torch.nonzero(keep, as_tuple=True)
-                self.index.append((ex + a, pos + 1))  # position: the target token's index in its sequence
-        self.examples = torch.cat([e for e, _ in self.index]).cpu()
+                ex, pos = ex.cpu() + a, pos.cpu() + 1  # position: the target token's index in its sequence
+                if wanted is not None:
+                    pick = torch.tensor([(int(ids[e]), int(p)) in wanted for e, p in zip(ex, pos, strict=True)],
+                                        dtype=torch.bool)
+                    ex, pos = ex[pick], pos[pick]
+                    found |= {(int(ids[e]), int(p)) for e, p in zip(ex, pos, strict=True)}
+                self.index.append((ex.to(keep.device), pos.to(keep.device)))
+        if wanted is not None and (missing := sorted(wanted - found)):
+            more = f" ({len(missing)} in all)" if len(missing) > 1 else ""
+            raise TaskError(f"--token-tensors: token {missing[0]} (example, position) is not a target token of the "
+                            f"data set (positions 1..length-1 whose label counts){more}")
+        self.examples = ids[torch.cat([e for e, _ in self.index]).cpu()]
         self.positions = torch.cat([p for _, p in self.index]).cpu()
 
     def __len__(self) -> int:
@@ -100,20 +121,30 @@ class TokenIntegrand:
             batch = self.data.slice(a, a + self.batch)
             ex, pos = self.index[bi]
             rows = (ex - a, pos - 1)
+            if len(ex) == 0:
+                continue
             cols = []
             for dd in dirs:
-                tangent = {k: dd.get(k.removeprefix(self.prefix), torch.zeros_like(v)) for k, v in params.items()}
-                try:
-                    with forward_mode_attention():
-                        tok, dtok = jvp(lambda p, b=batch: self._losses(b, p)[0], (params,), (tangent,))
-                except (NotImplementedError, RuntimeError) as e:
-                    raise TaskError(f"per-token LCA differentiates forward (torch.func.jvp), which an op of the "
-                                    f"task's model does not support ({user_error(e)}); use the math attention path "
-                                    f"(HF: attn_implementation='eager')") from None
-                cols.append(dtok[rows].double())
+                parts = [dd] if self.names is None else [{n: dd[n]} for n in self.names]
+                per = []
+                for part in parts:
+                    tangent = {k: part.get(k.removeprefix(self.prefix), torch.zeros_like(v))
+                               for k, v in params.items()}
+                    tok, dtok = self._jvp(batch, params, tangent)
+                    per.append(dtok[rows].double())
+                cols.append(torch.stack(per, -1))  # [tokens, 1 or T]
             values.append(tok.detach()[rows].double())
-            proj.append(torch.stack(cols)[..., None])
+            proj.append(torch.stack(cols))
         return torch.cat(values), torch.cat(proj, 1)
+
+    def _jvp(self, batch: Examples, params: dict, tangent: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            with forward_mode_attention():
+                return jvp(lambda p: self._losses(batch, p)[0], (params,), (tangent,))
+        except (NotImplementedError, RuntimeError) as e:
+            raise TaskError(f"per-token LCA differentiates forward (torch.func.jvp), which an op of the "
+                            f"task's model does not support ({user_error(e)}); use the math attention path "
+                            f"(HF: attn_implementation='eager')") from None
 
     def values(self) -> torch.Tensor:
         out = []
@@ -178,7 +209,9 @@ class Rows:
     def _write(self, t0: int, lca: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor, splits: torch.Tensor,
                grounded: torch.Tensor) -> None:
         h = [x.cpu().numpy() for x in (lca, v0, v1, splits, grounded)]
-        if isinstance(self.f, TokenIntegrand):
+        if isinstance(self.f, TokenIntegrand) and self.f.columns_per_tensor:
+            self.writer.add_token_tensors(t0, self.name, self.f.examples.numpy(), self.f.positions.numpy(), h[0])
+        elif isinstance(self.f, TokenIntegrand):
             self.writer.add_tokens(t0, self.name, self.f.examples.numpy(), self.f.positions.numpy(), h[0][:, 0],
                                    h[1], h[2], h[3], h[4])
         else:
