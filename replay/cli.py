@@ -123,6 +123,22 @@ def export(run: RunArg, out: Annotated[Path, typer.Argument(help="the .safetenso
     typer.echo(f"wrote {out}: state {step}, {n} tensors")
 
 
+def _kept(out: Path) -> str:
+    """What an interrupted compute left in `out`, and how to go on: one line."""
+    from replay.lcadir import read_sealed
+
+    try:
+        p = read_sealed(out / "progress.json")
+        done, nxt = int(p.get("steps_done") or 0), p.get("next_step")
+    except (ReplayError, OSError, ValueError, TypeError):
+        return (f"nothing readable was kept in {out} for this process (under torchrun each rank keeps its own "
+                f"progress); run the same command again to resume")
+    if not done or nxt is None:
+        return f"no step was flushed to {out} yet; run the same command again to start over"
+    return (f"{done} step(s) kept in {out} (computed up to state {nxt}); run the same command again to resume "
+            f"from there, or add --restart to start over")
+
+
 def _parse_tokens(specs: list[str] | None) -> dict[str, list[tuple[int, int]]]:
     out: dict[str, list[tuple[int, int]]] = {}
     for spec in specs or []:
@@ -193,6 +209,9 @@ def compute(
                          data_parallel=data_parallel, per_example=per_example, restart=restart,
                          constants=constants, per_token=per_token, per_param=per_param, precision=precision,
                          token_tensors=_parse_tokens(token_tensors))
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: {_kept(out or Path(run) / 'lca')}", err=True)
+        raise typer.Exit(130) from None
     except ReplayError as e:
         raise _fail(e) from None
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports for all

@@ -109,19 +109,21 @@ def digits_dies_on_rank_1():
 
 @replay.register_task
 def digits_dies():
-    """digits whose loss raises after $REPLAY_TEST_DIE_AFTER calls (when set): an interrupted compute."""
+    """digits whose loss raises after $REPLAY_TEST_DIE_AFTER calls (when set): an interrupted compute
+    (a RuntimeError; KeyboardInterrupt, as Ctrl-C, with REPLAY_TEST_DIE_WITH=interrupt)."""
     import os
 
     from replay.digits import digits
 
     t = digits()
     limit = int(os.environ.get("REPLAY_TEST_DIE_AFTER", "0"))
+    ctrl_c = os.environ.get("REPLAY_TEST_DIE_WITH") == "interrupt"
     calls, base = [0], t.loss_fn
 
     def dying(out, y):  # the same code whether it dies or not: the task's fingerprint does not change
         calls[0] += 1
         if limit and calls[0] > limit:
-            raise RuntimeError("the compute dies here")
+            raise KeyboardInterrupt if ctrl_c else RuntimeError("the compute dies here")
         return base(out, y)
 
     t.loss_fn = dying

@@ -221,3 +221,28 @@ def test_a_failed_first_compute_does_not_block_the_corrected_one(digits_run, tmp
     monkeypatch.delenv("REPLAY_TEST_DIE_AFTER")
     fr = replay.compute(digits_run, ["train", "val"], out=tmp_path / "lca", progress=False)  # other settings
     assert fr.meta["losses"] == ["train", "val"]
+
+
+def test_ctrl_c_keeps_every_finished_step_and_the_resume_equals_one_compute(digits_run, tmp_path, monkeypatch):
+    """A KeyboardInterrupt mid-step (raised from the loss, as Ctrl-C would) flushes the steps finished before it,
+    never a part of the interrupted one; the resume is the uninterrupted compute, and the CLI says so in one line."""
+    out = tmp_path / "lca"
+    monkeypatch.setenv("REPLAY_TEST_DIE_AFTER", "250")
+    monkeypatch.setenv("REPLAY_TEST_DIE_WITH", "interrupt")
+    with pytest.raises(KeyboardInterrupt):
+        replay.compute(digits_run, ["train"], per_class=["train"], task=TASK, out=out, progress=False)
+    prog = json.loads((out / "progress.json").read_text())
+    assert prog["steps_done"] > 0 and prog["next_step"] == prog["steps_done"], "flushed at once, not every 100"
+    monkeypatch.delenv("REPLAY_TEST_DIE_AFTER")
+    a = replay.compute(digits_run, ["train"], per_class=["train"], task=TASK, out=out, progress=False)
+    b = replay.compute(digits_run, ["train"], per_class=["train"], task=TASK, out=tmp_path / "one", progress=False)
+    for name, keys, cols in (("steps", ["step", "loss"], ["lca", "residual", "splits"]),
+                             ("tensors", ["step", "loss", "tensor"], ["lca", "n_helped"])):
+        x, y = (getattr(f, name).sort(keys).collect() for f in (a, b))
+        assert x.select(keys + cols).equals(y.select(keys + cols)), name
+    assert a.meta["grad_evals"] == b.meta["grad_evals"], "the interrupted step's evaluations are not counted"
+    monkeypatch.setenv("REPLAY_TEST_DIE_AFTER", "60")
+    res = CliRunner().invoke(app, ["compute", str(digits_run), "--task", TASK, "--out", str(tmp_path / "cli"),
+                                   "--no-progress"])
+    assert res.exit_code == 130
+    assert "interrupted:" in res.output and "step(s) kept in" in res.output and "run the same command" in res.output

@@ -172,7 +172,9 @@ class Rows:
         self.on_eval()
         return self.f([self.split(d) for d in dirs])
 
-    def step(self, t0: int, t1: int, th0: torch.Tensor, th1: torch.Tensor, d_next: torch.Tensor | None) -> None:
+    def step(self, t0: int, t1: int, th0: torch.Tensor, th1: torch.Tensor, d_next: torch.Tensor | None
+             ) -> Callable[[], None]:
+        """Evaluate and allocate step t0 -> t1; returns what writes it (nothing is written before)."""
         d = th1 - th0
         if self._carry is not None and self._carry[0] == t0:
             v0, p0 = self._carry[1], self._carry[2]
@@ -191,8 +193,12 @@ class Rows:
         lca = mesh.allocation()
         res = mesh.residual()
         grounded = is_grounded(res, v1 - v0, self.tol, self.rtol)
-        self._write(t0, lca, v0, v1, mesh.splits(), grounded)
-        self._carry = (t1, v1, p1[1] if d_next is not None else p1[0])
+
+        def commit() -> None:  # written with the step's other rows (an interrupt before: nothing of it)
+            self._write(t0, lca, v0, v1, mesh.splits(), grounded)
+            self._carry = (t1, v1, p1[1] if d_next is not None else p1[0])
+
+        return commit
 
     def unchanged(self, t0: int, t1: int, theta: torch.Tensor) -> None:
         """No parameter moved: LCA exactly 0, the losses by a forward (or the carried start's)."""

@@ -32,6 +32,7 @@ from replay.engine.ledger import Ledger, StepLCA
 from replay.engine.parallel import Placement
 from replay.engine.simpson import Mesh, is_grounded
 from replay.frames import Frames
+from replay.recording import guard
 from replay.store import Run
 
 
@@ -230,8 +231,15 @@ class StepLoop:
 
     def execute(self, notes: dict) -> Frames:
         self._done, self._started, self._last_print = 0, time.perf_counter(), 0.0
-        for seg in self.segments:
-            self._segment(seg)
+        self._last_t1: int | None = None
+        try:
+            for seg in self.segments:
+                self._segment(seg)
+        except KeyboardInterrupt:  # keep every step computed so far (each is whole: see _segment)
+            if self.ledger.since_flush and self._last_t1 is not None:
+                with guard.held():
+                    self.ledger.flush(self._last_t1, self._evals_done)  # (not the interrupted step's)
+            raise
         if self.progress and self.todo:
             sys.stderr.write("\n")
         return self.ledger.finish(self.evals, str(self.run.path.resolve()), notes)
@@ -251,10 +259,11 @@ class StepLoop:
                     values = v0
                     if d_next is not None:  # (projected onto the first moving step's direction)
                         start = Start(v0, p0[0], g0)
-                self.ledger.record(t0, t1, start.values if start is not None else values, None)
-                for r in self.rows:
-                    r.unchanged(t0, t1, th0)
-                self._after_step(t0, t1)
+                with guard.held():  # a step is in the frames whole or not at all
+                    self.ledger.record(t0, t1, start.values if start is not None else values, None)
+                    for r in self.rows:
+                        r.unchanged(t0, t1, th0)
+                    self._after_step(t0, t1)
                 continue
             d = th1 - th0
             if start is None:
@@ -265,13 +274,16 @@ class StepLoop:
             end_buf = self._ends[1] if start.grads is self._ends[0] else self._ends[0]
             v1, p1, g1 = self._eval(th1, [d] + ([d_next] if d_next is not None else []), end_buf)
             step = self._allocate(th0, d, start, Start(v1, p1[0], g1))
-            self.ledger.record(t0, t1, start.values, step)
-            for r in self.rows:
-                r.step(t0, t1, th0, th1, d_next)
+            commits = [r.step(t0, t1, th0, th1, d_next) for r in self.rows]
+            with guard.held():  # a step is in the frames whole or not at all
+                self.ledger.record(t0, t1, start.values, step)
+                for commit in commits:
+                    commit()
+                self._after_step(t0, t1)
             start = Start(v1, p1[1] if d_next is not None else p1[0], g1)
-            self._after_step(t0, t1)
 
     def _after_step(self, t0: int, t1: int) -> None:
+        self._last_t1, self._evals_done = t1, self.evals
         last = t0 == self.todo[-1]
         self.ledger.since_flush += 1
         if self.ledger.since_flush >= self.flush_every or last:
