@@ -14,7 +14,7 @@ from replay.frames import Frames
 
 
 def _table(df: pl.DataFrame, title: str, fmt: dict | None = None) -> Table:
-    fmt = fmt or {}
+    fmt = {**_percent_columns(df), **(fmt or {})}
     t = Table(title=title, title_justify="left", header_style="bold")
     for c in df.columns:
         t.add_column(c, justify="left" if df[c].dtype == pl.String else "right")
@@ -26,7 +26,39 @@ def _table(df: pl.DataFrame, title: str, fmt: dict | None = None) -> Table:
 def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
-    return str(v)
+    return "—" if v is None else str(v)
+
+
+def _pct(v: object) -> str:
+    return f"{v:.1%}" if isinstance(v, float) else _fmt(v)
+
+
+def _percent_columns(df: pl.DataFrame) -> dict:
+    """Shares print as percentages (0.0333 reads as 3.3%, a share as a share)."""
+    return {c: _pct for c in df.columns if c.startswith(("frac", "share", "mean_step_frac", "min_step_frac",
+                                                         "max_step_frac")) or c == "grounded"}
+
+
+def advice(g: pl.DataFrame, fr: Frames) -> list[str]:
+    """What to do about losses whose steps are not grounded, with this compute's numbers."""
+    cfg = fr.meta.get("config", {})
+    tol, ms = cfg.get("tol"), cfg.get("max_splits")
+    capped = fr.steps.filter(~pl.col("grounded") & ~pl.col("unchanged")).group_by("loss").agg(
+        pl.len().alias("missed"), (pl.col("splits") >= (ms or 0)).sum().alias("at_cap")).collect()
+    out = []
+    for row in g.join(capped, on="loss").sort("missed", descending=True).iter_rows(named=True):
+        line = (f"{row['loss']}: {row['missed']} of {row['steps']} steps not grounded (max |residual| "
+                f"{row['max_abs_residual']:.1e} against tol {tol:g})")
+        if ms and row["at_cap"]:
+            line += (f"; {row['at_cap']} used all {ms} sub-intervals: raise --max-splits ({2 * ms}, {4 * ms}); "
+                     f"`tensors.lca_error` says which tensors' allocations are uncertain")
+        if cfg.get("batchnorm") == "batch":
+            line += "; batch-norm batch statistics make the loss rough: more evaluation examples per batch " \
+                    "smooth it, batchnorm='running' removes the coupling"
+        out.append(line)
+    if len(out) > 5:
+        out = out[:5] + [f"... and {len(out) - 5} more losses"]
+    return out
 
 
 def headline(g: pl.DataFrame, h: pl.DataFrame) -> list[str]:
@@ -75,9 +107,21 @@ def print_summary(fr: Frames, console: Console | None = None) -> None:
         {"delta_loss": "ΔL", "lca": "ΣLCA", "frac_grounded": "grounded", "max_abs_residual": "max|resid|",
          "mean_splits": "splits(mean)", "max_splits": "splits(max)", "n_not_finite": "not finite"})
     con.print(_table(g, "Groundedness per loss: Σ LCA must equal the loss change"))
-    con.print(_table(helped, "Share of parameter-steps with negative LCA (steps that moved the parameters)"))
+    for line in advice(grounded, fr):
+        con.print("  [yellow]not grounded[/yellow] " + line)
+    counted = fr.meta.get("per_param") or list(helped["loss"])
+    rest = helped.filter(~pl.col("loss").is_in(counted)).height
+    helped = helped.filter(pl.col("loss").is_in(counted))
+    title = "Share of parameter-steps with negative LCA (steps that moved the parameters)"
+    if rest:
+        title += f"; {rest} losses without per-parameter counts (--per-param NAME or all adds them)"
+    con.print(_table(helped, title))
     stats = analysis.lca_stats(fr, main).drop("loss").transpose(include_header=True, header_name="statistic",
                                                                  column_names=["value"])
+    pct = {"frac_params_helped_in_total", "share_top1pct", "share_top10pct"}
+    stats = stats.with_columns(pl.struct("statistic", "value").map_elements(
+        lambda r: _pct(r["value"]) if r["statistic"] in pct else _fmt(r["value"]), return_dtype=pl.String
+    ).alias("value"))
     con.print(_table(stats, f"Per-parameter total LCA, distribution ({main})"))
     con.print(_table(analysis.param_help_histogram(fr, main, bins=10),
                      f"Fraction of steps each parameter helped ({main}): no hero parameters"))

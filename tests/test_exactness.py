@@ -1,5 +1,6 @@
 """Exact or loud: the ways a number could silently be wrong, each checked against an independent reference."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -384,6 +385,24 @@ def test_summary_names_its_two_helped_fractions_apart(tmp_path):
     assert res.exit_code == 0, res.output
     assert "frac_param_steps_helped" in res.output and "frac_params_helped_in_total" in res.output
     assert " frac_helped " not in res.output
+    assert "100.0%" in res.output, "shares print as percentages"
+    share = re.search(r"share_top1pct\s*│\s*([0-9.]+)%", res.output)
+    assert share and 0 < float(share.group(1)) <= 100
+    assert "not grounded" not in res.output
+
+
+def test_summary_says_what_to_do_about_steps_not_grounded(tmp_path):
+    train_digits(digits_mlp(), str(tmp_path / "run"), epochs=1, batch=256)
+    fr = replay.compute(tmp_path / "run", ["train"], per_class=["train"], out=tmp_path / "lca", progress=False,
+                        tol=1e-9, max_splits=4)
+    missed = fr.steps.filter(pl.col("loss") == "train").select((~pl.col("grounded")).sum()).collect().item()
+    assert missed > 0
+    res = CliRunner().invoke(app, ["summary", str(tmp_path / "lca")])
+    assert res.exit_code == 0, res.output
+    flat = " ".join(res.output.split())  # (rich wraps long lines)
+    line = flat[flat.index("not grounded train:"):][:400]
+    assert f"{missed} of " in line and "raise --max-splits (8, 16)" in line and "tol 1e-09" in line
+    assert "10 losses without per-parameter counts" in flat
 
 
 def test_a_bfloat16_run_is_evaluated_in_float32_unless_asked(tmp_path):
