@@ -189,3 +189,35 @@ def test_batches_behind(ex_frames):
     assert b["step"].to_list() == [0, 1] and b["examples"].to_list() == [[7, 9], [3]]
     b = analysis.batches_behind(ex_frames, batches, "val", steps=(1, 2), top=2)
     assert b["step"].to_list() == [1]
+
+
+def test_plots_stay_readable_with_many_tensors(tmp_path):
+    """80 tensors: named lines for the largest few plus one 'rest', bounded figure heights, no layout warnings,
+    and the figures say when steps were not grounded."""
+    pytest.importorskip("matplotlib")
+    import struct
+    import warnings
+
+    from replay.plot import TOP, plot_all, top_tensors
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh()) for _ in range(40)],
+                                torch.nn.Linear(6, 3))
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with replay.Recorder(model, tmp_path / "run", optimizer=opt):
+        for _ in range(6):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    task = replay.Task(model, {"train": (x, y)})
+    fr = replay.compute(tmp_path / "run", ["train"], task=task, out=tmp_path / "lca", tol=1e-12, max_splits=2)
+    assert fr.tensors.select("tensor").unique().collect().height == 82
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a tight-layout or legend warning fails the test
+        files = plot_all(fr, tmp_path / "plots")
+    for f in files:
+        w, h = struct.unpack(">II", f.read_bytes()[16:24])
+        assert h < 2000 and w < 2000, (f.name, w, h)
+    top, rest = top_tensors(analysis.layer_totals(fr).filter(pl.col("loss") == "train"), TOP)
+    assert len(top) == TOP and len(rest) == 82 - TOP
