@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import replay
 from replay.cli import app
-from replay.errors import ReplayError
+from replay.errors import ReplayError, ReplayWarning
 
 TASK = "tasks:digits_dies"
 
@@ -246,3 +246,32 @@ def test_ctrl_c_keeps_every_finished_step_and_the_resume_equals_one_compute(digi
                                    "--no-progress"])
     assert res.exit_code == 130
     assert "interrupted:" in res.output and "step(s) kept in" in res.output and "run the same command" in res.output
+
+
+def test_a_live_run_says_so_and_a_grown_run_says_how_to_compute_the_new_steps(tmp_path):
+    """Compute while training records: a warning that names how far the run is; after it grew, the same command
+    names the range it holds and the one command that computes the rest."""
+    import torch
+
+    from replay.digits import digits, digits_mlp, load_digits_tensors
+
+    model = digits_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = load_digits_tensors()["train"]
+    rec = replay.Recorder(model, tmp_path / "run", optimizer=opt, chunk_bytes=1 << 16)  # a chunk every ~4 states
+    for i in range(0, 640, 32):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[i:i + 32]), y[i:i + 32]).backward()
+        opt.step()
+    so_far = replay.open_run(tmp_path / "run").steps
+    assert 2 <= len(so_far) < 21
+    with pytest.warns(ReplayWarning, match=rf"being recorded right now.*up to state {so_far[-1]}.*--steps "
+                                                  rf"{so_far[-1]}:"):
+        replay.compute(tmp_path / "run", ["train"], task=digits(), out=tmp_path / "lca", progress=False)
+    rec.close()
+    with pytest.raises(ReplayError, match=rf"holds LCA of steps 0..{so_far[-2]}; the run has grown to step 19.*"
+                                          rf"--steps {so_far[-2] + 1}:"):
+        replay.compute(tmp_path / "run", ["train"], task=digits(), out=tmp_path / "lca", progress=False)
+    rest = replay.compute(tmp_path / "run", ["train"], task=digits(), out=tmp_path / "rest", progress=False,
+                          steps=(so_far[-2] + 1, None))
+    assert rest.steps.select("step").collect()["step"].min() == so_far[-1]

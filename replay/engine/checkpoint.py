@@ -144,6 +144,8 @@ class Checkpoint:
             return False
         m = read_sealed(meta)
         if m.get("config") != self.config:
+            if grown := _grown(m.get("config"), self.config):
+                raise ReplayError(f"{self.out}: {grown}")
             what = _differences(m.get("config"), self.config)
             raise ReplayError(f"{self.out}: holds LCA computed with other {what}; pass --restart to replace it, or "
                               f"choose another --out")
@@ -201,6 +203,18 @@ def _wipe(out: Path) -> None:
             shutil.rmtree(p)
         else:
             p.unlink()
+
+
+def _grown(old: object, new: dict) -> str | None:
+    """When only the steps differ and the new ones extend the old: what to do, in words."""
+    if not isinstance(old, dict) or any(old.get(k) != new[k] for k in new if k != "steps"):
+        return None
+    (a, b), (c, d) = old.get("steps") or (None, None), new["steps"]
+    if a != c or not isinstance(b, int) or d <= b:
+        return None
+    return (f"holds LCA of steps {a}..{b}; the run has grown to step {d} since. Compute the new steps into another "
+            f"lca dir (`--steps {b + 1}: --out DIR`, `steps=({b + 1}, None)`), or pass --restart to compute all of "
+            f"them here")
 
 
 def _differences(old: object, new: dict) -> str:

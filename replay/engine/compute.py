@@ -124,6 +124,11 @@ def compute(
     todo = [s for s in run.steps[:-1] if (a is None or s >= a) and (b is None or s < b)]
     if not todo:
         raise RunError(f"{run.path}: no step to compute in {a}:{b} (recorded states {run.steps[0]}..{run.steps[-1]})")
+    if run.live:
+        last = run.steps[-1]
+        warnings.warn(f"{run.path}: the run is being recorded right now: computing the {len(todo)} step(s) recorded so "
+                      f"far (up to state {last}); after training, compute the rest with --steps {last}: "
+                      f"into another --out", ReplayWarning, stacklevel=2)
     with _borrowed(t.model):
         check_model(t, run)
         constants_note = check_constants(t, run, constants)
