@@ -112,12 +112,17 @@ def verify(path: Annotated[Path, typer.Argument(help="a run directory, or an lca
 @app.command()
 def export(run: RunArg, out: Annotated[Path, typer.Argument(help="the .safetensors file to write")],
            step: Annotated[int, typer.Option(help="the recorded state to export")],
-           force: Annotated[bool, typer.Option("--force", help="replace OUT if it exists")] = False) -> None:
+           force: Annotated[bool, typer.Option("--force", help="replace OUT if it exists")] = False,
+           base: Annotated[str | None, typer.Option(
+               help="module:function of a task whose model holds the frozen weights (checked against the run): "
+                    "adds them, so the file loads with strict=True")] = None) -> None:
     """One recorded state as a plain safetensors file, keyed by the model's parameter names (bit-exact)."""
     from replay.store import open_run
+    from replay.task import load_task
 
     try:
-        n = open_run(run).export(step, out, overwrite=force)
+        model = load_task(base).model if base else None
+        n = open_run(run).export(step, out, overwrite=force, base=model)
     except ReplayError as e:
         raise _fail(e) from None
     typer.echo(f"wrote {out}: state {step}, {n} tensors")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_bit_equal, params_of
+from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
@@ -161,6 +162,15 @@ def test_a_frozen_base_from_another_seed_is_refused_by_name(tmp_path):
         fr = replay.compute(tmp_path / "run", ["train"], task=replay.Task(Frozen(1), data), out=tmp_path / "c",
                             constants="warn")
     assert "differ" in fr.meta["constants_note"]
+    # an export with its base loads strictly, and only with training's base
+    run = replay.open_run(tmp_path / "run")
+    run.export(10, tmp_path / "s10.safetensors", base=Frozen(0))
+    fresh = Frozen(5)
+    fresh.load_state_dict(load_file(tmp_path / "s10.safetensors"), strict=True)
+    assert torch.equal(fresh.base.weight, Frozen(0).base.weight) and torch.equal(fresh.head.weight,
+                                                                                run.state(10)["head.weight"])
+    with pytest.raises(ReplayError, match="the base model's 'base.weight' differs from the one training froze"):
+        run.export(10, tmp_path / "s10b.safetensors", base=Frozen(1))
 
 
 # ---- code that runs because a file says so (6) ------------------------------------------------------------

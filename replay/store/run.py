@@ -152,13 +152,16 @@ class Run:
         for t, flat in self.flat_states(start, stop):
             yield t, self._typed(flat, kind)
 
-    def export(self, t: int, path: str | Path, *, overwrite: bool = False) -> int:
+    def export(self, t: int, path: str | Path, *, overwrite: bool = False, base: object = None) -> int:
         """Write state t (and its buffers, if recorded) as a plain safetensors file; returns the tensor count.
 
         Keys are the model's own names; a tied parameter is written under each of its names
         (`model.load_state_dict(load_file(path))` needs every one), its aliases also in the
-        metadata. Frozen parameters were not recorded: load with `strict=False` onto a model
-        that holds them. Never writes into a run directory, nor over a file unless `overwrite`.
+        metadata. Frozen parameters and unrecorded buffers were not recorded: pass `base` (the
+        model training started from, an nn.Module) to add them from it, checked against the
+        checksums the run recorded, so that the file loads with `strict=True`; without it, load
+        with `strict=False` onto a model that holds them. Never writes into a run directory, nor
+        over a file unless `overwrite`.
         """
         path = Path(path)
         _refuse_target(path, overwrite)
@@ -167,14 +170,34 @@ class Run:
             tensors.update(self.state(t, buffers=True))
         for alias, name in self.aliases.items():
             tensors[alias] = tensors[name]
+        if base is not None:
+            tensors.update(self._from_base(base, set(tensors)))
         meta = {"replay_run": self.manifest.run_id, "state": str(t), "aliases": json.dumps(self.aliases),
-                "frozen_not_recorded": json.dumps(self.manifest.frozen)}
+                "frozen_not_recorded": json.dumps([n for n in self.manifest.frozen if n not in tensors])}
         try:  # safetensors refuses shared memory: an alias gets its own copy in the file
             data = save({k: v.clone() if k in self.aliases else v for k, v in tensors.items()}, metadata=meta)
             write_atomic(path, data)
         except OSError as e:
             raise RunError(f"{path}: cannot write ({e.strerror or e}); pass a writable file path") from None
         return len(tensors)
+
+    def _from_base(self, base: object, have: set[str]) -> dict[str, torch.Tensor]:
+        """The frozen parameters and unrecorded buffers of `base` (what training did not change, or not
+        in its parameters), each checked against the run's checksum of it at state 0."""
+        from torch import nn
+
+        from replay.store.constants import mismatched
+
+        if not isinstance(base, nn.Module):
+            raise TypeError(f"base: expected the torch.nn.Module training started from, got {type(base).__name__}")
+        extra = {n: v.detach().cpu().clone() for n, v in  # (a clone each: tied ones share memory)
+                 [*base.named_parameters(remove_duplicate=False), *base.named_buffers()] if n not in have}
+        known = {n: c for n, c in self.manifest.constants.items() if c.get("kind") == "frozen"}
+        bad = mismatched(known, base)
+        if bad:
+            raise RunError(f"{self.path}: the base model's {bad[0]!r} differs from the one training froze (its "
+                           f"checksum at state 0; {len(bad)} differ in all); pass the model training started from")
+        return extra
 
     def verify(self) -> list[str]:
         """Check every chunk (checksum, identity, header, size); return one line per problem found."""
