@@ -48,8 +48,9 @@ def info(run: RunArg) -> None:
     typer.echo(f"chunks     {i.chunks}, {i.bytes_on_disk / 2**20:.2f} MiB on disk{zstd}")
     typer.echo(f"bytes      {i.bytes_per_param_step:.3f} per parameter per step")
     if m.shards is not None:
-        sizes = [b - a for a, b in zip(m.shards["bounds"], m.shards["bounds"][1:], strict=False)]
-        typer.echo(f"shards     {m.shards['world']} ranks recorded a slice of every state each "
+        how = "its FSDP2 shards" if "pieces" in m.shards else "a byte range"
+        sizes = [sum(p.spec.nbytes for p in ps) for ps in getattr(r, "pieces", [])] or [0]
+        typer.echo(f"shards     {m.shards['world']} ranks, each recorded {how} of every state "
                    f"({min(sizes) / 2**20:.2f}-{max(sizes) / 2**20:.2f} MiB per rank per state)")
     if m.aliases:
         typer.echo("tied       " + ", ".join(f"{a} = {t}" for a, t in m.aliases.items()) + " (recorded once)")

@@ -50,7 +50,8 @@ from replay.store.compress import zstd
 from replay.store.constants import constants_of
 from replay.store.layout import StateLayout, spec_of
 from replay.store.manifest import MANIFEST, SHARDED_FORMAT, Manifest
-from replay.store.shards import bounds, shard_layout, shard_name, shard_run_id
+from replay.store.shards import bounds, dtensor_range, listed_pieces, shard_name, shard_run_id
+from replay.store.shards import pieces as pieces_in
 from replay.wrappers import torch_optimizer, trainable_parameters, unwrap_model
 
 # Chosen by tools/bench_chunks.py (2.4 MB states, this 2-core box): write throughput is the
@@ -78,19 +79,31 @@ def _check_arguments(model: nn.Module, every: int, task: str | None, chunk_bytes
         raise ValueError(f"flush_secs: expected a positive number of seconds, got {flush_secs!r}")
 
 
-def _refuse_sharded(model: nn.Module) -> None:
-    """FSDP and tensor parallelism hold a shard of each parameter per rank: one rank's copy is not the state."""
+def _fsdp2(model: nn.Module) -> bool:
+    """Whether the model is sharded the way FSDP2 (`fully_shard`) shards it: every trainable parameter a
+    DTensor sharded on dim 0 of a 1-D mesh of every rank; each rank then records its local shards. FSDP1 and
+    other DTensor layouts (tensor parallelism, replication, 2-D meshes) are refused in one line."""
     if not (dist.is_available() and dist.is_initialized()):
-        return  # sharding needs a process group
+        return False
     from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Shard
 
-    sharded = isinstance(model, FullyShardedDataParallel) or any(
-        isinstance(p, DTensor) or isinstance(m, FullyShardedDataParallel)
-        for m in model.modules() for p in m.parameters(recurse=False))
-    if sharded:
-        raise RecordError("the model's parameters are sharded across ranks (FSDP or DTensor); replay records "
-                          "whole parameters only — record a DistributedDataParallel or single-process model")
+    if isinstance(model, FullyShardedDataParallel) or any(isinstance(m, FullyShardedDataParallel)
+                                                           for m in model.modules()):
+        raise RecordError("the model is wrapped in FSDP1 (FullyShardedDataParallel), whose flat parameters replay "
+                          "cannot map back to the model's; shard it with FSDP2 (torch.distributed.fsdp.fully_shard) "
+                          "or record a DistributedDataParallel model")
+    params = [p for p in model.parameters() if p.requires_grad]
+    dt = [p for p in params if isinstance(p, DTensor)]
+    if not dt:
+        return False
+    ok = len(dt) == len(params) and all(
+        p.device_mesh.ndim == 1 and p.device_mesh.size() == dist.get_world_size()
+        and tuple(p.placements) == (Shard(0),) for p in dt)
+    if not ok:
+        raise RecordError("the model's parameters are DTensors sharded other than FSDP2's way (Shard(0) on a 1-D "
+                          "mesh of every rank): tensor parallelism and 2-D meshes are not recordable yet")
+    return True
 
 
 def _refuse_unrecordable(params: list[tuple[str, nn.Parameter]]) -> None:
@@ -171,9 +184,12 @@ class Recorder:
         if shard and not distributed:
             raise ValueError("shard=True needs an initialized torch.distributed process group of more than one "
                              "process; without one, the Recorder records whole states")
-        self._sharded = distributed and rank is None and shard is not False
+        self._fsdp = _fsdp2(unwrap_model(model))
+        if self._fsdp and (rank is not None or shard is False or buffers):
+            raise ValueError("an FSDP2 model is recorded by every rank, its own shards, and without buffers: drop "
+                             "rank=, shard=False and buffers=True")
+        self._sharded = self._fsdp or (distributed and rank is None and shard is not False)
         model = unwrap_model(model)
-        _refuse_sharded(model)
         opt = torch_optimizer(optimizer) if optimizer is not None else None
         self.path, self.model, self.every, self.step = Path(path), model, every, 0
         self._dir = self.path  # where this process writes: the run, or its shard of a sharded run
@@ -238,7 +254,13 @@ class Recorder:
         n = len(plist)
         ppieces = [p for p in pieces if p.source < n]
         bpieces = [replace(p, source=p.source - n) for p in pieces if p.source >= n]
-        params, bufs = Gather(ppieces, lambda: plist), Gather(bpieces, lambda: blist)
+        if self._fsdp:  # the local shards, fetched at each copy (FSDP2 may swap their storage)
+            def sources() -> list[torch.Tensor]:
+                return [p.to_local() for p in plist]
+        else:
+            def sources() -> list[torch.Tensor]:
+                return plist
+        params, bufs = Gather(ppieces, sources), Gather(bpieces, lambda: blist)
         nbytes = layout.nbytes
         if cuda:
             self._snapshot = CudaSnapshot(params, bufs, nbytes, self._writer, self._pacer, device)
@@ -246,20 +268,30 @@ class Recorder:
             self._snapshot = InlineSnapshot(params, bufs, nbytes, self._writer, self._pacer)
         else:
             self._snapshot = DeferredSnapshot(params, bufs, nbytes, self._writer, self._pacer,
-                                              lambda: [plist[p.source]._version for p in ppieces], queue_size)
+                                              lambda: [sources()[p.source]._version for p in ppieces], queue_size)
         if opt is not None:
             self._hooks.append(opt.register_step_pre_hook(lambda *_: self._fence()))
             self._hooks.append(opt.register_step_post_hook(lambda *_: self.capture()))
         self._take(0)
 
-    def _start_shard(self, opt: torch.optim.Optimizer | None, queue_size: int, chunk_bytes: int,
-                     compress: bool) -> None:
-        """Sharded recording (collective): rank 0 claims the run and writes its manifest, every rank then
-        claims and starts its own shard; a failure anywhere fails every rank with the same line."""
-        world, me = dist.get_world_size(), dist.get_rank()
-        b = bounds(self.layout.nbytes, world)
+    def _my_pieces(self, world: int, me: int) -> tuple[list, dict]:
+        """This rank's pieces of the state, and how its shard manifest says where they are; the run's
+        manifest gets every rank's (FSDP2: gathered) or the byte bounds (DDP)."""
         m = self._manifest
-        m.shards, m.format = {"world": world, "bounds": b}, SHARDED_FORMAT
+        m.format = SHARDED_FORMAT
+        if self._fsdp:  # each rank its local shards: every rank's list goes into the run's manifest
+            mine = [x for x in ([n, *dtensor_range(p)] for n, p in self._params) if x[2] > x[1]]
+            listed: list = [None] * world
+            dist.all_gather_object(listed, mine)
+            m.shards = {"world": world, "pieces": listed}
+            return listed_pieces(self.layout, mine), {"pieces": mine}
+        b = bounds(self.layout.nbytes, world)
+        m.shards = {"world": world, "bounds": b}
+        return pieces_in(self.layout, b[me], b[me + 1]), {"start": b[me], "stop": b[me + 1]}
+
+    def _claim_run(self, me: int) -> str:
+        """Rank 0 claims the run directory and writes the run's manifest; every rank learns its id or the error."""
+        m = self._manifest
         top = [None]
         if me == 0:
             try:
@@ -277,21 +309,31 @@ class Recorder:
         dist.broadcast_object_list(top, src=0)
         if top[0][0] == "error":
             raise RecordError(top[0][1])
-        m.run_id = top[0][1]
-        start, stop = b[me], b[me + 1]
+        return top[0][1]
+
+    def _start_shard(self, opt: torch.optim.Optimizer | None, queue_size: int, chunk_bytes: int,
+                     compress: bool) -> None:
+        """Sharded recording (collective): rank 0 claims the run and writes its manifest, every rank then
+        claims and starts its own shard; a failure anywhere fails every rank with the same line."""
+        world, me = dist.get_world_size(), dist.get_rank()
+        m = self._manifest
+        shard_pieces, where = self._my_pieces(world, me)
+        m.run_id = self._claim_run(me)
         error = None
-        if start == stop:  # more ranks than 8-byte units: this one has nothing to record
+        if not shard_pieces:  # more ranks than 8-byte units (or local shards): this one has nothing to record
             self.recording = False
             if opt is not None:
                 self._hooks.append(opt.register_step_post_hook(lambda *_: self.capture()))
         else:
-            shard_pieces, slayout = shard_layout(self.layout, start, stop)
+            slayout = StateLayout([p.spec for p in shard_pieces])
             sm = Manifest(slayout.specs, every=m.every, task=m.task, torch_version=m.torch_version,
                           metadata=m.metadata, chunk_bytes=m.chunk_bytes, run_id=shard_run_id(m.run_id, me),
-                          shard={"rank": me, "world": world, "start": start, "stop": stop, "run": m.run_id})
+                          shard={"rank": me, "world": world, "run": m.run_id, **where})
             self._dir = self.path / shard_name(me, world)
             index = {s.name: i for i, s in enumerate(self.layout.specs)}
-            pieces = [Piece(index[p.source], p.lo, p.hi, slayout.offsets[p.spec.name], p.spec.torch_dtype,
+            # DDP: ranges of the parameters themselves; FSDP2: a local shard is the whole of its source
+            pieces = [Piece(index[p.source], 0 if self._fsdp else p.lo, (p.hi - p.lo) if self._fsdp else p.hi,
+                            slayout.offsets[p.spec.name], p.spec.torch_dtype,
                             p.spec.shape if p.whole else None) for p in shard_pieces]
             try:
                 self._claim, created = claim(self._dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +122,35 @@ def _damaged(path: Path, why: str) -> RunError:
                     f"restore it from a copy of the run")
 
 
+def _pieces_ok(x: object) -> bool:
+    """[[name, lo, hi], ...] with 0 <= lo < hi (the tensor's size is checked by the reader)."""
+    return isinstance(x, list) and all(
+        isinstance(p, list) and len(p) == 3 and isinstance(p[0], str) and type(p[1]) is int and type(p[2]) is int
+        and 0 <= p[1] < p[2] for p in x)
+
+
+def _check_sharding(shards: object, shard: object, need: Callable[[bool, str], None]) -> None:
+    """The sharded-run fields (store.shards): DDP byte bounds or FSDP2 pieces, and a shard's own."""
+    if shards is not None:
+        world = shards.get("world") if isinstance(shards, dict) else None
+        b, listed = (shards or {}).get("bounds"), (shards or {}).get("pieces")
+        need(type(world) is int and 1 <= world <= 1 << 20, f"bad 'shards' {str(shards)[:200]}")
+        if listed is None:  # DDP: byte ranges
+            need(isinstance(b, list) and len(b) == world + 1 and all(type(x) is int for x in b) and b[0] == 0
+                 and all(b[i] <= b[i + 1] for i in range(world)) and all(x % 8 == 0 for x in b),
+                 f"bad 'shards' {str(shards)[:200]}")
+        else:  # FSDP2: each rank's pieces
+            need(b is None and isinstance(listed, list) and len(listed) == world
+                 and all(_pieces_ok(x) for x in listed), f"bad 'shards' pieces {str(listed)[:200]}")
+    if shard is not None:
+        ok = isinstance(shard, dict) and all(type(shard.get(k)) is int for k in ("rank", "world"))
+        ranged = ok and type(shard.get("start")) is int and type(shard.get("stop")) is int \
+            and 0 <= shard["start"] < shard["stop"]
+        need(ok and 0 <= shard["rank"] < shard["world"] and (ranged or _pieces_ok(shard.get("pieces")))
+             and isinstance(shard.get("run"), str) and re.fullmatch(r"[0-9a-f]{32}", shard["run"]),
+             f"bad 'shard' {str(shard)[:200]}")
+
+
 def _validated(d: dict, path: Path) -> Manifest:
     """Every field checked for type and range: a hostile or damaged manifest is one clear line."""
 
@@ -172,16 +202,7 @@ def _validated(d: dict, path: Path) -> Manifest:
     sharded = d["format"] == SHARDED_FORMAT
     need(sharded == (shards is not None or shard is not None) and (shards is None or shard is None),
          "a sharded run's manifest has 'shards' (the run) or 'shard' (one shard), and only it does")
-    if shards is not None:
-        world, b = shards.get("world") if isinstance(shards, dict) else None, (shards or {}).get("bounds")
-        need(type(world) is int and 1 <= world <= 1 << 20 and isinstance(b, list) and len(b) == world + 1
-             and all(type(x) is int for x in b) and b[0] == 0 and all(b[i] <= b[i + 1] for i in range(world))
-             and all(x % 8 == 0 for x in b), f"bad 'shards' {str(shards)[:200]}")
-    if shard is not None:
-        ok = isinstance(shard, dict) and all(type(shard.get(k)) is int for k in ("rank", "world", "start", "stop"))
-        need(ok and 0 <= shard["rank"] < shard["world"] and 0 <= shard["start"] < shard["stop"]
-             and isinstance(shard.get("run"), str) and re.fullmatch(r"[0-9a-f]{32}", shard["run"]),
-             f"bad 'shard' {str(shard)[:200]}")
+    _check_sharding(shards, shard, need)
     return Manifest(tensors=specs, every=every, task=task, torch_version=torch_version, metadata=metadata,
                     chunk_bytes=chunk_bytes, aliases=dict(aliases), frozen=frozen, constants=dict(constants),
                     run_id=run_id, format=d["format"], shards=shards, shard=shard)

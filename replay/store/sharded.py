@@ -19,7 +19,7 @@ from replay.store.files import regular_size
 from replay.store.layout import StateLayout
 from replay.store.manifest import MANIFEST, Manifest
 from replay.store.run import Run, RunInfo
-from replay.store.shards import shard_layout, shard_name, shard_run_id
+from replay.store.shards import ShardPiece, listed_pieces, pieces, shard_name, shard_run_id, uncovered
 
 
 class ShardedRun(Run):
@@ -28,16 +28,15 @@ class ShardedRun(Run):
     def __init__(self, path: Path, manifest: Manifest):
         self.path, self.manifest = Path(path), manifest
         self.layout = StateLayout(manifest.tensors)
-        world, b = manifest.shards["world"], manifest.shards["bounds"]
-        if b[-1] != self.layout.nbytes or b != sorted(b):
-            raise RunError(f"{self.path}: damaged manifest (shard bounds {b[:4]}... do not cover the "
-                           f"{self.layout.nbytes:,}-byte state); restore it from a copy of the run")
-        self.bounds = b
-        self.shards: list[tuple[int, Run]] = []  # (rank, its run) for every non-empty range
+        world = manifest.shards["world"]
+        self.pieces = self._pieces(world)  # per rank: the pieces it holds (DDP byte ranges or FSDP2 shards)
+        self.shards: list[tuple[int, Run]] = []  # (rank, its run) for every rank that holds something
+        self._copies: list[list[tuple[int, int, int]]] = []  # per shard: (full offset, shard offset, bytes)
         for r in range(world):
-            if b[r] == b[r + 1]:
-                continue
-            self.shards.append((r, self._open_shard(r, world, b[r], b[r + 1])))
+            if self.pieces[r]:
+                run, plan = self._open_shard(r, world)
+                self.shards.append((r, run))
+                self._copies.append(plan)
         runs = [s for _, s in self.shards]
         self.chunks = [c for s in runs for c in s.chunks]
         self.orphans = [c for s in runs for c in s.orphans]
@@ -50,20 +49,54 @@ class ShardedRun(Run):
                 raise RunError(f"{s.path}: shard {r} recorded steps {s.steps[:3]}... where the others recorded "
                                f"{shortest[:3]}...; it is not this run's shard — restore it from the run's copy")
 
-    def _open_shard(self, r: int, world: int, a: int, b: int) -> Run:
+    def _damaged(self, why: str) -> RunError:
+        return RunError(f"{self.path}/{MANIFEST}: damaged manifest ({why}); restore it from a copy of the run")
+
+    def _pieces(self, world: int) -> list[list[ShardPiece]]:
+        sh = self.manifest.shards
+        if "pieces" in sh:
+            try:
+                per = [listed_pieces(self.layout, x) for x in sh["pieces"]]
+            except ValueError as e:
+                raise self._damaged(str(e)) from None
+        else:
+            b = sh["bounds"]
+            if b[-1] != self.layout.nbytes:
+                raise self._damaged(f"shard bounds end at {b[-1]:,}, the state has {self.layout.nbytes:,} bytes")
+            per = [pieces(self.layout, b[r], b[r + 1]) for r in range(world)]
+        if why := uncovered(self.layout, per):
+            raise self._damaged(why)
+        return per
+
+    def _want(self, r: int, world: int) -> dict:
+        sh, me = self.manifest.shards, {"rank": r, "world": world, "run": self.manifest.run_id}
+        if "pieces" in sh:
+            return {**me, "pieces": sh["pieces"][r]}
+        return {**me, "start": sh["bounds"][r], "stop": sh["bounds"][r + 1]}
+
+    def _open_shard(self, r: int, world: int) -> tuple[Run, list[tuple[int, int, int]]]:
         d = self.path / shard_name(r, world)
+        held = sum(p.spec.nbytes for p in self.pieces[r])
         if not d.is_dir():
-            raise RunError(f"{d}: shard {r} of {world} is missing (rank {r} recorded bytes {a:,}..{b:,} of every "
-                           f"state there); copy every rank's shard directory into {self.path}")
+            raise RunError(f"{d}: shard {r} of {world} is missing (rank {r} recorded {held:,} bytes of every state "
+                           f"there); copy every rank's shard directory into {self.path}")
         run = Run(d)
-        want = {"rank": r, "world": world, "start": a, "stop": b, "run": self.manifest.run_id}
         sm = run.manifest
-        specs = [p.spec for p in shard_layout(self.layout, a, b)[0]]
-        if sm.shard != want or sm.run_id != shard_run_id(self.manifest.run_id, r) or sm.tensors != specs:
+        specs = [p.spec for p in self.pieces[r]]
+        if sm.shard != self._want(r, world) or sm.run_id != shard_run_id(self.manifest.run_id, r) or \
+                sm.tensors != specs:
             raise RunError(f"{d}: not shard {r} of this run (it belongs to run {str((sm.shard or {}).get('run'))[:8]}, "
                            f"shard {(sm.shard or {}).get('rank')}; this run is {self.manifest.run_id[:8]}); "
                            f"put this run's own shard {r} there")
-        return run
+        plan: list[tuple[int, int, int]] = []
+        for p in self.pieces[r]:  # each piece's bytes, coalesced where they follow each other in both states
+            dst = self.layout.offsets[p.source] + p.lo * p.spec.itemsize
+            src, n = run.layout.offsets[p.spec.name], p.spec.nbytes
+            if plan and plan[-1][0] + plan[-1][2] == dst and plan[-1][1] + plan[-1][2] == src:
+                plan[-1] = (plan[-1][0], plan[-1][1], plan[-1][2] + n)
+            else:
+                plan.append((dst, src, n))
+        return run, plan
 
     def __repr__(self) -> str:
         return (f"Run({str(self.path)!r}, steps={len(self.steps)}, tensors={len(self.manifest.params)}, "
@@ -96,17 +129,18 @@ class ShardedRun(Run):
         stop = self.steps[-1] + 1 if stop is None and self.steps else (stop or 0)
         stop = min(stop, self.steps[-1] + 1) if self.steps else 0
         full = torch.zeros(self.layout.nbytes, dtype=torch.uint8)
-        streams = [(self.bounds[r], s.flat_states(start, stop)) for r, s in self.shards]
+        streams = [(plan, s.flat_states(start, stop)) for plan, (_, s) in zip(self._copies, self.shards, strict=True)]
         while True:
             t = None
-            for a, it in streams:
+            for plan, it in streams:
                 got = next(it, None)
                 if got is None:
                     return
                 if t is not None and got[0] != t:
                     raise RunError(f"{self.path}: shards disagree on the state after {t}; run `replay verify`")
-                t = got[0]
-                full[a:a + got[1].numel()] = got[1]
+                t, flat = got
+                for dst, src, n in plan:  # one copy per shard for DDP's byte ranges
+                    full[dst:dst + n] = flat[src:src + n]
             yield t, full
 
     def verify(self) -> list[str]:

@@ -1,4 +1,5 @@
-"""Sharded runs: under DDP each of N ranks records one contiguous byte range of the flat state.
+"""Sharded runs: under DDP each of N ranks records one contiguous byte range of the flat state;
+under FSDP2 each records the local shards it holds.
 
 Every rank holds the same parameters, so recording them all on one rank makes that rank the
 slow one (its copy, encoding and writes gate the next all-reduce). Instead rank r records bytes
@@ -8,9 +9,14 @@ A shard is an ordinary run directory `shard-{r}-of-{N}` inside the run, whose te
 pieces of the full tensors that fall in its range, in byte order: its own flat state is, byte for
 byte, that range of the full one, so a full state is N slices put side by side.
 
-The run's top manifest (format replay-run/3) holds the full tensor list and the bounds; each
-shard's manifest holds its range, and its run id is derived from the run's and its index, so a
-shard of another run, or another shard's chunk, is refused by identity, never read as data.
+Under FSDP2 (`fully_shard`: DTensor parameters, Shard(0) on a 1-D mesh) no rank holds a whole
+tensor; each rank's local shard of a tensor is a contiguous element range of it (rows of dim 0), so
+a rank records its pieces `name[lo:hi]` (the same naming), and the manifests list them explicitly.
+
+The run's top manifest (format replay-run/3) holds the full tensor list and the bounds (DDP) or
+every rank's pieces (FSDP2); each shard's manifest holds its own, and its run id is derived from
+the run's and its index, so a shard of another run, or another shard's chunk, is refused by
+identity, never read as data.
 """
 
 from __future__ import annotations
@@ -61,12 +67,59 @@ def pieces(layout: StateLayout, start: int, stop: int) -> list[ShardPiece]:
         a, b = max(o, start), min(o + n, stop)
         if a >= b:
             continue
-        lo, hi = (a - o) // s.itemsize, (b - o) // s.itemsize
-        if lo == 0 and hi == s.numel:
-            out.append(ShardPiece(s, s.name, 0, hi))
-        else:
-            out.append(ShardPiece(TensorSpec(f"{s.name}[{lo}:{hi}]", (hi - lo,), s.dtype, s.kind), s.name, lo, hi))
+        out.append(piece_of(s, (a - o) // s.itemsize, (b - o) // s.itemsize))
     return out
+
+
+def piece_of(s: TensorSpec, lo: int, hi: int) -> ShardPiece:
+    """Elements lo..hi of tensor s, as a shard names and shapes it."""
+    if lo == 0 and hi == s.numel:
+        return ShardPiece(s, s.name, 0, hi)
+    return ShardPiece(TensorSpec(f"{s.name}[{lo}:{hi}]", (hi - lo,), s.dtype, s.kind), s.name, lo, hi)
+
+
+def listed_pieces(layout: StateLayout, listed: list) -> list[ShardPiece]:
+    """Pieces from a manifest's [[name, lo, hi], ...] (FSDP2 shards), checked against the layout."""
+    specs = {s.name: s for s in layout.specs}
+    out = []
+    for item in listed:
+        name, lo, hi = item
+        s = specs.get(name)
+        if s is None or not (0 <= lo < hi <= s.numel):
+            raise ValueError(f"piece {item!r} is not a range of a recorded tensor")
+        out.append(piece_of(s, lo, hi))
+    return out
+
+
+def uncovered(layout: StateLayout, per_rank: list[list[ShardPiece]]) -> str | None:
+    """Why the ranks' pieces do not tile every tensor exactly once (None when they do)."""
+    spans: dict[str, list[tuple[int, int]]] = {s.name: [] for s in layout.specs}
+    for ps in per_rank:
+        for p in ps:
+            spans[p.source].append((p.lo, p.hi))
+    for s in layout.specs:
+        at = 0
+        for lo, hi in sorted(spans[s.name]):
+            if lo != at:
+                how = "no" if lo > at else "two"
+                return f"tensor {s.name!r}: elements {min(at, lo)}..{max(at, lo)} are held by {how} shards"
+            at = hi
+        if at != s.numel:
+            return f"tensor {s.name!r}: elements {at}..{s.numel} are held by no shard"
+    return None
+
+
+def dtensor_range(p: object) -> tuple[int, int]:
+    """The global element range [lo, hi) of this rank's local shard of a Shard(0) DTensor."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    row = 1
+    for d in p.shape[1:]:
+        row *= d
+    rows = shape[0] if len(shape) else 1
+    lo = (offset[0] if len(offset) else 0) * row
+    return lo, lo + rows * row
 
 
 def shard_layout(layout: StateLayout, start: int, stop: int) -> tuple[list[ShardPiece], StateLayout]:
