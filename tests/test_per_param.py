@@ -110,3 +110,20 @@ def test_memory_with_100_group_losses_stays_that_of_one_loss(tmp_path):
         peaks[groups] = meter.peak
         assert len(fr.meta["losses"]) == 1 + groups
     assert peaks[100] <= 1.3 * peaks[0], f"peak bytes {peaks[100]:,} with 100 groups vs {peaks[0]:,} without"
+
+
+def test_point_gradients_over_the_memory_budget_are_evaluated_again_bit_for_bit(digits_run, tmp_path, monkeypatch):
+    """A refined step keeps its points' [K, P] gradients for the per-parameter allocation only up to
+    KEEP_GRAD_BYTES; past it they are evaluated again: the same frames bit for bit, more evaluations."""
+    from replay.engine import steps
+
+    kw = dict(per_class=["train"], tol=1e-6, max_splits=16)
+    a = replay.compute(digits_run, ["train", "val"], out=tmp_path / "a", **kw)
+    monkeypatch.setattr(steps, "KEEP_GRAD_BYTES", 1)  # nothing beyond the start, end and midpoint
+    b = replay.compute(digits_run, ["train", "val"], out=tmp_path / "b", **kw)
+    assert a.steps.select((pl.col("splits") > 2).sum()).collect().item() > 0, "some steps are refined"
+    for name, keys in (("steps", ["step", "loss"]), ("tensors", ["step", "loss", "tensor"]),
+                       ("params", ["loss", "tensor", "index"])):
+        assert_frame_equal(getattr(a, name).sort(keys).collect(), getattr(b, name).sort(keys).collect(),
+                           check_exact=True)
+    assert b.meta["grad_evals"] > a.meta["grad_evals"]

@@ -35,6 +35,12 @@ from replay.frames import Frames
 from replay.recording import guard
 from replay.store import Run
 
+# Per-parameter losses keep each refined point's gradients [K, P] until the step's mesh is final (a panel may
+# still be split, and its allocation needs them). Past this many bytes a point's gradients are dropped and
+# evaluated again for the allocation: memory stays bounded (a 10.7M-parameter LM refined to 32 panels held
+# 2.8 GB of them) at the cost of evaluations only where a step needs that many points.
+KEEP_GRAD_BYTES = 1 << 30
+
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """θ' = θ bit for bit (host sync). NaN ≠ NaN, so values cannot tell a diverged run's repeated states."""
@@ -191,9 +197,14 @@ class StepLoop:
             override = torch.full_like(dl, float("nan"))
             override[full] = dl[full] - root_sums.sum(1)
 
+        kept = [3]  # gradients held: start, end, midpoint
+
         def point(s: float) -> tuple[torch.Tensor, torch.Tensor]:
             v, p, g = self._eval(th0 + s * d, [d], self._spare())
-            grads[s] = g
+            if g is not None and (kept[0] + 1) * g.numel() * g.element_size() <= KEEP_GRAD_BYTES:
+                grads[s], kept[0] = g, kept[0] + 1
+            elif g is not None:  # over the budget: evaluated again for the allocation, if its rows need it
+                self._pool.append(g)
             return v, p[0]
 
         refine(mesh, point, self.tol, self.rtol, override)
@@ -207,12 +218,10 @@ class StepLoop:
             else:
                 alloc = self._alloc if bool((~once).all()) else root.clone()
                 w = mesh.weights(full).to(ev.grad_dtype)  # [K, points]
-                for k in torch.nonzero(~once).flatten().tolist():
-                    row = alloc[k].zero_()
-                    for i, s in enumerate(mesh.s):
-                        if float(w[k, i]) != 0.0:
-                            row.add_(grads[s][k], alpha=float(w[k, i]))
-                    row.mul_(dw)
+                rows = torch.nonzero(~once).flatten().tolist()
+                self._weighted(alloc, rows, w, mesh.s, grads, lambda s: th0 + s * d, d)
+                for k in rows:
+                    alloc[k].mul_(dw)
                 sums = self._sums(alloc)
             tensor_lca[full] = sums
         for s, g in grads.items():  # the inner points' buffers go back to the pool
@@ -220,6 +229,25 @@ class StepLoop:
                 self._pool.append(g)
         grounded = is_grounded(dl - tensor_lca.sum(1), dl, self.tol, self.rtol).cpu()
         return StepLCA(alloc, tensor_lca, mesh.error(), splits, grounded, end.values, points_of(mesh))
+
+    def _weighted(self, alloc: torch.Tensor, rows: list[int], w: torch.Tensor, points: list[float], grads: dict,
+                  at: Callable[[float], torch.Tensor], d: torch.Tensor) -> None:
+        """alloc[k] = Σ_p w[k, p] g_p for the rows k, each row's terms in the points' order; a point whose
+        gradients were dropped over the memory budget is evaluated again, used, and released at once."""
+        for k in rows:
+            alloc[k].zero_()
+        for i, s in enumerate(points):
+            need = [k for k in rows if float(w[k, i]) != 0.0]
+            if not need:
+                continue
+            g = grads.get(s)
+            again = g is None
+            if again:
+                _, _, g = self._eval(at(s), [d], self._spare())
+            for k in need:
+                alloc[k].add_(g[k], alpha=float(w[k, i]))
+            if again:
+                self._pool.append(g)
 
     def _sums(self, alloc: torch.Tensor) -> torch.Tensor:
         """[K, T] float64 per-tensor sums of a per-parameter allocation (summed over ranks' slices in data mode)."""
