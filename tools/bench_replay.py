@@ -21,16 +21,23 @@ each in its own fresh process so that peak memory is its own):
 --memory instead measures peak RSS against the number of group losses (0, 100, 1000 random groups
 of train, per_param left at its default), each compute in a fresh process.
 
+--per-example (digits, or the LM) / --per-token (the LM): compute `val` with and without per-example
+(per-token) val, per tree, and (this tree) the cost of one point for all examples: the per-example
+products of one batch set (`engine.ghost`) against a plain forward+backward over val.
+
     python tools/bench_replay.py --model mlp --repeat 3 [--against /tmp/old-checkout]
     python tools/bench_replay.py --model resnet20 --examples 1000 --steps 4 --threads 1
     python tools/bench_replay.py --model lm --examples 16 --context 128 --steps 3
     python tools/bench_replay.py --memory --model mlp --hidden 2000
+    python tools/bench_replay.py --per-example --model cnn [--against /tmp/old-checkout]
+    python tools/bench_replay.py --per-token --model lm --examples 8 --context 64
     python tools/bench_replay.py --nproc 2 [--data-parallel] --model cnn      # torchrun scaling
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -320,7 +327,96 @@ def child(a) -> None:
             result["unit_big"] = plain_fb(a, make_task(a), a.device, True)
     elif job == "paper":
         result["seconds"] = paper_loop(a, run, a.device)
+    elif job in ("rows", "norows"):
+        task = make_task(a)
+        kw = {} if job == "norows" else ({"per_token": ["val"]} if a.rows == "token" else {"per_example": ["val"]})
+        t0 = time.perf_counter()
+        fr = replay.compute(run, ["val"], task=task, device=a.device, out=Path(out).with_suffix(".lca"), **kw)
+        result["seconds"] = time.perf_counter() - t0
+        result["grad_evals"] = fr.meta["grad_evals"]
+        rows = fr.tokens if a.rows == "token" else fr.example_steps
+        if job == "rows" and rows is not None:
+            r = rows.collect()
+            result["grounded"] = float(r["grounded"].mean())
+            result["points"] = float(r["splits"].mean()) + 1
+        if job == "rows" and a.rows == "example" and importlib.util.find_spec("replay.engine.ghost"):
+            result |= one_point(a, run)
     Path(out).write_text(json.dumps(result))
+
+
+def one_point(a, run_dir: Path) -> dict:
+    """Seconds of one point for every val example (ghost products, every tensor) against one plain
+    forward+backward over val in the same batches, both medians of a.unit_repeat."""
+    from replay.engine.ghost import ExampleProducts
+    from replay.task import Examples
+
+    task = make_task(a)
+    model = task.model.to(a.device).eval()
+    run = replay.open_run(run_dir)
+    names = run.param_names
+    st0, st1 = run.state(run.steps[0]), run.state(run.steps[1])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in st0:
+                p.copy_(st0[n])
+    dirs = [{n: (st1[n] - st0[n]).to(a.device) for n in names}]
+    from replay.task import cross_entropy_per_example
+
+    products = ExampleProducts(model, names, task.loss_fn or cross_entropy_per_example, torch.device(a.device))
+    data = Examples(task.data["val"]).to(a.device)
+    bs = task.batch_size or len(data)
+    sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
+
+    def ghost():
+        for i in range(0, len(data), bs):
+            products(data.slice(i, i + bs), dirs)
+
+    def plain():
+        for i in range(0, len(data), bs):
+            b = data.slice(i, i + bs).tensors
+            loss_of(a, model, b).backward()
+        model.zero_grad(set_to_none=True)
+
+    out = {}
+    for name, fn in (("point", ghost), ("plain", plain)):
+        fn()
+        sync()
+        ts = []
+        for _ in range(a.unit_repeat):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t0)
+        out[name] = statistics.median(ts)
+    out["fast_tensors"] = len(names) - len(products.fallback)
+    out["tensors"] = len(names)
+    return out
+
+
+def rows_cost(a, trees: dict[str, Path], tmp: Path) -> None:
+    for name, tree in trees.items():
+        launch(a, tree, "record", tmp, f"record-{name}", run=tmp / f"run-{name}")
+    res: dict[str, list] = {n: [] for n in trees}
+    for r in range(a.repeat):
+        for name, tree in trees.items():
+            without = launch(a, tree, "norows", tmp, f"n-{name}-{r}", run=tmp / f"run-{name}")
+            with_ = launch(a, tree, "rows", tmp, f"r-{name}-{r}", run=tmp / f"run-{name}")
+            res[name].append((without, with_))
+            print(f"round {r} {name}: without {without['seconds']:.2f}s, with per-{a.rows} val "
+                  f"{with_['seconds']:.2f}s", flush=True)
+    med = statistics.median
+    print(f"\n{describe(a)}, device {a.device}, {a.threads} thread(s): per-{a.rows} LCA of val")
+    print("| tree | compute with / without | points per row and step | rows grounded | one point for all "
+          "examples / plain forward+backward |")
+    print("|---|---|---|---|---|")
+    for name, xs in res.items():
+        ratio = med(w["seconds"] / n["seconds"] for n, w in xs)
+        w = xs[0][1]
+        pt = f"{w['point'] / w['plain']:.2f}x ({w['fast_tensors']}/{w['tensors']} tensors by one backward)" \
+            if "point" in w else "—"
+        pts = f"{w['points']:.2f}" if "points" in w else "—"
+        grounded = f"{w['grounded']:.2%}" if "grounded" in w else "—"
+        print(f"| {name} | {ratio:.2f}x | {pts} | {grounded} | {pt} |")
 
 
 def launch(a, tree: Path, job: str, tmp: Path, tag: str, **over) -> dict:
@@ -329,7 +425,7 @@ def launch(a, tree: Path, job: str, tmp: Path, tag: str, **over) -> dict:
     args = {**vars(a), **over}
     cmd = [sys.executable, str(HERE / "bench_replay.py"), "--child", job, str(out)]
     for k in ("model", "hidden", "epochs", "examples", "steps", "context", "batch", "big_batch", "device",
-              "threads", "max_splits", "tol", "groups", "run", "unit_repeat"):
+              "threads", "max_splits", "tol", "groups", "run", "unit_repeat", "rows"):
         cmd += [f"--{k.replace('_', '-')}", str(args[k])]
     cmd += ["--units"] if args.get("units") else []
     cmd += ["--memory"] if a.memory else []
@@ -417,6 +513,9 @@ def main() -> None:
     ap.add_argument("--against", type=Path, help="an older checkout to measure beside this one")
     ap.add_argument("--memory", action="store_true", help="peak RSS against the number of group losses")
     ap.add_argument("--group-counts", type=int, nargs="+", default=[0, 100, 1000])
+    ap.add_argument("--per-example", action="store_true", help="the cost of per-example val")
+    ap.add_argument("--per-token", action="store_true", help="the cost of per-token val (the LM)")
+    ap.add_argument("--rows", default="", help=argparse.SUPPRESS)
     ap.add_argument("--nproc", type=int, default=0, help="torchrun scaling with this many processes")
     ap.add_argument("--data-parallel", action="store_true")
     ap.add_argument("--groups", type=int, default=0, help=argparse.SUPPRESS)
@@ -439,7 +538,11 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_replay_"))
     trees = {"new": HERE.parent} | ({"old": a.against.resolve()} if a.against else {})
     try:
-        (memory if a.memory else speed)(a, trees, tmp)
+        if a.per_example or a.per_token:
+            a.rows = "token" if a.per_token else "example"
+            rows_cost(a, trees, tmp)
+        else:
+            (memory if a.memory else speed)(a, trees, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
