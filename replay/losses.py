@@ -37,10 +37,21 @@ def causal_lm(outputs: object, batch: Mapping[str, torch.Tensor]) -> torch.Tenso
     has the same number of target tokens, the mean over sequences equals the model's own
     `labels=` loss (a token-weighted mean).
     """
+    tok, keep = _token_losses("causal_lm", outputs, batch)
+    return tok.sum(1) / keep.sum(1).clamp(min=1)
+
+
+def causal_lm_tokens(outputs: object, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token next-token cross-entropy [batch, seq − 1] and which tokens count [batch, seq − 1] (bool):
+    the terms `causal_lm` averages (labels −100 and padding left out). Token j predicts token j + 1."""
+    return _token_losses("causal_lm_tokens", outputs, batch)
+
+
+def _token_losses(name: str, outputs: object, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     logits = _logits(outputs)
     labels = batch.get("labels", batch.get("input_ids"))
     if labels is None:
-        raise KeyError("causal_lm: the batch has neither 'labels' nor 'input_ids'")
+        raise KeyError(f"{name}: the batch has neither 'labels' nor 'input_ids'")
     targets = labels[:, 1:]
     keep = targets != -100
     mask = batch.get("attention_mask")
@@ -49,23 +60,4 @@ def causal_lm(outputs: object, batch: Mapping[str, torch.Tensor]) -> torch.Tenso
     pred = logits[:, :-1].float()  # [b, s-1, vocab]
     tok = nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), targets.masked_fill(~keep, 0).reshape(-1),
                                       reduction="none").view(targets.shape)  # [b, s-1]
-    tok = tok * keep
-    return tok.sum(1) / keep.sum(1).clamp(min=1)
-
-
-def causal_lm_tokens(outputs: object, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token next-token cross-entropy [batch, seq − 1] and which tokens count [batch, seq − 1] (bool):
-    the terms `causal_lm` averages (labels −100 and padding left out). Token j predicts token j + 1."""
-    logits = _logits(outputs)
-    labels = batch.get("labels", batch.get("input_ids"))
-    if labels is None:
-        raise KeyError("causal_lm_tokens: the batch has neither 'labels' nor 'input_ids'")
-    targets = labels[:, 1:]
-    keep = targets != -100
-    mask = batch.get("attention_mask")
-    if mask is not None:
-        keep = keep & mask[:, 1:].bool()
-    pred = logits[:, :-1].float()
-    tok = nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), targets.masked_fill(~keep, 0).reshape(-1),
-                                      reduction="none").view(targets.shape)
     return tok * keep, keep
