@@ -158,3 +158,13 @@ def test_fsdp2_pieces_that_do_not_tile_a_tensor_are_damage(fsdp_run, tmp_path):
     m.write(tmp_path / "run")
     with pytest.raises(ReplayError, match="damaged manifest .*held by no shard"):
         replay.open_run(tmp_path / "run")
+
+
+def test_shard_outside_a_process_group_is_one_line(tmp_path):
+    from replay.digits import digits_mlp
+
+    with pytest.raises(ValueError, match="shard=True needs an initialized torch.distributed process group"):
+        replay.Recorder(digits_mlp(), tmp_path / "run", shard=True)
+    with pytest.raises(ValueError, match="not both"):
+        replay.Recorder(digits_mlp(), tmp_path / "run", shard=True, rank=0)
+    assert not (tmp_path / "run").exists()
