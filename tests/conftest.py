@@ -2,6 +2,8 @@ import pytest
 import torch
 from torch import nn
 
+import replay
+
 
 @pytest.fixture(params=["inline", "threaded"])
 def recorder_mode(request, monkeypatch):
@@ -49,6 +51,21 @@ def train_recording(model, opt, rec_kwargs, path, steps=20, seed=1):
             y = torch.randint(0, 3, (32,), generator=g)
             opt.zero_grad()
             nn.functional.cross_entropy(model(x).float(), y).backward()
+            opt.step()
+            ref[i + 1] = params_of(model)
+    return ref
+
+
+def tiny_run(path, steps=3, seed=0, **rec_kwargs):
+    """A 2-tensor model, every state in one chunk: small enough to flip every header bit."""
+    torch.manual_seed(seed)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref = {0: params_of(model)}
+    with replay.Recorder(model, path, optimizer=opt, **rec_kwargs):
+        for i in range(steps):
+            opt.zero_grad()
+            model(torch.randn(4, 3)).square().mean().backward()
             opt.step()
             ref[i + 1] = params_of(model)
     return ref

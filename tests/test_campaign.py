@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_bit_equal, params_of
+from conftest import assert_bit_equal, params_of, tiny_run
 from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
@@ -18,20 +18,6 @@ import replay
 from replay.cli import app
 from replay.errors import RecordError, ReplayError, TaskError
 from replay.store.manifest import Manifest
-
-
-def tiny_run(path, steps=3, **kw):
-    torch.manual_seed(0)
-    model = nn.Linear(3, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ref = {0: params_of(model)}
-    with replay.Recorder(model, path, optimizer=opt, **kw):
-        for i in range(steps):
-            opt.zero_grad()
-            model(torch.randn(4, 3)).square().mean().backward()
-            opt.step()
-            ref[i + 1] = params_of(model)
-    return ref
 
 
 def cli(*args, timeout=60):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_bit_equal, mlp, params_of, train_recording
+from conftest import assert_bit_equal, mlp, params_of, tiny_run, train_recording
 from faults import header_length, outcome, sweep
 from torch import nn
 from typer.testing import CliRunner
@@ -20,21 +20,6 @@ from replay.errors import ChunkDamaged, RecordError
 from replay.store.manifest import Manifest
 
 TESTS = Path(__file__).parent
-
-
-def tiny_run(path, steps=3, seed=0, **rec_kwargs):
-    """A 2-tensor model, every state in one chunk: small enough to flip every header bit."""
-    torch.manual_seed(seed)
-    model = nn.Linear(3, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ref = {0: params_of(model)}
-    with replay.Recorder(model, path, optimizer=opt, **rec_kwargs):
-        for i in range(steps):
-            opt.zero_grad()
-            model(torch.randn(4, 3)).square().mean().backward()
-            opt.step()
-            ref[i + 1] = params_of(model)
-    return ref
 
 
 def test_every_single_bit_flip_of_a_chunk_header_is_detected(tmp_path):
