@@ -227,19 +227,24 @@ def plain_fb(a, task: replay.Task, device: str, big: bool) -> float:
     model = task.model.to(device)
     model.eval() if task.batchnorm != "batch" else model.train()
     batches = batches_of(a, task, device, big)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def once():
         for b in batches:
             loss_of(a, model, b).backward()
         model.zero_grad(set_to_none=True)
 
-    once()
+    return median_seconds(once, a.unit_repeat, device)
+
+
+def median_seconds(fn, repeat: int, device: str) -> float:
+    """Median wall time of fn() over `repeat` runs after one warm-up, synchronized on CUDA."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    fn()
     sync()
     times = []
-    for _ in range(a.unit_repeat):
+    for _ in range(repeat):
         t0 = time.perf_counter()
-        once()
+        fn()
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -365,7 +370,6 @@ def one_point(a, run_dir: Path) -> dict:
     products = ExampleProducts(model, names, task.loss_fn or cross_entropy_per_example, torch.device(a.device))
     data = Examples(task.data["val"]).to(a.device)
     bs = task.batch_size or len(data)
-    sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
 
     def ghost():
         for i in range(0, len(data), bs):
@@ -377,17 +381,7 @@ def one_point(a, run_dir: Path) -> dict:
             loss_of(a, model, b).backward()
         model.zero_grad(set_to_none=True)
 
-    out = {}
-    for name, fn in (("point", ghost), ("plain", plain)):
-        fn()
-        sync()
-        ts = []
-        for _ in range(a.unit_repeat):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            ts.append(time.perf_counter() - t0)
-        out[name] = statistics.median(ts)
+    out = {name: median_seconds(fn, a.unit_repeat, a.device) for name, fn in (("point", ghost), ("plain", plain))}
     out["fast_tensors"] = len(names) - len(products.fallback)
     out["tensors"] = len(names)
     return out
