@@ -120,14 +120,3 @@ def dtensor_range(p: object) -> tuple[int, int]:
     rows = shape[0] if len(shape) else 1
     lo = (offset[0] if len(offset) else 0) * row
     return lo, lo + rows * row
-
-
-def shard_layout(layout: StateLayout, start: int, stop: int) -> tuple[list[ShardPiece], StateLayout]:
-    """The pieces and the shard's own layout; checks that the shard's flat state is bytes [start, stop)."""
-    ps = pieces(layout, start, stop)
-    sl = StateLayout([p.spec for p in ps]) if ps else None
-    if sl is not None:
-        for p in ps:
-            full = layout.offsets[p.source] + p.lo * p.spec.itemsize - start
-            assert sl.offsets[p.spec.name] == full, (p, full)  # noqa: S101 (the packing argument above)
-    return ps, sl
