@@ -202,6 +202,8 @@ def compute(
                                                               "unfinished compute) instead of resuming")] = False,
     constants: Annotated[str, typer.Option(help="check: refuse a task whose frozen weights or buffers differ "
                                                 "from training's; warn: say so and replay anyway")] = "check",
+    allow_missing: Annotated[bool, typer.Option("--allow-missing", help="a run with a lost chunk: compute the "
+                                                "steps before the gap (default: refuse)")] = False,
 ) -> None:
     """Replay RUN and allocate each step's loss change to every parameter (writes polars frames).
 
@@ -214,7 +216,7 @@ def compute(
                          first_order=first_order, steps=_parse_steps(steps), out=out, dense=dense, progress=progress,
                          data_parallel=data_parallel, per_example=per_example, restart=restart,
                          constants=constants, per_token=per_token, per_param=per_param, precision=precision,
-                         token_tensors=_parse_tokens(token_tensors))
+                         token_tensors=_parse_tokens(token_tensors), allow_missing=allow_missing)
     except KeyboardInterrupt:
         typer.echo(f"interrupted: {_kept(out or Path(run) / 'lca')}", err=True)
         raise typer.Exit(130) from None
@@ -230,6 +232,10 @@ def compute(
     bad = f"; {s['not_finite']} of {s['rows']} residuals are not finite (a loss was NaN or inf)" \
         if s["not_finite"] else ""
     typer.echo(f"grounded {s['grounded']:.1%} of step-losses, max |residual| {s['max_residual']:.2e}{bad}")
+    if fr.meta.get("missing_states"):
+        first, last = fr.meta["missing_states"]
+        typer.echo(f"incomplete: states {first}..{last} of the run are missing (a chunk is lost): these frames stop "
+                   f"before the gap; run `replay verify {run}`")
     typer.echo(f"next: replay summary {fr.path}   or in Python: replay.load({str(fr.path)!r})")
 
 

@@ -426,6 +426,22 @@ class Recorder:
             self._raise_if_failed()
             self._snapshot.fence()
 
+    def flush(self) -> None:
+        """Write every state recorded so far to disk now (fsynced), and return when it is there.
+
+        For a checkpoint, before a long evaluation, or before reading the run while training goes
+        on. The state of the latest `optimizer.step()` is not final until the next step begins (an
+        in-place change made before then belongs to it), so it is written with the next flush or at
+        close; states captured with `capture()` are final at once. The chunk written now is shorter
+        than `chunk_bytes` (the next starts with a keyframe): flush at checkpoints, not every step.
+        """
+        with guard.held():
+            self._raise_if_failed()
+            if not self.recording or self._closed:
+                return
+            self._snapshot.settle()
+            self._writer.flush()
+
     def close(self) -> None:
         """Fence the last state, flush the partial chunk, stop the threads, detach the hooks. Idempotent.
 

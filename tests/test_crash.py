@@ -69,16 +69,17 @@ def test_interpreter_exit_without_close_flushes(tmp_path):
 
 
 def test_write_failure_is_one_clear_error_and_keeps_written_chunks(tmp_path):
-    # from step 20 on, RLIMIT_FSIZE makes the kernel refuse file writes past 4 kB (a chunk here is
-    # ~5.8 kB, a reference file 2.7 kB): a real write error, as a full disk gives
+    # at step 20 the states final so far are flushed, then RLIMIT_FSIZE makes the kernel refuse file writes
+    # past 4 kB (a full chunk here is ~5.8 kB, a reference file 2.7 kB): a real write error, as a full disk gives
     prelude = "import resource, signal\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-    limit = "if i == 20: resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))"
-    p, run_dir, _ = run_child(tmp_path, at_step=limit, at_end="rec.close()", prelude=prelude)
+    limit = "if i == 20: rec.flush(); resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))"
+    p, run_dir, ref = run_child(tmp_path, at_step=limit, at_end="rec.close()", prelude=prelude)
     assert p.returncode == 1, p.stderr
     last = p.stderr.strip().splitlines()[-1]
-    assert "writing the chunk of steps" in last and "already written are intact" in last, last
-    run = replay.open_run(run_dir)
-    assert len(run.steps) >= 10 and run.verify() == []
+    assert "writing the chunk of steps 20..24 failed" in last, last
+    assert "already written are intact" in last, last
+    run = check_prefix(run_dir, ref)
+    assert run.steps == list(range(20)), "every state flushed before the failure, none after it"
     assert not list(run_dir.glob(".*.tmp")), "the failed temp file is removed"
 
 

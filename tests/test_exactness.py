@@ -4,7 +4,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import polars as pl
 import pytest
 import tasks
 import torch
-from conftest import assert_bit_equal, params_of
+from conftest import assert_bit_equal, mlp, params_of
 from torch import nn
 from typer.testing import CliRunner
 
@@ -71,10 +70,13 @@ def test_weights_loaded_after_the_recorder_started_are_state_0(tmp_path, recorde
 
 
 FLUSH = """
-import os, signal, sys, time, torch
+import os, signal, sys, torch
 sys.path.insert(0, {tests!r})
 from conftest import mlp, params_of
 import replay
+import replay.recording.writer
+clock = [1000.0]  # the flush clock, moved by this script: the recorder's threads see only this time
+replay.recording.writer.now = lambda: clock[0]
 model = mlp()
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 rec = replay.Recorder(model, {run!r}, optimizer=opt, flush_secs={flush})
@@ -84,25 +86,57 @@ for i in range(1, 51):
     model(torch.randn(8, 8)).square().mean().backward()
     opt.step()
     torch.save(params_of(model), {ref!r} + f"/{{i}}.pt")
-time.sleep(2.5)  # e.g. a long evaluation, then the job is killed
+clock[0] += 10.0  # e.g. a long evaluation, then the job is killed
+rec._writer.tick()  # the clock thread's look at the clock, now rather than within CLOCK_SECS
+for f in list(rec._writer._writes):
+    f.result()
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-@pytest.mark.parametrize("flush", [0.5, 30.0], ids=["flush-0.5s", "flush-30s"])
+@pytest.mark.parametrize("flush", [5.0, 30.0], ids=["flush-5s", "flush-30s"])
 def test_flush_secs_bounds_what_a_kill_loses(tmp_path, flush):
+    """10 s (of the recorder's clock) after the last step the job is killed: with flush_secs=5 the open chunk
+    was written and fsynced, with 30 it was not yet due. The clock is the script's, so the load cannot decide."""
     (tmp_path / "ref").mkdir()
     code = FLUSH.format(tests=str(TESTS), run=str(tmp_path / "run"), ref=str(tmp_path / "ref"), flush=flush)
     p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
     assert p.returncode == -9, p.stderr
     run = replay.open_run(tmp_path / "run")
-    if flush > 2.5:  # one open chunk (a tiny model's chunk holds 1024 states): lost whole
+    if flush > 10:  # one open chunk (a tiny model's chunk holds 1024 states): lost whole
         assert run.steps == []
         return
     # every state older than flush_secs survives; only the last (sealed when the next step begins) is open
     assert run.steps == list(range(50)) and run.verify() == []
     for t, st in run.states():
         assert_bit_equal(st, torch.load(tmp_path / "ref" / f"{t}.pt"), f"state {t}")
+
+
+def test_flush_writes_every_final_state_now(tmp_path):
+    """Recorder.flush(): the states final so far are on disk when it returns (not the latest step's, which an
+    in-place edit may still change), readable while training goes on; the run later ends as if never flushed."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref = {0: params_of(model)}
+    rec = replay.Recorder(model, tmp_path / "run", optimizer=opt)
+    for i in range(1, 13):
+        opt.zero_grad()
+        model(torch.randn(8, 8)).square().mean().backward()
+        opt.step()
+        if i == 7:
+            with torch.no_grad():
+                model[0].weight.clamp_(-0.2, 0.2)  # an in-place edit after the step belongs to state 7
+            rec.flush()
+            assert replay.open_run(tmp_path / "run").steps == list(range(7))
+            rec.flush()  # nothing new: no empty chunk
+            assert len(replay.open_run(tmp_path / "run").chunks) == 1
+        ref[i] = params_of(model)
+    rec.close()
+    run = replay.open_run(tmp_path / "run")
+    assert run.steps == list(range(13)) and run.verify() == []
+    for t, st in run.states():
+        assert_bit_equal(st, ref[t], f"state {t}")
+    rec.flush()  # after close: nothing to do, no error
 
 
 FAIL_IN_CONSTRUCTOR = """
@@ -148,8 +182,7 @@ def test_a_deleted_run_directory_is_named_as_such(tmp_path, recorder_mode):
             opt.zero_grad()
             model(torch.randn(4, 64)).square().mean().backward()
             opt.step()
-            time.sleep(0.002)
-        rec.close()
+        rec.close()  # at the latest, the close's write finds the directory gone
 
 
 # ---- replay: the task's model against the run ------------------------------------------------------

@@ -106,6 +106,17 @@ def test_a_layer_changed_in_place_after_it_falls_back_without_a_wrong_number():
     delta = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     ex = ExampleProducts(model, names, lambda o, t: nn.functional.cross_entropy(o, t, reduction="none"),
                          torch.device("cpu"))
+    slow = []
+    forward_mode = ex._forward_mode
+
+    def spy(batch, dirs, which):
+        slow.append(list(which))
+        return forward_mode(batch, dirs, which)
+
+    ex._forward_mode = spy
     _, d = ex(Examples((x, y)), [delta])
-    ref = ex._forward_mode(Examples((x, y)), [delta], list(range(len(names))))[0]
+    # two forward-mode passes: the first call's check of the fast rules on a few examples (the layer read whole),
+    # then the slow product of the overwritten layer
+    assert [[names[i] for i in w] for w in slow] == [["out.weight", "out.bias"], ["fc.weight", "fc.bias"]], slow
+    ref = forward_mode(Examples((x, y)), [delta], list(range(len(names))))[0]
     torch.testing.assert_close(d[0], ref, rtol=1e-9, atol=1e-12)

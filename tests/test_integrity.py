@@ -220,7 +220,9 @@ def test_full_disk_is_one_line_and_the_rerun_works(digits_run, tmp_path):
     assert fr.steps.collect()["grounded"].all()
 
 
-def test_missing_middle_chunk_is_named_in_the_output_and_meta(tmp_path):
+def test_missing_middle_chunk_is_an_error_unless_the_prefix_is_asked_for(tmp_path):
+    """A lost chunk is never only a warning: with warnings ignored (as notebooks often do), compute refuses in one
+    line naming the states and the two ways on; asked for the prefix, it computes it and says what is missing."""
     from replay.digits import digits_mlp, train_digits
 
     train_digits(digits_mlp(), str(tmp_path / "run"), epochs=1, batch=256, chunk_bytes=30_000)
@@ -228,10 +230,28 @@ def test_missing_middle_chunk_is_named_in_the_output_and_meta(tmp_path):
     assert len(run.chunks) >= 3
     gone = run.chunks[1]
     gone.path.unlink()
+    last = replay.open_run(tmp_path / "run").steps[-1]
+    assert last == gone.first - 1
+    with pytest.raises(replay.errors.RunError, match=rf"states {gone.first}\.\.\d+ are missing .* --steps "
+                                                     rf"0:{last} \(or --allow-missing\)"):
+        replay.compute(tmp_path / "run", ["train"], out=tmp_path / "lca", progress=False)
+    assert not (tmp_path / "lca").exists()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "replay", "compute", str(tmp_path / "run"), "--loss", "train", "--no-progress",
+           "--out", str(tmp_path / "cli")]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [p.stderr.strip()], (p.stdout, p.stderr)
+    assert f"states {gone.first}.." in p.stderr and "are missing" in p.stderr, p.stderr
+    p = subprocess.run(cmd + ["--allow-missing"], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert f"incomplete: states {gone.first}.." in p.stdout, p.stdout
+    p = subprocess.run(cmd[:-1] + [str(tmp_path / "prefix"), "--steps", f"0:{last}"], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert p.returncode == 0 and "incomplete: states" in p.stdout, p.stdout + p.stderr
     with pytest.warns(replay.errors.ReplayWarning, match=rf"states {gone.first}\.\.\d+ are missing"):
-        fr = replay.compute(tmp_path / "run", ["train"], out=tmp_path / "lca", progress=False)
+        fr = replay.compute(tmp_path / "run", ["train"], out=tmp_path / "lca", progress=False, allow_missing=True)
     assert fr.meta["missing_states"][0] == gone.first
-    assert fr.steps.collect()["step"].max() < gone.first
+    assert fr.steps.collect()["step"].max() == last - 1
     res = CliRunner().invoke(app, ["summary", str(tmp_path / "lca")])
     assert "missing" in res.output
 

@@ -186,7 +186,7 @@ def test_a_renamed_run_is_still_the_same_run(digits_run, tmp_path):
     assert fr.meta["config"]["run_id"] == replay.open_run(moved).manifest.run_id
 
 
-def test_two_computes_into_one_out_dir(digits_run, tmp_path):
+def test_two_computes_into_one_out_dir(digits_run, tmp_path, monkeypatch):
     from replay.store.claim import claim_lca_dir
 
     held = claim_lca_dir(tmp_path / "lca")  # another compute holds it
@@ -196,20 +196,38 @@ def test_two_computes_into_one_out_dir(digits_run, tmp_path):
         _one_line(res, "another `replay compute` is writing into it right now")
     finally:
         held.release()
-    errors = []
+    # two computes that overlap for certain: the first holds its lca dir, stopped at its first committed step,
+    # while the second starts; then the first goes on and finishes
+    import replay.engine.ledger
+
+    inside, second_done, errors, first = threading.Event(), threading.Event(), [], []
+    real = replay.engine.ledger.Ledger.record
+
+    def record(self, *args, **kwargs):
+        if threading.current_thread() is not threading.main_thread() and not inside.is_set():
+            inside.set()
+            assert second_done.wait(120), "the second compute never ended"
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(replay.engine.ledger.Ledger, "record", record)
 
     def one() -> None:
         try:
-            replay.compute(digits_run, ["train"], out=tmp_path / "lca", progress=False)
-        except ReplayError as e:
-            errors.append(str(e))
+            first.append(replay.compute(digits_run, ["train"], out=tmp_path / "lca", progress=False))
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
 
-    threads = [threading.Thread(target=one) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
+    t = threading.Thread(target=one)
+    t.start()
+    try:
+        assert inside.wait(120), f"the first compute never reached a step: {errors}"
+        with pytest.raises(ReplayError, match="another `replay compute` is writing into it right now"):
+            replay.compute(digits_run, ["train"], out=tmp_path / "lca", progress=False)
+    finally:
+        second_done.set()
         t.join()
-    assert all("another `replay compute` is writing" in e for e in errors), errors
+    assert not errors and len(first) == 1, errors
+    assert first[0].steps.collect().height > 0
     assert CliRunner().invoke(app, ["verify", str(tmp_path / "lca")]).exit_code == 0
 
 
@@ -250,7 +268,8 @@ def test_ctrl_c_keeps_every_finished_step_and_the_resume_equals_one_compute(digi
 
 def test_a_live_run_says_so_and_a_grown_run_says_how_to_compute_the_new_steps(tmp_path):
     """Compute while training records: a warning that names how far the run is; after it grew, the same command
-    names the range it holds and the one command that computes the rest."""
+    names the range it holds and the one command that computes the rest. The recorder is flushed and idle while
+    the run is read, so what the compute sees is what the test saw."""
     import torch
 
     from replay.digits import digits, digits_mlp, load_digits_tensors
@@ -259,19 +278,24 @@ def test_a_live_run_says_so_and_a_grown_run_says_how_to_compute_the_new_steps(tm
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     x, y = load_digits_tensors()["train"]
     rec = replay.Recorder(model, tmp_path / "run", optimizer=opt, chunk_bytes=1 << 16)  # a chunk every ~4 states
-    for i in range(0, 640, 32):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x[i:i + 32]), y[i:i + 32]).backward()
-        opt.step()
+
+    def train(updates: int) -> None:
+        for i in range(0, 32 * updates, 32):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[i:i + 32]), y[i:i + 32]).backward()
+            opt.step()
+
+    train(12)
+    rec.flush()  # states 0..11 on disk (state 12 is final at the next step)
     so_far = replay.open_run(tmp_path / "run").steps
-    assert 2 <= len(so_far) < 21
-    with pytest.warns(ReplayWarning, match=rf"being recorded right now.*up to state {so_far[-1]}.*--steps "
-                                                  rf"{so_far[-1]}:"):
+    assert so_far == list(range(12))
+    with pytest.warns(ReplayWarning, match=r"being recorded right now.*up to state 11.*--steps 11:"):
         replay.compute(tmp_path / "run", ["train"], task=digits(), out=tmp_path / "lca", progress=False)
+    train(8)
     rec.close()
-    with pytest.raises(ReplayError, match=rf"holds LCA of steps 0..{so_far[-2]}; the run has grown to step 19.*"
-                                          rf"--steps {so_far[-2] + 1}:"):
+    assert replay.open_run(tmp_path / "run").steps == list(range(21))
+    with pytest.raises(ReplayError, match=r"holds LCA of steps 0..10; the run has grown to step 19.*--steps 11:"):
         replay.compute(tmp_path / "run", ["train"], task=digits(), out=tmp_path / "lca", progress=False)
     rest = replay.compute(tmp_path / "run", ["train"], task=digits(), out=tmp_path / "rest", progress=False,
-                          steps=(so_far[-2] + 1, None))
-    assert rest.steps.select("step").collect()["step"].min() == so_far[-1]
+                          steps=(11, None))
+    assert rest.steps.select("step").collect()["step"].to_list() == list(range(11, 20))

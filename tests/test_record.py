@@ -220,18 +220,24 @@ def test_parameter_set_change_is_an_error_and_keeps_data(tmp_path, recorder_mode
 
 
 def test_a_recorder_slower_than_training_says_so_once(tmp_path, monkeypatch):
-    """A disk that takes states slower than training makes them: one warning line with the rates and the remedy."""
-    import time as _time
+    """A disk that takes states slower than training makes them: one warning line with the rates and the remedy.
 
+    The recorder's clock is the test's: time passes only while the disk writes (20 ms a chunk) and training
+    takes none, so the writer is busy all the time whatever the machine's load."""
+    import threading
+
+    import replay.recording.pacer
     import replay.recording.writer
 
-    real = replay.recording.writer.write_chunk
+    real, clock, lock = replay.recording.writer.write_chunk, [0.0], threading.Lock()
 
     def slow_disk(*args, **kwargs):
-        _time.sleep(0.02)
+        with lock:
+            clock[0] += 0.02
         return real(*args, **kwargs)
 
     monkeypatch.setattr(replay.recording.writer, "write_chunk", slow_disk)
+    monkeypatch.setattr(replay.recording.pacer, "clock", lambda: clock[0])
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.warns(ReplayWarning, match=r"recording slows training: states arrive at .* MiB/s and the "

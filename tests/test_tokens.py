@@ -59,19 +59,22 @@ def test_per_token_totals_are_each_tokens_own_loss_change(lm_run, tmp_path):
     tok = fr.tokens.collect()
     assert tok.columns[:5] == ["step", "loss", "example", "position", "lca"]
     run = replay.open_run(lm_run)
-    first, last = token_losses(run.state(run.steps[0]), val), token_losses(run.state(run.steps[-1]), val)
-    keep = first[1]
+    losses = {t: token_losses(st, val) for t, st in run.states()}  # each token's loss, evaluated directly
+    keep = losses[run.steps[0]][1]
     assert len(tok.filter(pl.col("step") == 0)) == int(keep.sum()), "one row per token that counts"
-    total = tok.group_by("example", "position").agg(pl.col("lca").sum(), pl.col("residual").sum(),
-                                                   pl.col("grounded").all()).sort("example", "position")
-    change = (last[0] - first[0])[keep]
     ex, pos = torch.nonzero(keep, as_tuple=True)
-    want = pl.DataFrame({"example": ex.numpy(), "position": (pos + 1).numpy(), "change": change.numpy()})
-    j = total.join(want, on=["example", "position"])
-    assert len(j) == len(total) == len(want)
+    want = pl.concat([pl.DataFrame({"step": a, "example": ex.numpy(), "position": (pos + 1).numpy(),
+                                    "change": (losses[b][0] - losses[a][0])[keep].numpy()})
+                      for a, b in zip(run.steps, run.steps[1:])])
+    j = tok.join(want, on=["step", "example", "position"])
+    assert len(j) == len(tok) == len(want)
+    # per step and token: the loss change the compute reports (lca + residual) is the one evaluated here (up to
+    # float32 evaluation), and the LCA itself is that change within its grounding tolerance
     err = (j["lca"] + j["residual"] - j["change"]).abs().max()
-    assert err < 1e-9, "Σ over steps of a token's loss change is its own loss change"
-    assert (j["lca"] - j["change"]).abs().max() < 1e-4 and tok["grounded"].mean() > 0.99
+    assert err < 1e-5, f"the reported loss change of a token is not its own (max_diff {err:.2e})"
+    off = j.filter(pl.col("grounded")).select((pl.col("lca") - pl.col("change")).abs().max()).item()
+    assert off < 1e-5, f"a grounded token's LCA is not its loss change (max_diff {off:.2e})"
+    assert tok["grounded"].mean() > 0.99
     # the tokens of a sequence average to its per-example LCA (causal_lm is the mean over its tokens)
     per_seq = (tok.group_by("step", "example").agg(pl.col("lca").mean()).sort("step", "example"))
     es = fr.example_steps.sort("step", "example").collect()

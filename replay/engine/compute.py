@@ -83,6 +83,7 @@ def compute(
     precision: str = "float32",
     restart: bool = False,
     constants: str = "check",
+    allow_missing: bool = False,
 ) -> Frames:
     """Compute LCA of `losses` (data set names; default: all of the task's) over the run.
 
@@ -97,6 +98,8 @@ def compute(
     Writes frames to `out` (default RUN/lca) and returns them (see `replay.load`). An interrupted
     compute resumes when run again with the same settings; `restart` replaces what `out` holds.
     The task's frozen parameters and buffers must be training's (`constants='warn'`: a warning).
+    A run with a lost chunk is refused (a RunError naming the missing states) unless `steps` ends
+    before the gap or `allow_missing=True` computes the readable prefix (its meta says so).
 
     Under torchrun (or in an initialized process group) each process computes blocks of
     consecutive steps; with `data_parallel`, every process computes every step on its shard
@@ -124,6 +127,7 @@ def compute(
     todo = [s for s in run.steps[:-1] if (a is None or s >= a) and (b is None or s < b)]
     if not todo:
         raise RunError(f"{run.path}: no step to compute in {a}:{b} (recorded states {run.steps[0]}..{run.steps[-1]})")
+    _refuse_a_gap(run, a, b, allow_missing)
     if run.live:
         last = run.steps[-1]
         warnings.warn(f"{run.path}: the run is being recorded right now: computing the {len(todo)} step(s) recorded so "
@@ -181,6 +185,17 @@ def _run(run: Run, t: Task, spec: object, datasets: list[str], per_class: list[s
     finally:
         if state is not None:
             state.release()
+
+
+def _refuse_a_gap(run: Run, a: int | None, b: int | None, allow_missing: bool) -> None:
+    """A lost chunk is an error, not a warning that a filter can hide: the steps asked for must all be readable,
+    or the user says that the readable prefix will do."""
+    if run.missing is None or allow_missing or (b is not None and b <= run.steps[-1]):
+        return
+    first, last = run.missing
+    raise RunError(f"{run.path}: states {first}..{last} are missing (a chunk is lost; see `replay verify "
+                   f"{run.path}`): only steps up to {run.steps[-1] - run.manifest.every} can be computed; restore the "
+                   f"chunk, or compute those with --steps {a or 0}:{run.steps[-1]} (or --allow-missing)")
 
 
 def _per_param(per_param: object) -> object:

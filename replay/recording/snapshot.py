@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import queue
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,9 +121,9 @@ class InlineSnapshot:
     def fence(self) -> None:
         if self.due is None:
             return
-        t0 = time.perf_counter()
+        t0 = self.pacer.now()
         slot = self.writer.reserve(self.due)  # may wait for a buffer: nothing is changed before it returns
-        waited = time.perf_counter() - t0
+        waited = self.pacer.now() - t0
         cur, prev = self._flats[0].numpy(), self._flats[1].numpy()
         try:
             self.params.copy(self._views[0][0])
@@ -139,7 +138,10 @@ class InlineSnapshot:
         self._flats.reverse()  # this state is the previous one of the next
         self._views.reverse()
         self.due = None
-        self.pacer.waited(waited, self.nbytes, own=time.perf_counter() - t0 - waited)
+        self.pacer.waited(waited, self.nbytes, own=self.pacer.now() - t0 - waited)
+
+    def settle(self) -> None:
+        """Every fenced state is committed to the writer (here, at the fence itself)."""
 
     def drain(self) -> None:
         pass
@@ -163,22 +165,22 @@ class DeferredSnapshot:
         self._pending: tuple | None = None  # (t, staging, copy future, versions at the post-hook)
 
     def begin(self, t: int) -> None:
-        t0 = time.perf_counter()
+        t0 = self.pacer.now()
         staging = self._get()  # may wait: nothing is changed before it returns
         flat, pviews, bviews = staging
         self.buffers.copy(bviews)
         versions = self.version_of()
         fut = self._copier.submit(self.params.copy, pviews)  # parameters are read-only until the fence
         self._pending = (t, staging, fut, versions)
-        self.pacer.waited(0.0, 0, own=time.perf_counter() - t0)
+        self.pacer.waited(0.0, 0, own=self.pacer.now() - t0)
 
     def fence(self) -> None:
         if self._pending is None:
             return
         t, staging, fut, versions = self._pending
-        t0 = time.perf_counter()
+        t0 = self.pacer.now()
         fut.result()  # the copy of the post-hook (a failure re-raises here)
-        waited = time.perf_counter() - t0
+        waited = self.pacer.now() - t0
         changed = [i for i, (a, b) in enumerate(zip(self.version_of(), versions, strict=True)) if a != b]
         if changed:  # changed in place since the post-hook (weight clipping, projections)
             self.params.copy(staging[1], only=changed)
@@ -186,7 +188,7 @@ class DeferredSnapshot:
         self._encodes.append(self._encoder.submit(self._encode, slot, staging))
         self._pending = None
         self._raise_if_failed()
-        self.pacer.waited(waited, self.nbytes, own=time.perf_counter() - t0 - waited)
+        self.pacer.waited(waited, self.nbytes, own=self.pacer.now() - t0 - waited)
 
     def _encode(self, slot: Slot, staging: tuple) -> None:
         """(encoder thread) The state's keyframe or delta into its slot, in state order."""
@@ -213,10 +215,13 @@ class DeferredSnapshot:
         while self._encodes and self._encodes[0].done():
             self._encodes.popleft().result()
 
+    def settle(self) -> None:
+        """Wait until every fenced state is encoded and committed to the writer (the threads go on)."""
+        while self._encodes:
+            self._encodes.popleft().result()
+
     def drain(self) -> None:
-        for fut in list(self._encodes):
-            fut.result()
-        self._encodes.clear()
+        self.settle()
         self._copier.shutdown(wait=True)
         self._encoder.shutdown(wait=True)
 
@@ -244,9 +249,9 @@ class CudaSnapshot:
     def fence(self) -> None:
         if self.due is None:
             return
-        t0 = time.perf_counter()
+        t0 = self.pacer.now()
         slot = self.writer.reserve(self.due)  # may wait for a host buffer: no GPU work is queued before it
-        waited = time.perf_counter() - t0
+        waited = self.pacer.now() - t0
         nxt, prev = self._flats
         current = torch.cuda.current_stream()
         self._side.wait_stream(current)  # the parameters are final (in-place edits included)
@@ -269,7 +274,7 @@ class CudaSnapshot:
         self.due = None
         self._commits.append(self._encoder.submit(self._commit, slot, copied))
         self._raise_if_failed()
-        self.pacer.waited(waited, self.nbytes, own=time.perf_counter() - t0 - waited)
+        self.pacer.waited(waited, self.nbytes, own=self.pacer.now() - t0 - waited)
 
     def _commit(self, slot: Slot, copied: torch.cuda.Event) -> None:
         copied.synchronize()  # (encoder thread) the slot's bytes are on the host
@@ -279,8 +284,11 @@ class CudaSnapshot:
         while self._commits and self._commits[0].done():
             self._commits.popleft().result()
 
+    def settle(self) -> None:
+        """Wait until every fenced state is on the host and committed to the writer (the thread goes on)."""
+        while self._commits:
+            self._commits.popleft().result()
+
     def drain(self) -> None:
-        for fut in list(self._commits):
-            fut.result()
-        self._commits.clear()
+        self.settle()
         self._encoder.shutdown(wait=True)

@@ -43,6 +43,7 @@ from replay.store.layout import StateLayout
 
 BUFFERS_BYTES = 64 << 20  # chunk buffers in all: absorb the disk's latency spikes
 CLOCK_SECS = 0.25  # how often the clock looks at the open chunk's age and unsynced files
+now = time.monotonic  # the flush_secs clock (tests drive it: what is written when must not depend on the load)
 
 
 @dataclass(eq=False)
@@ -146,7 +147,7 @@ class Writer:
             ch = slot.chunk
             assert slot.index == len(ch.steps), "slots are committed in the order they were reserved"
             if ch.since is None:
-                ch.since = time.monotonic()
+                ch.since = now()
             ch.steps.append(slot.t)
             if stored:
                 ch.stored.append(slot.t)
@@ -185,17 +186,22 @@ class Writer:
         self._writes.append(self._io.submit(self._write, ch, sync))
 
     def _tick(self) -> None:
-        """The flush_secs clock: the open chunk once its oldest state is that old; fsync of old files."""
+        """The flush_secs clock thread: a look at the clock every CLOCK_SECS."""
         while not self._stop.wait(CLOCK_SECS):
-            with self._lock:
-                ch = self._open
-                if ch is not None and ch.since is not None and not ch.in_flight() \
-                        and time.monotonic() - ch.since >= self.flush_secs:
-                    self._close(ch, sync=True)
-            with self._sync_lock:
-                old = self._unsynced and time.monotonic() - self._unsynced[0][0] >= self.flush_secs
-            if old:
-                self._sync_all()
+            self.tick()
+
+    def tick(self) -> None:
+        """One look at the clock: write the open chunk once its oldest state is flush_secs old, fsync files
+        written that long ago. (The clock thread calls it; a test calls it after moving `now`.)"""
+        with self._lock:
+            ch = self._open
+            if ch is not None and ch.since is not None and not ch.in_flight() \
+                    and now() - ch.since >= self.flush_secs:
+                self._close(ch, sync=True)
+        with self._sync_lock:
+            old = self._unsynced and now() - self._unsynced[0][0] >= self.flush_secs
+        if old:
+            self._sync_all()
 
     def _write(self, ch: _Chunk, sync: bool) -> None:
         """(I/O thread) Write a chunk (compressed, if asked) and the batches logged up to its last state.
@@ -204,13 +210,13 @@ class Writer:
             self._free.put(ch.tensor)
             return
         try:
-            t0 = time.perf_counter()
+            t0 = self.pacer.now()
             nb = self.layout.nbytes
             parts = [ch.array[i * nb:(i + 1) * nb] for i in ch.slots]
             data = zstd_compress(np.concatenate(parts), self.layout) if self.compress else parts
             paths = [write_chunk(self.path, self.layout, ch.steps, ch.stored, data, self.run_id, sync=sync,
                                  compressed=self.compress)]
-            self.pacer.wrote(len(parts) * nb, time.perf_counter() - t0)
+            self.pacer.wrote(len(parts) * nb, self.pacer.now() - t0)
             paths += self._write_batches(ch.steps[-1], sync)
         except BaseException as e:
             self._broken = True
@@ -222,7 +228,7 @@ class Writer:
             self._sync_all()
         else:
             with self._sync_lock:
-                self._unsynced += [(time.monotonic(), p) for p in paths]
+                self._unsynced += [(now(), p) for p in paths]
 
     def _write_batches(self, last_state: int | None, sync: bool) -> list[Path]:
         """Write the logged batches of the updates that end at or before `last_state` (all, if None)."""
@@ -267,6 +273,18 @@ class Writer:
             if isinstance(err, RecordError):
                 raise RecordError(str(err))
             raise RecordError(f"{self.path}: recording failed in the background: {err!r}") from err
+
+    def flush(self) -> None:
+        """Write the open chunk now and return once every chunk handed to the I/O thread is on disk, fsynced.
+        Nothing may be in flight (the snapshot has settled)."""
+        self.raise_if_failed()
+        with self._lock:
+            if self._open is not None:
+                self._close(self._open, sync=True)
+        for fut in list(self._writes):
+            fut.exception()  # waits
+        self.raise_if_failed()
+        self._sync_all()
 
     def close(self) -> None:
         """Write the open chunk and every logged batch, fsync everything, stop the threads. Nothing may be in
