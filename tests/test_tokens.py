@@ -65,7 +65,7 @@ def test_per_token_totals_are_each_tokens_own_loss_change(lm_run, tmp_path):
     ex, pos = torch.nonzero(keep, as_tuple=True)
     want = pl.concat([pl.DataFrame({"step": a, "example": ex.numpy(), "position": (pos + 1).numpy(),
                                     "change": (losses[b][0] - losses[a][0])[keep].numpy()})
-                      for a, b in zip(run.steps, run.steps[1:])])
+                      for a, b in zip(run.steps, run.steps[1:], strict=False)])
     j = tok.join(want, on=["step", "example", "position"])
     assert len(j) == len(tok) == len(want)
     # per step and token: the loss change the compute reports (lca + residual) is the one evaluated here (up to
