@@ -141,3 +141,11 @@ def digits_nan_example():
     x[7, 3] = float("nan")
     t.data = {**t.data, "val": (x, y)}
     return t
+
+
+@replay.register_task
+def golden():
+    """The task of tests/golden (tools/make_golden.py): nn.Linear(3, 2) and a fixed quadratic loss."""
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(8, 3, generator=g), torch.randn(8, 2, generator=g)
+    return replay.Task(nn.Linear(3, 2), {"train": (x, y)}, loss_fn=lambda out, t: (out - t).square().mean(1))

@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -332,14 +333,34 @@ def test_batch_norm_batch_of_one_is_refused(tmp_path):
         replay.compute(run_dir, ["train"], task=t, out=tmp_path / "x")
 
 
-def test_running_statistics_without_recorded_buffers_warn(tmp_path):
+def test_running_statistics_without_recorded_buffers_are_the_tasks_and_trained_ones_are_accepted(tmp_path):
+    """batchnorm='running' on a run without recorded buffers: a freshly built task model has state 0's (initial)
+    statistics, and the warning says to load the trained ones into the task; doing so is accepted (statistics
+    are not constants of training, so state 0's checksum does not refuse them), unwarned, and the replayed loss
+    is the trained model's evaluated directly."""
     run_dir = tmp_path / "run"
-    train_digits(tasks.BNDropNet(), str(run_dir), epochs=1, batch=512, task="tasks:bn_drop")
+    trained = train_digits(tasks.BNDropNet(), str(run_dir), epochs=1, batch=512, task="tasks:bn_drop")
     t = tasks.bn_drop()
     t.batchnorm = "running"
-    with pytest.warns(ReplayWarning, match="recorded no buffers"):
+    with pytest.warns(ReplayWarning, match=r"recorded no buffers, so the replay uses the task model's running "
+                                           r"statistics, which are state 0's .* load the trained model's running "
+                                           r"statistics into the task's model"):
         fr = replay.compute(run_dir, ["val"], task=t, out=tmp_path / "lca")
-    assert fr.meta["batchnorm_stats"] == "the task model's own buffers: the run recorded none"
+    assert "state 0's" in fr.meta["batchnorm_stats"]
+    t = tasks.bn_drop()  # as the warning advises
+    t.batchnorm = "running"
+    bn = [n for n, _ in trained.named_buffers()]
+    t.model.load_state_dict({n: b for n, b in trained.state_dict().items() if n in bn}, strict=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReplayWarning)
+        fr = replay.compute(run_dir, ["val"], task=t, out=tmp_path / "trained")
+    assert fr.meta["batchnorm_stats"] == "the task model's own running statistics (not state 0's), for every step"
+    x, y = t.data["val"]
+    trained.eval()
+    with torch.no_grad():
+        direct = nn.functional.cross_entropy(trained(x), y).item()  # the final state, the trained statistics
+    last = fr.steps.collect().sort("step")["loss_after"][-1]
+    assert last == pytest.approx(direct, rel=1e-6), (last, direct)
 
 
 # ---- replay: stale output, unchanged steps, sparse states ------------------------------------------

@@ -26,7 +26,7 @@ from replay.engine.evaluate import LossEvaluator
 from replay.engine.fingerprint import task_fingerprint
 from replay.engine.ghost import ExampleProducts
 from replay.engine.ledger import Ledger
-from replay.engine.model_check import check_constants, check_model
+from replay.engine.model_check import check_constants, check_model, running_stats_note
 from replay.engine.rows import ExampleIntegrand, Rows, TokenIntegrand
 from replay.engine.steps import StepLoop
 from replay.errors import ReplayError, ReplayWarning, RunError, SettingError, TaskError, os_reason
@@ -326,10 +326,10 @@ def _notes(run: Run, t: Task, todo: list[int], st: Settings) -> dict:
             last = run.steps[-1]
             notes["batchnorm_stats"] = f"recorded buffers of state {last} (the last), for every step"
         else:
-            notes["batchnorm_stats"] = "the task model's own buffers: the run recorded none"
-            warnings.warn(f"{run.path}: batchnorm='running' but the run recorded no buffers, so the running "
-                          f"statistics are the task model's own; record with Recorder(buffers=True) or set them "
-                          f"in the task", ReplayWarning, stacklevel=3)
+            notes["batchnorm_stats"], untrained = running_stats_note(t, run)
+            if untrained:
+                warnings.warn(f"{run.path}: batchnorm='running' but the run recorded no buffers, so the replay "
+                              f"uses {notes['batchnorm_stats']}", ReplayWarning, stacklevel=3)
     if run.missing is not None:
         first, last = run.missing
         notes["missing_states"] = [first, last]

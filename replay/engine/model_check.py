@@ -58,8 +58,9 @@ def check_constants(task: Task, run: Run, mode: str = "check") -> str | None:
     state-0 checksums in the manifest): a task whose frozen base came from another seed replays "grounded"
     with the learning gone. Refused in one line naming them; with mode 'warn', the line is returned instead.
 
-    Batch-norm running statistics are compared only where replay uses them (batchnorm='running' without
-    recorded buffers): in batch-statistics mode they are not read, and recorded buffers replace them.
+    Batch-norm running statistics are never compared: training changes them every step, so state 0's are no
+    reference. In batch-statistics mode they are not read, recorded buffers replace them, and without recorded
+    buffers the task's own are used for every step (`running_stats_note` says which ones).
     """
     if mode not in CONSTANTS_MODES:
         raise TaskError(f"constants: expected one of {CONSTANTS_MODES}, got {mode!r}")
@@ -67,12 +68,7 @@ def check_constants(task: Task, run: Run, mode: str = "check") -> str | None:
     if not recorded:
         return None  # a run of an earlier replay: nothing to compare with
     model = unwrap_model(task.model)
-    skip = set()
-    if task.batchnorm == "batch" or run.manifest.buffers:
-        for mname, m in model.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                skip |= {f"{mname}.{b}" if mname else b for b, _ in m.named_buffers(recurse=False)}
-    bad = mismatched(recorded, model, skip)
+    bad = mismatched(recorded, model, set(_running_stats(model)))
     if not bad:
         return None
     kinds = {recorded[n]["kind"] for n in bad}
@@ -84,3 +80,26 @@ def check_constants(task: Task, run: Run, mode: str = "check") -> str | None:
     if mode == "check":
         raise TaskError(line)
     return line
+
+
+def _running_stats(model: nn.Module) -> list[str]:
+    """Names of the batch-norm statistics buffers (running mean, variance, counter) of `model`."""
+    return [f"{mname}.{b}" if mname else b for mname, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) for b, _ in m.named_buffers(recurse=False)]
+
+
+def running_stats_note(task: Task, run: Run) -> tuple[str, bool]:
+    """(what the frames' meta says, whether the user must hear it) of the running statistics a
+    batchnorm='running' replay uses when the run recorded no buffers: the task model's own. Those of state 0
+    (the initial ones, as a freshly built model has) are untrained: a warning says how to give trained ones."""
+    model = unwrap_model(task.model)
+    names = _running_stats(model)
+    recorded = {n: c for n, c in (run.manifest.constants or {}).items() if n in names}
+    advice = ("record with Recorder(buffers=True), or load the trained model's running statistics into the "
+              "task's model")
+    if not recorded:  # a run of an earlier release: nothing tells which statistics these are
+        return f"the task model's own running statistics, for every step; if they are not trained ones, {advice}", True
+    if not mismatched(recorded, model):
+        return (f"the task model's running statistics, which are state 0's (the initial ones), for every step; "
+                f"{advice}"), True
+    return "the task model's own running statistics (not state 0's), for every step", False
