@@ -4,7 +4,7 @@ reads back bit-exact against the parameters training had, verifies clean, and sa
 import pytest
 import torch
 from conftest import assert_bit_equal
-from grid_train import DTYPES, EVERY, STEPS, cell_name, cells
+from grid_train import DTYPES, STEPS, cell_name, cells
 from test_scale import TESTS, torchrun
 
 import replay
