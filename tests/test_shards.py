@@ -124,9 +124,9 @@ def test_fsdp2_ranks_record_their_local_shards_and_the_run_reads_bit_exact(fsdp_
         own = torch.load(fsdp_run / f"fsdp-own-r{r}.pt")
         for t in (0, 5, 12):
             assert_bit_equal(run.state(t), own[t], f"rank {r}, state {t}")
-    sizes = [sum(p.spec.nbytes for p in ps) for ps in run.pieces]
+    sizes = [sum(p.spec.nbytes for p in ps) for ps in run.source.pieces]
     assert min(sizes) > 0.4 * sum(sizes), f"the local shards split the state: {sizes}"
-    names = {p.spec.name for p in run.pieces[1]}
+    names = {p.spec.name for p in run.source.pieces[1]}
     assert "2.bias[3:5]" in names, "rank 1 holds rows 3..4 of the 5-row bias (dim-0 shards of unequal length)"
 
 

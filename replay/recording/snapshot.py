@@ -105,6 +105,25 @@ def _xor(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
     np.bitwise_xor(a.view(np.uint64), b.view(np.uint64), out=out.view(np.uint64))
 
 
+class InOrder:
+    """States handed to a worker thread, in order: a failure re-raises on the training thread, at the next
+    look (`raise_if_failed`) or when it waits for all of them (`wait`)."""
+
+    def __init__(self):
+        self._futures: deque[cf.Future] = deque()
+
+    def add(self, future: cf.Future) -> None:
+        self._futures.append(future)
+
+    def raise_if_failed(self) -> None:
+        while self._futures and self._futures[0].done():
+            self._futures.popleft().result()
+
+    def wait(self) -> None:
+        while self._futures:
+            self._futures.popleft().result()
+
+
 class InlineSnapshot:
     """Small CPU states: copied and XOR-encoded on the training thread at the fence."""
 
@@ -160,7 +179,7 @@ class DeferredSnapshot:
             self._pool.put((flat, params.views(flat), buffers.views(flat)))
         self._copier = cf.ThreadPoolExecutor(1, thread_name_prefix="replay-copier")
         self._encoder = cf.ThreadPoolExecutor(1, thread_name_prefix="replay-encoder")
-        self._encodes: deque[cf.Future] = deque()
+        self._encodes = InOrder()
         self._prev: tuple | None = None  # the encoder's previous state (its staging)
         self._pending: tuple | None = None  # (t, staging, copy future, versions at the post-hook)
 
@@ -185,9 +204,9 @@ class DeferredSnapshot:
         if changed:  # changed in place since the post-hook (weight clipping, projections)
             self.params.copy(staging[1], only=changed)
         slot = self.writer.reserve(t)
-        self._encodes.append(self._encoder.submit(self._encode, slot, staging))
+        self._encodes.add(self._encoder.submit(self._encode, slot, staging))
         self._pending = None
-        self._raise_if_failed()
+        self._encodes.raise_if_failed()
         self.pacer.waited(waited, self.nbytes, own=self.pacer.now() - t0 - waited)
 
     def _encode(self, slot: Slot, staging: tuple) -> None:
@@ -207,18 +226,13 @@ class DeferredSnapshot:
             try:
                 return self._pool.get(timeout=0.05)
             except queue.Empty:
-                self._raise_if_failed()
+                self._encodes.raise_if_failed()
                 self.writer.raise_if_failed()
                 guard.raise_if_interrupted()
 
-    def _raise_if_failed(self) -> None:
-        while self._encodes and self._encodes[0].done():
-            self._encodes.popleft().result()
-
     def settle(self) -> None:
         """Wait until every fenced state is encoded and committed to the writer (the threads go on)."""
-        while self._encodes:
-            self._encodes.popleft().result()
+        self._encodes.wait()
 
     def drain(self) -> None:
         self.settle()
@@ -237,7 +251,7 @@ class CudaSnapshot:
         self._flats = [torch.zeros(nbytes, dtype=torch.uint8, device=device) for _ in range(2)]
         self._views = [(params.views(f), buffers.views(f)) for f in self._flats]
         self._encoder = cf.ThreadPoolExecutor(1, thread_name_prefix="replay-encoder")
-        self._commits: deque[cf.Future] = deque()
+        self._commits = InOrder()
         self.due: int | None = None
 
     def begin(self, t: int) -> None:
@@ -272,22 +286,17 @@ class CudaSnapshot:
         self._flats.reverse()
         self._views.reverse()
         self.due = None
-        self._commits.append(self._encoder.submit(self._commit, slot, copied))
-        self._raise_if_failed()
+        self._commits.add(self._encoder.submit(self._commit, slot, copied))
+        self._commits.raise_if_failed()
         self.pacer.waited(waited, self.nbytes, own=self.pacer.now() - t0 - waited)
 
     def _commit(self, slot: Slot, copied: torch.cuda.Event) -> None:
         copied.synchronize()  # (encoder thread) the slot's bytes are on the host
         self.writer.commit(slot)
 
-    def _raise_if_failed(self) -> None:
-        while self._commits and self._commits[0].done():
-            self._commits.popleft().result()
-
     def settle(self) -> None:
         """Wait until every fenced state is on the host and committed to the writer (the thread goes on)."""
-        while self._commits:
-            self._commits.popleft().result()
+        self._commits.wait()
 
     def drain(self) -> None:
         self.settle()

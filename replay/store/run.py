@@ -18,14 +18,13 @@ import polars as pl
 import torch
 from safetensors.torch import save
 
-from replay.errors import ChunkDamaged, RunError
-from replay.store.atomic import is_tmp, write_atomic
-from replay.store.batches import batch_files, check_batches, read_batches
-from replay.store.chunk import CHUNK_RE, Chunk
-from replay.store.claim import is_locked
+from replay.errors import RunError
+from replay.store.atomic import write_atomic
+from replay.store.directory import ChunkDir
 from replay.store.files import regular_size
 from replay.store.layout import StateLayout
 from replay.store.manifest import MANIFEST, Manifest
+from replay.store.sharded import ShardedDirs
 
 
 @dataclass
@@ -45,7 +44,10 @@ class RunInfo:
 
 
 class Run:
-    """A recorded run. `steps` are the recorded state indices (0, every, 2·every, ...)."""
+    """A recorded run. `steps` are the recorded state indices (0, every, 2·every, ...).
+
+    What holds the states is one directory of chunks (`store.directory`) or, for a sharded run, N of them
+    side by side (`store.sharded`); this class is the reader both share."""
 
     def __init__(self, path: str | Path, manifest: Manifest | None = None):
         self.path = Path(path)
@@ -53,26 +55,11 @@ class Run:
             raise RunError(f"{self.path}: no such run directory")
         self.manifest = manifest or Manifest.read(self.path)
         self.layout = StateLayout(self.manifest.tensors)
-        every = self.manifest.every
-        self.chunks: list[Chunk] = []
-        self.orphans: list[Chunk] = []  # chunks after a gap (a lost chunk): not part of the run
-        self.invalid: list[Chunk] = []  # names no writer makes (more states than a chunk holds): damaged
-        self.leftovers: list[str] = []  # temp files of writes a kill interrupted (or being written now): ignored
-        found = []
-        for p in self.path.iterdir():
-            if CHUNK_RE.match(p.name):
-                c = Chunk(p, every, self.layout, self.manifest.run_id, self.manifest.version)
-                (found if c.claim_ok else self.invalid).append(c)
-            elif is_tmp(p.name):
-                self.leftovers.append(p.name)
-        expected = 0
-        for c in sorted(found, key=lambda c: c.first):
-            if c.first == expected and not self.orphans:
-                self.chunks.append(c)
-                expected = c.last + every
-            else:
-                self.orphans.append(c)
-        self.steps: list[int] = [t for c in self.chunks for t in c.steps]
+        self.source: ChunkDir | ShardedDirs = (ShardedDirs(self.path, self.manifest) if self.manifest.shards
+                                               is not None else ChunkDir(self.path, self.manifest))
+        src = self.source
+        self.steps: list[int] = list(src.steps)
+        self.chunks, self.orphans, self.invalid, self.leftovers = src.chunks, src.orphans, src.invalid, src.leftovers
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, steps={len(self.steps)}, tensors={len(self.manifest.params)})"
@@ -93,27 +80,18 @@ class Run:
     @property
     def live(self) -> bool | None:
         """Whether a Recorder is writing this run right now (its steps may still grow); None if unknown."""
-        return is_locked(self.path)
+        return self.source.live
 
     @property
     def missing(self) -> tuple[int, int] | None:
         """(first missing state, last recorded state after the gap) when a middle chunk is lost, else None."""
-        if not self.orphans:
-            return None
-        return (self.steps[-1] + self.manifest.every if self.steps else 0), self.orphans[-1].last
+        return self.source.missing
 
     @property
     def batches(self) -> pl.DataFrame:
         """The logged training batches (`Recorder.log_batch`): `step, example`, one row per example id;
         step t is the update from state t to t+1. Empty when the run logged none."""
-        return read_batches(self.path, self.manifest.run_id)
-
-    def _chunk_of(self, t: int) -> Chunk:
-        for c in self.chunks:
-            if c.first <= t <= c.last and (t - c.first) % self.manifest.every == 0:
-                return c
-        have = f"{self.steps[0]}..{self.steps[-1]} every {self.manifest.every}" if self.steps else "none"
-        raise RunError(f"{self.path}: state {t} was not recorded (recorded: {have})")
+        return self.source.batches
 
     def _typed(self, flat: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
         """{name: tensor} of one kind, views into one private copy of the flat state (one copy per state)."""
@@ -129,21 +107,12 @@ class Run:
 
     def flat_state(self, t: int) -> torch.Tensor:
         """State t as its flat bytes (`store.layout`), a private copy."""
-        for _, flat in self._chunk_of(t).flat_states(start=t):
-            return flat.clone()
-        raise AssertionError("unreachable")
+        return self.source.flat_state(t)
 
     def flat_states(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (t, flat uint8 state) for recorded t in range(start, stop); the tensor is overwritten by the
         next one (copy what you keep)."""
-        stop = self.steps[-1] + 1 if stop is None and self.steps else (stop or 0)
-        for c in self.chunks:
-            if c.last < start or c.first >= stop:
-                continue
-            for t, flat in c.flat_states(start=start):
-                if t >= stop:
-                    return
-                yield t, flat
+        return self.source.flat_states(start, stop)
 
     def states(self, start: int = 0, stop: int | None = None, *, buffers: bool = False
                ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -201,24 +170,7 @@ class Run:
 
     def verify(self) -> list[str]:
         """Check every chunk (checksum, identity, header, size); return one line per problem found."""
-        problems = []
-        if not self.chunks and not self.orphans:
-            problems.append(f"{self.path}: nothing was recorded (no chunk); a recorder killed before its first "
-                            f"flush leaves only the manifest")
-        for c in self.invalid + self.chunks + self.orphans:
-            try:
-                c.verify(hint=False)
-            except ChunkDamaged as e:
-                problems.append(str(e))
-        for p in batch_files(self.path):
-            if why := check_batches(p, self.manifest.run_id):
-                problems.append(f"{p}: {why} — the batches file is damaged; the states are unaffected")
-        if self.orphans:
-            a, b = self.missing
-            problems.append(f"{self.path}: states from {a} are missing (a chunk is lost) but {len(self.orphans)} "
-                            f"chunk(s) up to state {b} follow the gap; the run is readable up to state "
-                            f"{self.steps[-1] if self.steps else 'none'}")
-        return problems
+        return self.source.verify()
 
     def info(self) -> RunInfo:
         n_params = sum(s.numel for s in self.manifest.params)
@@ -231,7 +183,7 @@ class Run:
             tensors=len(self.manifest.tensors),
             params=n_params,
             chunks=len(self.chunks),
-            bytes_on_disk=size + (regular_size(self.path / MANIFEST) or 0),
+            bytes_on_disk=size + self.source.manifest_bytes(),
             bytes_per_param_step=size / max(1, n_params * steps),
             orphans=[c.path.name for c in self.orphans + self.invalid],
             leftovers=list(self.leftovers),
@@ -262,8 +214,4 @@ def open_run(path: str | Path) -> Run:
     if manifest.shard is not None:
         raise RunError(f"{path}: is shard {manifest.shard['rank']} of a sharded run, not a run; open its parent "
                        f"directory {path.parent}")
-    if manifest.shards is not None:
-        from replay.store.sharded import ShardedRun
-
-        return ShardedRun(path, manifest)
     return Run(path, manifest)

@@ -1,4 +1,4 @@
-"""Reading a sharded run (`store.shards`): N shard runs put side by side, bit-exact.
+"""The states of a sharded run (`store.shards`): N shard directories put side by side, bit-exact.
 
 A state exists when every shard recorded it: the run's steps are the steps all shards share (a
 rank that died early shortens the run, and `verify`/`info` say which). A missing shard, or one
@@ -15,22 +15,24 @@ import polars as pl
 import torch
 
 from replay.errors import RunError
+from replay.store.claim import is_locked
+from replay.store.directory import ChunkDir, not_recorded
 from replay.store.files import regular_size
 from replay.store.layout import StateLayout
 from replay.store.manifest import MANIFEST, Manifest
-from replay.store.run import Run, RunInfo
 from replay.store.shards import ShardPiece, listed_pieces, pieces, shard_name, shard_run_id, uncovered
 
 
-class ShardedRun(Run):
-    """A run recorded by N ranks, one byte range of every state each; reads like any `Run`."""
+class ShardedDirs:
+    """The shard directories of a run recorded by N ranks, one byte range of every state each: the same reader
+    as one `ChunkDir` (what `store.run.Run` reads states from)."""
 
     def __init__(self, path: Path, manifest: Manifest):
         self.path, self.manifest = Path(path), manifest
         self.layout = StateLayout(manifest.tensors)
         world = manifest.shards["world"]
         self.pieces = self._pieces(world)  # per rank: the pieces it holds (DDP byte ranges or FSDP2 shards)
-        self.shards: list[tuple[int, Run]] = []  # (rank, its run) for every rank that holds something
+        self.shards: list[tuple[int, ChunkDir]] = []  # (rank, its directory) for every rank that holds something
         self._copies: list[list[tuple[int, int, int]]] = []  # per shard: (full offset, shard offset, bytes)
         for r in range(world):
             if self.pieces[r]:
@@ -74,13 +76,13 @@ class ShardedRun(Run):
             return {**me, "pieces": sh["pieces"][r]}
         return {**me, "start": sh["bounds"][r], "stop": sh["bounds"][r + 1]}
 
-    def _open_shard(self, r: int, world: int) -> tuple[Run, list[tuple[int, int, int]]]:
+    def _open_shard(self, r: int, world: int) -> tuple[ChunkDir, list[tuple[int, int, int]]]:
         d = self.path / shard_name(r, world)
         held = sum(p.spec.nbytes for p in self.pieces[r])
         if not d.is_dir():
             raise RunError(f"{d}: shard {r} of {world} is missing (rank {r} recorded {held:,} bytes of every state "
                            f"there); copy every rank's shard directory into {self.path}")
-        run = Run(d)
+        run = ChunkDir(d, Manifest.read(d))
         sm = run.manifest
         specs = [p.spec for p in self.pieces[r]]
         if sm.shard != self._want(r, world) or sm.run_id != shard_run_id(self.manifest.run_id, r) or \
@@ -98,13 +100,9 @@ class ShardedRun(Run):
                 plan.append((dst, src, n))
         return run, plan
 
-    def __repr__(self) -> str:
-        return (f"Run({str(self.path)!r}, steps={len(self.steps)}, tensors={len(self.manifest.params)}, "
-                f"shards={len(self.shards)})")
-
     @property
     def live(self) -> bool | None:
-        states = [Run.live.fget(s) for _, s in self.shards] + [Run.live.fget(self)]
+        states = [s.live for _, s in self.shards] + [is_locked(self.path)]
         return True if any(states) else (None if None in states else False)
 
     @property
@@ -118,9 +116,12 @@ class ShardedRun(Run):
         frames = [s.batches for _, s in self.shards]
         return pl.concat(frames).sort("step", maintain_order=True) if frames else pl.DataFrame()
 
+    def manifest_bytes(self) -> int:
+        return sum(s.manifest_bytes() for _, s in self.shards) + (regular_size(self.path / MANIFEST) or 0)
+
     def flat_state(self, t: int) -> torch.Tensor:
         if t not in set(self.steps):
-            self._chunk_of(t)  # the usual line: not recorded, and what was
+            raise not_recorded(self.path, self.steps, self.manifest.every, t)
         for _, flat in self.flat_states(t, t + 1):
             return flat.clone()
         raise RunError(f"{self.path}: state {t} was not recorded by every shard")
@@ -152,8 +153,3 @@ class ShardedRun(Run):
                                 f"last one every shard has ({self.steps[-1] if self.steps else 'none'}): another "
                                 f"rank stopped earlier; the run is readable up to there")
         return problems
-
-    def info(self) -> RunInfo:
-        info = super().info()
-        info.bytes_on_disk += sum(regular_size(s.path / MANIFEST) or 0 for _, s in self.shards)
-        return info
