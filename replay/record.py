@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from replay.errors import RecordError
-from replay.recording import guard, snapshot
+from replay.recording import guard, sharding, snapshot
 from replay.recording.pacer import Pacer
 from replay.recording.snapshot import CudaSnapshot, DeferredSnapshot, Gather, InlineSnapshot, Piece, whole_pieces
 from replay.recording.watch import ParamWatch, wrap_skipping_step
@@ -49,9 +49,7 @@ from replay.store.claim import Claim, claim
 from replay.store.compress import zstd
 from replay.store.constants import constants_of
 from replay.store.layout import StateLayout, spec_of
-from replay.store.manifest import MANIFEST, SHARDED_FORMAT, Manifest
-from replay.store.shards import bounds, dtensor_range, listed_pieces, shard_name, shard_run_id
-from replay.store.shards import pieces as pieces_in
+from replay.store.manifest import MANIFEST, Manifest
 from replay.wrappers import torch_optimizer, trainable_parameters, unwrap_model
 
 # Chosen by tools/bench_chunks.py (2.4 MB states, this 2-core box): write throughput is the
@@ -79,33 +77,6 @@ def _check_arguments(model: nn.Module, every: int, task: str | None, chunk_bytes
         raise ValueError(f"flush_secs: expected a positive number of seconds, got {flush_secs!r}")
 
 
-def _fsdp2(model: nn.Module) -> bool:
-    """Whether the model is sharded the way FSDP2 (`fully_shard`) shards it: every trainable parameter a
-    DTensor sharded on dim 0 of a 1-D mesh of every rank; each rank then records its local shards. FSDP1 and
-    other DTensor layouts (tensor parallelism, replication, 2-D meshes) are refused in one line."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return False
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.distributed.tensor import DTensor, Shard
-
-    if isinstance(model, FullyShardedDataParallel) or any(isinstance(m, FullyShardedDataParallel)
-                                                           for m in model.modules()):
-        raise RecordError("the model is wrapped in FSDP1 (FullyShardedDataParallel), whose flat parameters replay "
-                          "cannot map back to the model's; shard it with FSDP2 (torch.distributed.fsdp.fully_shard) "
-                          "or record a DistributedDataParallel model")
-    params = [p for p in model.parameters() if p.requires_grad]
-    dt = [p for p in params if isinstance(p, DTensor)]
-    if not dt:
-        return False
-    ok = len(dt) == len(params) and all(
-        p.device_mesh.ndim == 1 and p.device_mesh.size() == dist.get_world_size()
-        and tuple(p.placements) == (Shard(0),) for p in dt)
-    if not ok:
-        raise RecordError("the model's parameters are DTensors sharded other than FSDP2's way (Shard(0) on a 1-D "
-                          "mesh of every rank): tensor parallelism and 2-D meshes are not recordable yet")
-    return True
-
-
 def _refuse_unrecordable(params: list[tuple[str, nn.Parameter]]) -> None:
     meta = [n for n, p in params if p.is_meta]
     if meta:
@@ -117,14 +88,6 @@ def _refuse_unrecordable(params: list[tuple[str, nn.Parameter]]) -> None:
     if len(devices) > 1:
         raise RecordError(f"the trainable parameters are on {len(devices)} devices ({', '.join(map(str, devices))}); "
                           f"record a model whose parameters are on one device")
-
-
-def _rmdir(path: Path, created: bool) -> None:
-    if created:
-        try:
-            path.rmdir()
-        except OSError:
-            pass
 
 
 def _close_at_exit(rec: Recorder) -> None:
@@ -155,7 +118,9 @@ class Recorder:
     State 0 (the parameters now) is captured on creation. Only states 0, every, 2·every, ... are
     stored. A crash loses at most `flush_secs` of recording. Use as a context manager or call
     `close()`. A DistributedDataParallel or torch.compile'd model is recorded under the plain
-    model's names; under DDP by process `rank` only (`recording` says which one this is).
+    model's names. Under DDP every rank records its 1/N byte range of every state (FSDP2: its local
+    shards) into its own shard of the run; `rank=r` has one process record whole states instead
+    (`recording` says whether this one does). `flush()` writes what is final now.
     `compress=True` stores chunks zstd-compressed (needs zstandard; see `store.compress` for
     what it saves: 1.6x for float32, ~4x for bfloat16), at one core's work per ~470 MB/s of states.
     """
@@ -184,7 +149,7 @@ class Recorder:
         if shard and not distributed:
             raise ValueError("shard=True needs an initialized torch.distributed process group of more than one "
                              "process; without one, the Recorder records whole states")
-        self._fsdp = _fsdp2(unwrap_model(model))
+        self._fsdp = sharding.is_fsdp2(unwrap_model(model))
         if self._fsdp and (rank is not None or shard is False or buffers):
             raise ValueError("an FSDP2 model is recorded by every rank, its own shards, and without buffers: drop "
                              "rank=, shard=False and buffers=True")
@@ -274,67 +239,22 @@ class Recorder:
             self._hooks.append(opt.register_step_post_hook(lambda *_: self.capture()))
         self._take(0)
 
-    def _my_pieces(self, world: int, me: int) -> tuple[list, dict]:
-        """This rank's pieces of the state, and how its shard manifest says where they are; the run's
-        manifest gets every rank's (FSDP2: gathered) or the byte bounds (DDP)."""
-        m = self._manifest
-        m.format = SHARDED_FORMAT
-        if self._fsdp:  # each rank its local shards: every rank's list goes into the run's manifest
-            mine = [x for x in ([n, *dtensor_range(p)] for n, p in self._params) if x[2] > x[1]]
-            listed: list = [None] * world
-            dist.all_gather_object(listed, mine)
-            m.shards = {"world": world, "pieces": listed}
-            return listed_pieces(self.layout, mine), {"pieces": mine}
-        b = bounds(self.layout.nbytes, world)
-        m.shards = {"world": world, "bounds": b}
-        return pieces_in(self.layout, b[me], b[me + 1]), {"start": b[me], "stop": b[me + 1]}
-
-    def _claim_run(self, me: int) -> str:
-        """Rank 0 claims the run directory and writes the run's manifest; every rank learns its id or the error."""
-        m = self._manifest
-        top = [None]
-        if me == 0:
-            try:
-                self._top, created = claim(self.path)
-                try:
-                    m.write(self.path)
-                except OSError as e:
-                    self._top.release()
-                    _rmdir(self.path, created)
-                    raise RecordError(f"{self.path}: cannot start recording ({e.strerror or e}); nothing was left "
-                                      f"behind — fix that and create the Recorder again") from None
-                top = [("ok", m.run_id)]
-            except RecordError as e:
-                top = [("error", str(e))]
-        dist.broadcast_object_list(top, src=0)
-        if top[0][0] == "error":
-            raise RecordError(top[0][1])
-        return top[0][1]
-
     def _start_shard(self, opt: torch.optim.Optimizer | None, queue_size: int, chunk_bytes: int,
                      compress: bool) -> None:
-        """Sharded recording (collective): rank 0 claims the run and writes its manifest, every rank then
-        claims and starts its own shard; a failure anywhere fails every rank with the same line."""
+        """Sharded recording (collective, `recording.sharding`): rank 0 claims the run and writes its manifest,
+        every rank then claims and starts its own shard; a failure anywhere fails every rank with one line."""
         world, me = dist.get_world_size(), dist.get_rank()
         m = self._manifest
-        shard_pieces, where = self._my_pieces(world, me)
-        m.run_id = self._claim_run(me)
+        shard_pieces, where = sharding.plan_shard(m, self.layout, self._params, self._fsdp, world, me)
+        m.run_id, self._top = sharding.claim_run(self.path, m, me)
         error = None
         if not shard_pieces:  # more ranks than 8-byte units (or local shards): this one has nothing to record
             self.recording = False
             if opt is not None:
                 self._hooks.append(opt.register_step_post_hook(lambda *_: self.capture()))
         else:
-            slayout = StateLayout([p.spec for p in shard_pieces])
-            sm = Manifest(slayout.specs, every=m.every, task=m.task, torch_version=m.torch_version,
-                          metadata=m.metadata, chunk_bytes=m.chunk_bytes, run_id=shard_run_id(m.run_id, me),
-                          shard={"rank": me, "world": world, "run": m.run_id, **where})
-            self._dir = self.path / shard_name(me, world)
-            index = {s.name: i for i, s in enumerate(self.layout.specs)}
-            # DDP: ranges of the parameters themselves; FSDP2: a local shard is the whole of its source
-            pieces = [Piece(index[p.source], 0 if self._fsdp else p.lo, (p.hi - p.lo) if self._fsdp else p.hi,
-                            slayout.offsets[p.spec.name], p.spec.torch_dtype,
-                            p.spec.shape if p.whole else None) for p in shard_pieces]
+            name, sm, slayout, pieces = sharding.shard_of(m, self.layout, shard_pieces, self._fsdp, where, me, world)
+            self._dir = self.path / name
             try:
                 self._claim, created = claim(self._dir)
                 try:
@@ -346,9 +266,7 @@ class Recorder:
                                       ) from None
             except RecordError as e:
                 error = str(e)
-        errors = [None] * world
-        dist.all_gather_object(errors, error)
-        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        failed = sharding.failures(error, world)
         if failed:
             if error is None and self.recording:
                 self._abandon(True)
@@ -356,10 +274,8 @@ class Recorder:
             if self._top is not None:
                 (self.path / MANIFEST).unlink(missing_ok=True)
                 self._top.release()
-                _rmdir(self.path, True)
-            r, e = failed[0]
-            raise RecordError(f"rank {r}: {e}" + (f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1
-                                                  else ""))
+                sharding.rmdir_if_created(self.path, True)
+            raise sharding.one_line(failed)
 
     def _abandon(self, created: bool) -> None:
         """The constructor failed: stop what started and remove what it wrote, so a retry can succeed."""
@@ -373,7 +289,7 @@ class Recorder:
             if p.name == MANIFEST or p.name.startswith(("chunk-", "batches-", ".")):
                 p.unlink(missing_ok=True)
         self._claim.release()
-        _rmdir(self._dir, created)
+        sharding.rmdir_if_created(self._dir, created)
 
     # ---- training thread -------------------------------------------------------------
 
