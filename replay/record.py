@@ -8,7 +8,7 @@ A façade over the parts in `replay.recording`, one job each:
         reserved from the writer, then committed
     writer: chunks written and fsynced in the background (`recording.writer`)
     watch: the parameter set stays the recorded one; skipped AMP steps are zero-change states
-    guard: Ctrl-C is held while a hook runs, so a state is recorded whole or not begun
+    interrupts: Ctrl-C is held while a hook runs, so a state is recorded whole or not begun
 
 What state t is: the parameters as the forward of update t sees them. That is the value
 right after the previous `optimizer.step()` plus any in-place change made before the next
@@ -39,9 +39,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from replay import interrupts
 from replay.errors import RecordError
-from replay.recording import guard, sharding, snapshot
-from replay.recording.pacer import Pacer
+from replay.recording import sharding, snapshot
+from replay.recording.rates import RateWatch
 from replay.recording.snapshot import CudaSnapshot, DeferredSnapshot, Gather, InlineSnapshot, Piece, whole_pieces
 from replay.recording.watch import ParamWatch, wrap_skipping_step
 from replay.recording.writer import Writer
@@ -212,9 +213,9 @@ class Recorder:
         tensors (sources: the parameters, then the buffers, in recording order); state 0 taken now."""
         device = self._params[0][1].device
         cuda = device.type == "cuda"
-        self._pacer = Pacer(self._dir, self.every, compress)
+        self._rates = RateWatch(self._dir, self.every, compress)
         self._writer = Writer(self._dir, layout, run_id, chunk_bytes=chunk_bytes, flush_secs=self.flush_secs,
-                              compress=compress, pinned=cuda, pacer=self._pacer)
+                              compress=compress, pinned=cuda, rates=self._rates)
         plist, blist = [p for _, p in self._params], [b for _, b in self._buffers]
         n = len(plist)
         ppieces = [p for p in pieces if p.source < n]
@@ -228,11 +229,11 @@ class Recorder:
         params, bufs = Gather(ppieces, sources), Gather(bpieces, lambda: blist)
         nbytes = layout.nbytes
         if cuda:
-            self._snapshot = CudaSnapshot(params, bufs, nbytes, self._writer, self._pacer, device)
+            self._snapshot = CudaSnapshot(params, bufs, nbytes, self._writer, self._rates, device)
         elif nbytes < snapshot.DEFER_BYTES or opt is None:  # without a pre-hook there is no forward to overlap
-            self._snapshot = InlineSnapshot(params, bufs, nbytes, self._writer, self._pacer)
+            self._snapshot = InlineSnapshot(params, bufs, nbytes, self._writer, self._rates)
         else:
-            self._snapshot = DeferredSnapshot(params, bufs, nbytes, self._writer, self._pacer,
+            self._snapshot = DeferredSnapshot(params, bufs, nbytes, self._writer, self._rates,
                                               lambda: [sources()[p.source]._version for p in ppieces], queue_size)
         if opt is not None:
             self._hooks.append(opt.register_step_pre_hook(lambda *_: self._fence()))
@@ -312,7 +313,7 @@ class Recorder:
         Interrupt-safe: a Ctrl-C during it is delivered when it returns, with the state recorded
         (or, if it came while waiting for the disk, before anything changed: the update is then
         counted with the next one)."""
-        with guard.held():
+        with interrupts.held():
             self._raise_if_failed()
             if not self.recording:
                 self.step += 1
@@ -338,7 +339,7 @@ class Recorder:
 
     def _fence(self) -> None:
         """The optimizer's pre-hook: the parameters are about to change, so the pending state is final."""
-        with guard.held():
+        with interrupts.held():
             self._raise_if_failed()
             self._snapshot.fence()
 
@@ -351,7 +352,7 @@ class Recorder:
         close; states captured with `capture()` are final at once. The chunk written now is shorter
         than `chunk_bytes` (the next starts with a keyframe): flush at checkpoints, not every step.
         """
-        with guard.held():
+        with interrupts.held():
             self._raise_if_failed()
             if not self.recording or self._closed:
                 return
@@ -364,7 +365,7 @@ class Recorder:
         The last state includes in-place changes made up to now: close right after training
         (before, say, loading a best checkpoint into the model).
         """
-        with guard.held():
+        with interrupts.held():
             if self._closed:
                 return
             self._closed = True

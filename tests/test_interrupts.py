@@ -24,7 +24,7 @@ from torch import nn
 
 import replay
 
-RECORDER_CODE = tuple(str(Path(replay.__file__).parent / p) for p in ("record.py", "recording"))
+RECORDER_CODE = tuple(str(Path(replay.__file__).parent / p) for p in ("record.py", "recording", "interrupts.py"))
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -136,10 +136,10 @@ def test_an_interrupt_at_every_line_of_the_hooks_leaves_every_state_whole_and_in
                                                                                        chunk_states, monkeypatch):
     import itertools
 
-    import replay.recording.pacer
+    import replay.recording.rates
 
     ticks = itertools.count()  # the recorder's rates clock: 1 µs a reading, so that no line runs by the load
-    monkeypatch.setattr(replay.recording.pacer, "clock", lambda: next(ticks) * 1e-6)
+    monkeypatch.setattr(replay.recording.rates, "clock", lambda: next(ticks) * 1e-6)
     # the lines of the recorder an update runs, uninterrupted (chunks of 1 or ~10 states: interrupts also land
     # while chunks are closed and handed to the writer)
     model, opt, data = _setup(chunk_states)

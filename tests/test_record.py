@@ -226,7 +226,7 @@ def test_a_recorder_slower_than_training_says_so_once(tmp_path, monkeypatch):
     takes none, so the writer is busy all the time whatever the machine's load."""
     import threading
 
-    import replay.recording.pacer
+    import replay.recording.rates
     import replay.recording.writer
 
     real, clock, lock = replay.recording.writer.write_chunk, [0.0], threading.Lock()
@@ -237,7 +237,7 @@ def test_a_recorder_slower_than_training_says_so_once(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(replay.recording.writer, "write_chunk", slow_disk)
-    monkeypatch.setattr(replay.recording.pacer, "clock", lambda: clock[0])
+    monkeypatch.setattr(replay.recording.rates, "clock", lambda: clock[0])
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.warns(ReplayWarning, match=r"recording slows training: states arrive at .* MiB/s and the "

@@ -30,8 +30,9 @@ from torch import nn
 
 from replay.engine.columns import Columns
 from replay.engine.parallel import Placement, shard_batches
-from replay.errors import ReplayError, TaskError
-from replay.task import Examples, Task, user_error
+from replay.engine.user_code import checked_losses
+from replay.errors import TaskError
+from replay.task import Examples, Task
 from replay.wrappers import unwrap_model
 
 MIXED = -1  # a batch's cell when it holds several (batch-norm batch statistics): see _DataPlan.mixed
@@ -207,18 +208,8 @@ class LossEvaluator:
 
     def _losses(self, plan: _DataPlan, a: int, b: int) -> torch.Tensor:
         """Per-example losses [b-a] of examples a..b: the user's model and loss_fn, checked."""
-        try:
-            per_example = plan.examples.slice(a, b).losses(self.model, self.task.loss_fn)
-        except ReplayError:
-            raise
-        except Exception as e:  # the user's code on the user's data: one line, their error
-            raise TaskError(f"data set {plan.name!r}, examples {a}..{b - 1}: the task's model or loss_fn failed: "
-                            f"{user_error(e)}") from None
-        if not isinstance(per_example, torch.Tensor) or tuple(per_example.shape) != (b - a,):
-            got = tuple(per_example.shape) if isinstance(per_example, torch.Tensor) else type(per_example).__name__
-            raise TaskError(f"loss_fn returned {got} for a batch of {b - a} examples of {plan.name!r}; it must "
-                            f"return one loss per example, shape ({b - a},) (e.g. reduction='none')")
-        return per_example
+        return checked_losses(plan.examples.slice(a, b), self.model, self.task.loss_fn,
+                              f"data set {plan.name!r}, examples {a}..{b - 1}")
 
     def _start_cell(self) -> None:
         """Zero the gradients a cell accumulates: the flat buffer (its views are p.grad), or per-parameter ones."""

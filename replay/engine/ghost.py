@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp, vmap
 
+from replay.engine.user_code import checked_losses
 from replay.errors import TaskError
 from replay.task import Examples, user_error
 from replay.wrappers import unwrap_model
@@ -133,7 +134,7 @@ class ExampleProducts:
             hooks.append(m.register_forward_hook(hook))
         try:
             with torch.enable_grad():
-                losses = self._losses(batch)
+                losses = self.losses(batch)
                 ys = [r[2] for r in records]
                 grads = torch.autograd.grad(losses.sum(), ys, allow_unused=True) if ys else []
         finally:
@@ -159,15 +160,9 @@ class ExampleProducts:
             d[:, :, slow] = self._forward_mode(batch, dirs, slow)
         return losses.detach().double(), d
 
-    def _losses(self, batch: Examples) -> torch.Tensor:
-        try:
-            out = batch.losses(self.model, self.loss_fn)
-        except Exception as e:  # the user's model on the user's data: one line, their error
-            raise TaskError(f"per-example LCA: the task's model or loss_fn failed: {user_error(e)}") from None
-        if not isinstance(out, torch.Tensor) or out.dim() != 1:
-            raise TaskError(f"loss_fn returned {tuple(getattr(out, 'shape', ()))}; per-example LCA needs one loss "
-                            f"per example")
-        return out
+    def losses(self, batch: Examples) -> torch.Tensor:
+        """Per-example losses [B] of the batch (the user's model and loss_fn, checked)."""
+        return checked_losses(batch, self.model, self.loss_fn, "per-example LCA")
 
     def _check(self, batch: Examples, dirs: list[dict], d: torch.Tensor, slow: list[int]) -> list[int]:
         """Compare the fast tensors on a few examples with the forward-mode product (or, where the model has no
@@ -197,7 +192,7 @@ class ExampleProducts:
         rows = []
         for e in range(len(batch)):
             with torch.enable_grad():
-                gs = torch.autograd.grad(self._losses(batch.slice(e, e + 1)).sum(), params, allow_unused=True)
+                gs = torch.autograd.grad(self.losses(batch.slice(e, e + 1)).sum(), params, allow_unused=True)
             rows.append(torch.stack([torch.zeros((), dtype=torch.float64) if g is None else
                                      (g.double() * direction[self.names[i]].double()).sum()
                                      for i, g in zip(which, gs, strict=True)]))

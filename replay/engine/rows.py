@@ -25,8 +25,8 @@ import torch
 from torch.func import functional_call, jvp
 
 from replay.engine.ghost import ExampleProducts, forward_mode_attention
-from replay.engine.simpson import Mesh, is_grounded
-from replay.engine.steps import refine
+from replay.engine.simpson import Mesh, is_grounded, refine
+from replay.engine.user_code import user_code
 from replay.errors import TaskError
 from replay.frames import FrameWriter
 from replay.task import Examples, user_error
@@ -56,7 +56,7 @@ class ExampleIntegrand:
         out = []
         with torch.no_grad():
             for a in range(0, len(self.data), self.batch):
-                out.append(self.products._losses(self.data.slice(a, a + self.batch)).double())
+                out.append(self.products.losses(self.data.slice(a, a + self.batch)).double())
         return torch.cat(out)
 
 
@@ -102,17 +102,13 @@ class TokenIntegrand:
 
     def _losses(self, batch: Examples, params: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
         t = batch.tensors
-        try:
+        with user_code("per-token LCA", "model or token loss"):
             if params is None:
                 out = self.model(**t) if isinstance(t, dict) else self.model(t[0])
             else:
                 out = functional_call(self.model, params, (), t) if isinstance(t, dict) else \
                     functional_call(self.model, params, (t[0],))
             return self.token_loss(out, t if isinstance(t, dict) else t[1])
-        except TaskError:
-            raise
-        except Exception as e:  # the user's model on the user's data
-            raise TaskError(f"per-token LCA: the task's model or token loss failed: {user_error(e)}") from None
 
     def __call__(self, dirs: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         params = {self.prefix + n: p.detach() for n, p in unwrap_model(self.model).named_parameters()}

@@ -25,6 +25,7 @@ trapezoid rule on the ends to Simpson (a conservative estimate: the trapezoid's 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -197,3 +198,25 @@ class Mesh:
             w[:, n.m] += on * (4.0 * n.h / 6.0)
             w[:, n.b] += on * (n.h / 6.0)
         return w
+
+
+def refine(mesh: Mesh, point: Callable[[float], tuple[torch.Tensor, torch.Tensor]], tol: float, rtol: float,
+           override: torch.Tensor | None = None) -> None:
+    """Evaluate the points the mesh asks for until every row is grounded or out of budget."""
+    while points := mesh.plan(tol, rtol, override):
+        override = None
+        for s in points:
+            mesh.add(s, *point(s))
+
+
+def points_of(mesh: Mesh) -> list[list[float]]:
+    """Per row, the s of the points its panels used (sorted)."""
+    leaf = mesh.leaf.cpu()
+    out = []
+    for r in range(leaf.shape[0]):
+        used = set()
+        for i in torch.nonzero(leaf[r]).flatten().tolist():
+            n = mesh.nodes[i]
+            used |= {mesh.s[n.a], mesh.s[n.m], mesh.s[n.b]}
+        out.append(sorted(used))
+    return out

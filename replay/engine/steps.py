@@ -27,12 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
+from replay import interrupts
 from replay.engine.evaluate import LossEvaluator
 from replay.engine.ledger import Ledger, StepLCA
 from replay.engine.parallel import Placement
-from replay.engine.simpson import Mesh, is_grounded
+from replay.engine.simpson import Mesh, is_grounded, points_of, refine
 from replay.frames import Frames
-from replay.recording import guard
 from replay.store import Run
 
 # Per-parameter losses keep each refined point's gradients [K, P] until the step's mesh is final (a panel may
@@ -55,28 +55,6 @@ class Start:
     values: torch.Tensor
     proj: torch.Tensor
     grads: torch.Tensor | None = None
-
-
-def refine(mesh: Mesh, point: Callable[[float], tuple[torch.Tensor, torch.Tensor]], tol: float, rtol: float,
-           override: torch.Tensor | None = None) -> None:
-    """Evaluate the points the mesh asks for until every row is grounded or out of budget."""
-    while points := mesh.plan(tol, rtol, override):
-        override = None
-        for s in points:
-            mesh.add(s, *point(s))
-
-
-def points_of(mesh: Mesh) -> list[list[float]]:
-    """Per row, the s of the points its panels used (sorted)."""
-    leaf = mesh.leaf.cpu()
-    out = []
-    for r in range(leaf.shape[0]):
-        used = set()
-        for i in torch.nonzero(leaf[r]).flatten().tolist():
-            n = mesh.nodes[i]
-            used |= {mesh.s[n.a], mesh.s[n.m], mesh.s[n.b]}
-        out.append(sorted(used))
-    return out
 
 
 class StepLoop:
@@ -265,7 +243,7 @@ class StepLoop:
                 self._segment(seg)
         except KeyboardInterrupt:  # keep every step computed so far (each is whole: see _segment)
             if self.ledger.since_flush and self._last_t1 is not None:
-                with guard.held():
+                with interrupts.held():
                     self.ledger.flush(self._last_t1, self._evals_done)  # (not the interrupted step's)
             raise
         if self.progress and self.todo:
@@ -287,7 +265,7 @@ class StepLoop:
                     values = v0
                     if d_next is not None:  # (projected onto the first moving step's direction)
                         start = Start(v0, p0[0], g0)
-                with guard.held():  # a step is in the frames whole or not at all
+                with interrupts.held():  # a step is in the frames whole or not at all
                     self.ledger.record(t0, t1, start.values if start is not None else values, None)
                     for r in self.rows:
                         r.unchanged(t0, t1, th0)
@@ -303,7 +281,7 @@ class StepLoop:
             v1, p1, g1 = self._eval(th1, [d] + ([d_next] if d_next is not None else []), end_buf)
             step = self._allocate(th0, d, start, Start(v1, p1[0], g1))
             commits = [r.step(t0, t1, th0, th1, d_next) for r in self.rows]
-            with guard.held():  # a step is in the frames whole or not at all
+            with interrupts.held():  # a step is in the frames whole or not at all
                 self.ledger.record(t0, t1, start.values, step)
                 for commit in commits:
                     commit()

@@ -22,7 +22,7 @@ Three ways to take it, chosen by where the parameters live and how big a state i
   thread commits the slot once its copy event has completed. Two states of GPU memory.
 
 Every path reserves the state's slot before it changes anything and commits it last, and
-runs inside the Ctrl-C guard (`recording.guard`): an interrupt leaves the state whole or not
+runs inside the Ctrl-C guard (`replay.interrupts`): an interrupt leaves the state whole or not
 begun, never half recorded.
 """
 
@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from replay.recording import guard
-from replay.recording.pacer import Pacer
+from replay import interrupts
+from replay.recording.rates import RateWatch
 from replay.recording.writer import Slot, Writer
 
 # CPU states smaller than this are copied on the training thread at the fence (a 1.2 MB copy takes ~0.1 ms
@@ -127,8 +127,8 @@ class InOrder:
 class InlineSnapshot:
     """Small CPU states: copied and XOR-encoded on the training thread at the fence."""
 
-    def __init__(self, params: Gather, buffers: Gather, nbytes: int, writer: Writer, pacer: Pacer):
-        self.params, self.buffers, self.writer, self.pacer, self.nbytes = params, buffers, writer, pacer, nbytes
+    def __init__(self, params: Gather, buffers: Gather, nbytes: int, writer: Writer, rates: RateWatch):
+        self.params, self.buffers, self.writer, self.rates, self.nbytes = params, buffers, writer, rates, nbytes
         self._flats = [torch.zeros(nbytes, dtype=torch.uint8) for _ in range(2)]  # current, previous (pad stays 0)
         self._views = [(params.views(f), buffers.views(f)) for f in self._flats]
         self.due: int | None = None
@@ -140,9 +140,9 @@ class InlineSnapshot:
     def fence(self) -> None:
         if self.due is None:
             return
-        t0 = self.pacer.now()
+        t0 = self.rates.now()
         slot = self.writer.reserve(self.due)  # may wait for a buffer: nothing is changed before it returns
-        waited = self.pacer.now() - t0
+        waited = self.rates.now() - t0
         cur, prev = self._flats[0].numpy(), self._flats[1].numpy()
         try:
             self.params.copy(self._views[0][0])
@@ -157,7 +157,7 @@ class InlineSnapshot:
         self._flats.reverse()  # this state is the previous one of the next
         self._views.reverse()
         self.due = None
-        self.pacer.waited(waited, self.nbytes, own=self.pacer.now() - t0 - waited)
+        self.rates.waited(waited, self.nbytes, own=self.rates.now() - t0 - waited)
 
     def settle(self) -> None:
         """Every fenced state is committed to the writer (here, at the fence itself)."""
@@ -169,9 +169,9 @@ class InlineSnapshot:
 class DeferredSnapshot:
     """Big CPU states: copied by a thread during forward/backward, encoded by another."""
 
-    def __init__(self, params: Gather, buffers: Gather, nbytes: int, writer: Writer, pacer: Pacer,
+    def __init__(self, params: Gather, buffers: Gather, nbytes: int, writer: Writer, rates: RateWatch,
                  version_of: Callable[[], list[int]], queue_size: int):
-        self.params, self.buffers, self.writer, self.pacer, self.nbytes = params, buffers, writer, pacer, nbytes
+        self.params, self.buffers, self.writer, self.rates, self.nbytes = params, buffers, writer, rates, nbytes
         self.version_of = version_of
         self._pool: queue.Queue = queue.Queue()
         for _ in range(queue_size + 2):  # states in flight, the encoder's previous, one being filled
@@ -184,22 +184,22 @@ class DeferredSnapshot:
         self._pending: tuple | None = None  # (t, staging, copy future, versions at the post-hook)
 
     def begin(self, t: int) -> None:
-        t0 = self.pacer.now()
+        t0 = self.rates.now()
         staging = self._get()  # may wait: nothing is changed before it returns
         flat, pviews, bviews = staging
         self.buffers.copy(bviews)
         versions = self.version_of()
         fut = self._copier.submit(self.params.copy, pviews)  # parameters are read-only until the fence
         self._pending = (t, staging, fut, versions)
-        self.pacer.waited(0.0, 0, own=self.pacer.now() - t0)
+        self.rates.waited(0.0, 0, own=self.rates.now() - t0)
 
     def fence(self) -> None:
         if self._pending is None:
             return
         t, staging, fut, versions = self._pending
-        t0 = self.pacer.now()
+        t0 = self.rates.now()
         fut.result()  # the copy of the post-hook (a failure re-raises here)
-        waited = self.pacer.now() - t0
+        waited = self.rates.now() - t0
         changed = [i for i, (a, b) in enumerate(zip(self.version_of(), versions, strict=True)) if a != b]
         if changed:  # changed in place since the post-hook (weight clipping, projections)
             self.params.copy(staging[1], only=changed)
@@ -207,7 +207,7 @@ class DeferredSnapshot:
         self._encodes.add(self._encoder.submit(self._encode, slot, staging))
         self._pending = None
         self._encodes.raise_if_failed()
-        self.pacer.waited(waited, self.nbytes, own=self.pacer.now() - t0 - waited)
+        self.rates.waited(waited, self.nbytes, own=self.rates.now() - t0 - waited)
 
     def _encode(self, slot: Slot, staging: tuple) -> None:
         """(encoder thread) The state's keyframe or delta into its slot, in state order."""
@@ -228,7 +228,7 @@ class DeferredSnapshot:
             except queue.Empty:
                 self._encodes.raise_if_failed()
                 self.writer.raise_if_failed()
-                guard.raise_if_interrupted()
+                interrupts.raise_if_interrupted()
 
     def settle(self) -> None:
         """Wait until every fenced state is encoded and committed to the writer (the threads go on)."""
@@ -243,9 +243,9 @@ class DeferredSnapshot:
 class CudaSnapshot:
     """CUDA states: gathered, XORed and copied to the host on a side stream; committed by an encoder thread."""
 
-    def __init__(self, params: Gather, buffers: Gather, nbytes: int, writer: Writer, pacer: Pacer,
+    def __init__(self, params: Gather, buffers: Gather, nbytes: int, writer: Writer, rates: RateWatch,
                  device: torch.device):
-        self.params, self.buffers, self.writer, self.pacer, self.nbytes = params, buffers, writer, pacer, nbytes
+        self.params, self.buffers, self.writer, self.rates, self.nbytes = params, buffers, writer, rates, nbytes
         self._side = torch.cuda.Stream(device)
         # next (the state being taken) and prev (the last one taken; then its delta)
         self._flats = [torch.zeros(nbytes, dtype=torch.uint8, device=device) for _ in range(2)]
@@ -263,9 +263,9 @@ class CudaSnapshot:
     def fence(self) -> None:
         if self.due is None:
             return
-        t0 = self.pacer.now()
+        t0 = self.rates.now()
         slot = self.writer.reserve(self.due)  # may wait for a host buffer: no GPU work is queued before it
-        waited = self.pacer.now() - t0
+        waited = self.rates.now() - t0
         nxt, prev = self._flats
         current = torch.cuda.current_stream()
         self._side.wait_stream(current)  # the parameters are final (in-place edits included)
@@ -288,7 +288,7 @@ class CudaSnapshot:
         self.due = None
         self._commits.add(self._encoder.submit(self._commit, slot, copied))
         self._commits.raise_if_failed()
-        self.pacer.waited(waited, self.nbytes, own=self.pacer.now() - t0 - waited)
+        self.rates.waited(waited, self.nbytes, own=self.rates.now() - t0 - waited)
 
     def _commit(self, slot: Slot, copied: torch.cuda.Event) -> None:
         copied.synchronize()  # (encoder thread) the slot's bytes are on the host

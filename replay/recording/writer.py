@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from replay import interrupts
 from replay.errors import RecordError, os_reason
-from replay.recording import guard
-from replay.recording.pacer import Pacer
+from replay.recording.rates import RateWatch
 from replay.store.atomic import fsync_path
 from replay.store.batches import write_batches
 from replay.store.chunk import chunk_capacity, write_chunk
@@ -100,9 +100,9 @@ class Writer:
     """Chunks of one recording (a whole run, or one rank's slice of it), written in the background."""
 
     def __init__(self, path: Path, layout: StateLayout, run_id: str, *, chunk_bytes: int, flush_secs: float,
-                 compress: bool, pinned: bool, pacer: Pacer):
+                 compress: bool, pinned: bool, rates: RateWatch):
         self.path, self.layout, self.run_id = path, layout, run_id
-        self.flush_secs, self.compress, self.pacer = flush_secs, compress, pacer
+        self.flush_secs, self.compress, self.rates = flush_secs, compress, rates
         nb = layout.nbytes
         self.capacity = chunk_capacity(layout, chunk_bytes)
         self._free: queue.Queue = queue.Queue()
@@ -210,13 +210,13 @@ class Writer:
             self._free.put(ch.tensor)
             return
         try:
-            t0 = self.pacer.now()
+            t0 = self.rates.now()
             nb = self.layout.nbytes
             parts = [ch.array[i * nb:(i + 1) * nb] for i in ch.slots]
             data = zstd_compress(np.concatenate(parts), self.layout) if self.compress else parts
             paths = [write_chunk(self.path, self.layout, ch.steps, ch.stored, data, self.run_id, sync=sync,
                                  compressed=self.compress)]
-            self.pacer.wrote(len(parts) * nb, self.pacer.now() - t0)
+            self.rates.wrote(len(parts) * nb, self.rates.now() - t0)
             paths += self._write_batches(ch.steps[-1], sync)
         except BaseException as e:
             self._broken = True
@@ -258,7 +258,7 @@ class Writer:
                 return self._free.get(timeout=0.05)
             except queue.Empty:
                 self.raise_if_failed()
-                guard.raise_if_interrupted()
+                interrupts.raise_if_interrupted()
 
     def raise_if_failed(self) -> None:
         """Re-raise, on the calling (training) thread, the first error of a write or of the clock."""

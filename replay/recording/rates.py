@@ -15,11 +15,11 @@ from pathlib import Path
 from replay.errors import ReplayWarning
 
 # The one clock of the recorder's rates (training's waits, the encoder's work, the disk's writes): a name
-# the tests replace with a clock of their own, so that what the Pacer decides does not depend on the load.
+# the tests replace with a clock of their own, so that what the RateWatch decides does not depend on the load.
 clock = time.perf_counter
 
 
-class Pacer:
+class RateWatch:
     """Notices, once, when training waits for the recorder because states arrive faster than they are written.
 
     Slowing training in silence is the one thing a recorder must not do: once it has seen 100
