@@ -130,6 +130,34 @@ def load(path: str | Path, *, verify: bool = True) -> Frames:
     return Frames(path, meta=meta, **frames)
 
 
+@dataclass
+class StepRows:
+    """One step of every loss, on the host: per-loss arrays [L] and per-loss per-tensor arrays [L, T]."""
+
+    step: int
+    step_to: int
+    before: np.ndarray  # loss at the step's start [L]
+    after: np.ndarray  # loss at its end [L]
+    lca: np.ndarray  # Σ over tensors [L]
+    splits: np.ndarray  # sub-intervals used [L]
+    grounded: np.ndarray  # [L] bool
+    tensor_lca: np.ndarray  # [L, T]
+    tensor_helped: np.ndarray  # [L, T] (rows of the per-parameter losses only are read)
+    error: np.ndarray  # estimated quadrature error [L, T]
+    points: list[list[float]]  # per loss, where along the step it was evaluated
+
+
+@dataclass
+class RowValues:
+    """One step of an integrand's rows (examples or tokens), on the host: lca [n, columns], the rest [n]."""
+
+    lca: np.ndarray
+    before: np.ndarray
+    after: np.ndarray
+    splits: np.ndarray
+    grounded: np.ndarray
+
+
 class FrameWriter:
     """Buffers per-step rows and writes them as numbered parquet parts; `full`: the losses with per-parameter
     counts (the others get null n_helped and frac_helped, and no params rows)."""
@@ -151,9 +179,9 @@ class FrameWriter:
         (self.out / name).mkdir(exist_ok=True)
         self._extra.setdefault(name, []).append(df)
 
-    def add_examples(self, step: int, loss: str, lca: np.ndarray, before: np.ndarray, after: np.ndarray,
-                     splits: np.ndarray, grounded: np.ndarray) -> None:
+    def add_examples(self, step: int, loss: str, r: RowValues) -> None:
         """One step of per-example LCA of one data set: lca [n, T] float64, per-example arrays [n]."""
+        lca, before, after, splits, grounded = r.lca, r.before, r.after, r.splits, r.grounded
         n, T = lca.shape
         self._buffer("examples", pl.DataFrame({
             "step": np.full(n * T, step, dtype=np.int64), "loss": [loss] * (n * T),
@@ -168,9 +196,9 @@ class FrameWriter:
             "residual": (after - before) - total, "splits": splits.astype(np.int32), "grounded": grounded,
         }, schema=EXAMPLE_STEPS_SCHEMA))
 
-    def add_tokens(self, step: int, loss: str, example: np.ndarray, position: np.ndarray, lca: np.ndarray,
-                   before: np.ndarray, after: np.ndarray, splits: np.ndarray, grounded: np.ndarray) -> None:
+    def add_tokens(self, step: int, loss: str, example: np.ndarray, position: np.ndarray, r: RowValues) -> None:
         """One step of per-token LCA (Σ over tensors) of one data set: arrays [tokens]."""
+        lca, before, after, splits, grounded = r.lca[:, 0], r.before, r.after, r.splits, r.grounded
         n = len(lca)
         self._buffer("tokens", pl.DataFrame({
             "step": np.full(n, step, dtype=np.int64), "loss": [loss] * n, "example": example.astype(np.int64),
@@ -190,17 +218,15 @@ class FrameWriter:
             "lca": lca.reshape(-1),
         }, schema=TOKEN_TENSORS_SCHEMA))
 
-    def add(self, step: int, step_to: int, before: np.ndarray, after: np.ndarray, lca: np.ndarray,
-            splits: np.ndarray, grounded: np.ndarray, tensor_lca: np.ndarray, tensor_helped: np.ndarray,
-            error: np.ndarray, points: list[list[float]]) -> None:
-        """One step: per-loss arrays [L], per-loss per-tensor arrays [L, T] (helped: rows of `full` only
-        are read), the points of each loss (already on the host)."""
-        moved = bool(splits.any())
-        frac = tensor_helped.sum(1) / self.tensor_sizes.sum() if moved else np.full(len(before), np.nan)
+    def add(self, r: StepRows) -> None:
+        """One step of every loss (`StepRows`)."""
+        moved = bool(r.splits.any())
+        frac = r.tensor_helped.sum(1) / self.tensor_sizes.sum() if moved else np.full(len(r.before), np.nan)
         frac = np.where(self._has_counts, frac, np.nan)
-        self._steps.append({"step": step, "step_to": step_to, "before": before, "after": after, "lca": lca,
-                            "splits": splits, "grounded": grounded, "frac": frac, "points": points})
-        self._tensors.append((step, tensor_lca, tensor_helped, error))
+        self._steps.append({"step": r.step, "step_to": r.step_to, "before": r.before, "after": r.after,
+                            "lca": r.lca, "splits": r.splits, "grounded": r.grounded, "frac": frac,
+                            "points": r.points})
+        self._tensors.append((r.step, r.tensor_lca, r.tensor_helped, r.error))
 
     def __len__(self) -> int:
         return len(self._steps)

@@ -74,7 +74,7 @@ class _AtLine:
                 self.at = None
                 self.hit.add(where)
                 self.sent += 1
-                os.kill(os.getpid(), signal.SIGINT)
+                signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # to this (the main) thread, now
         return self._line
 
     def arm(self, at: tuple | None) -> None:
@@ -103,6 +103,17 @@ def _train(model, opt, data, attempts: int, arm=lambda i: None) -> tuple[int, in
         except KeyboardInterrupt:
             interrupts += 1
     return done, interrupts
+
+
+@pytest.fixture(autouse=True)
+def plain_sigint():
+    """Ctrl-C as a fresh interpreter has it (whatever an earlier test or library left): the default handler,
+    SIGINT unblocked on this thread."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    yield
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    signal.signal(signal.SIGINT, old)
 
 
 def _setup(seed: int):
@@ -170,7 +181,8 @@ def test_an_interrupt_at_every_line_of_the_hooks_leaves_every_state_whole_and_in
     truth = seen.values + [{n: p.detach().clone() for n, p in model.named_parameters()}]
     missed = often - inject.hit
     assert len(often) > 30 and len(missed) <= 2, f"lines of the hooks never interrupted: {sorted(missed)[:5]}"
-    assert inject.sent > len(often) and interrupts > len(often) // 2, (inject.sent, interrupts)
+    assert inject.sent > len(often) and interrupts > len(often) // 2, (
+        inject.sent, interrupts, signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
     _check(tmp_path / "run", truth, done, interrupts)
 
 

@@ -9,8 +9,7 @@ import math
 import pytest
 import torch
 
-from replay.engine.simpson import Mesh, is_grounded, panel_simpson
-from replay.engine.steps import refine
+from replay.engine.simpson import Mesh, is_grounded, panel_simpson, refine
 
 
 def run_mesh(f, F, rows, cols, tol=1e-8, max_splits=32):

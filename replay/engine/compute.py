@@ -11,10 +11,8 @@ settings, builds those, and leaves the caller's Task as it found it (parameter v
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,35 +26,13 @@ from replay.engine.ghost import ExampleProducts
 from replay.engine.ledger import Ledger
 from replay.engine.model_check import check_constants, check_model, running_stats_note
 from replay.engine.rows import ExampleIntegrand, Rows, TokenIntegrand
+from replay.engine.settings import Request, Settings
 from replay.engine.steps import StepLoop
 from replay.errors import ReplayError, ReplayWarning, RunError, SettingError, TaskError, os_reason
 from replay.frames import Frames, load
 from replay.store import Run, open_run
 from replay.task import Examples, Task, load_task
 from replay.wrappers import unwrap_model
-
-PRECISIONS = ("float32", "model")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The options of one compute, validated (each error names the option, the value, what it expects)."""
-
-    tol: float = 1e-4
-    rtol: float = 0.0
-    max_splits: int = 32
-    first_order: bool = False
-    dense: bool = False
-    precision: str = "float32"
-
-    def __post_init__(self):
-        ms = self.max_splits
-        if not isinstance(ms, int) or ms < 2 or ms & (ms - 1):
-            raise SettingError(f"max_splits: expected a power of two ≥ 2, got {ms}")
-        if not (math.isfinite(self.tol) and math.isfinite(self.rtol) and self.tol >= 0 and self.rtol >= 0):
-            raise SettingError(f"tol, rtol: expected finite numbers ≥ 0, got {self.tol}, {self.rtol}")
-        if self.precision not in PRECISIONS:
-            raise SettingError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
 
 
 def compute(
@@ -107,7 +83,7 @@ def compute(
     single process's, up to the order of float summation (see `engine.parallel`).
     """
     run = run if isinstance(run, Run) else open_run(run)
-    settings = Settings(tol, rtol, max_splits, first_order, dense, precision)
+    settings = Settings(tol, rtol, max_splits, first_order, dense, precision, flush_every, progress)
     parallel.parse_device(device)
     if len(run.steps) < 2:
         raise RunError(f"{run.path}: nothing to compute: {len(run.steps)} state(s) recorded (a step needs two); "
@@ -142,49 +118,49 @@ def compute(
             warnings.warn(f"{run.path}: {constants_note}", ReplayWarning, stacklevel=2)
         if t.batchnorm == "running" and run.manifest.buffers:  # the last recorded statistics, for every step
             t.model.load_state_dict(run.state(run.steps[-1], buffers=True), strict=False)
+        req = Request(datasets, per_class, per_example, per_token, token_tensors, _per_param(per_param), todo,
+                      Path(out) if out is not None else run.path / "lca", restart, notes)
         place, dev = parallel.join(device, data_parallel)
         try:
-            return _run(run, t, spec, datasets, per_class, per_example, (per_token, token_tensors), per_param, todo,
-                        settings, notes, place, dev, out, restart, flush_every, progress)
+            return _run(run, t, spec, req, settings, place, dev)
         finally:
             parallel.leave(place)
 
 
-def _run(run: Run, t: Task, spec: object, datasets: list[str], per_class: list[str], per_example: list[str],
-         tokens: tuple[list[str], dict], per_param: object, todo: list[int], st: Settings, notes: dict,
-         place: parallel.Placement, dev: torch.device, out: str | Path | None, restart: bool, flush_every: int,
-         progress: bool) -> Frames:
-    per_token, token_tensors = tokens
-    ev = LossEvaluator(t, run.param_names, datasets, per_class, dev, place, _per_param(per_param))
-    unknown = [n for n in (per_param if isinstance(per_param, list) else []) if n not in ev.loss_names]
+def _run(run: Run, t: Task, spec: object, req: Request, st: Settings, place: parallel.Placement,
+         dev: torch.device) -> Frames:
+    ev = LossEvaluator(t, run.param_names, req.datasets, req.per_class, dev, place, req.per_param)
+    unknown = [n for n in (req.per_param if isinstance(req.per_param, list) else []) if n not in ev.loss_names]
     if unknown:
         raise TaskError(f"--per-param {unknown[0]!r}: not a loss of this compute (its losses: "
                         f"{', '.join(ev.loss_names[:8])}{', ...' if len(ev.loss_names) > 8 else ''})")
-    out = Path(out) if out is not None else run.path / "lca"
-    config = {"run_id": run.manifest.run_id, "task": spec if isinstance(spec, str) else "<Task object>",
-              "task_fingerprint": task_fingerprint(t, datasets, run.param_names),
-              "losses": ev.loss_names, "per_param": [ev.loss_names[i] for i in ev.full], "tol": st.tol,
-              "rtol": st.rtol, "max_splits": st.max_splits, "first_order": st.first_order,
-              "steps": [todo[0], todo[-1]], "batchnorm": t.batchnorm, "batch_size": t.batch_size, "dense": st.dense,
-              "per_example": per_example, "per_token": per_token, "precision": st.precision} | (
-                  {"token_tensors": {k: [list(x) for x in v] for k, v in token_tensors.items()}} if token_tensors
-                  else {})
     state = None
     try:
-        state = Checkpoint(out, config, place, restart)
+        state = Checkpoint(req.out, _config(run, t, spec, req, st, ev), place, req.restart)
         place.barrier()  # every rank has read the dir before any writes to it
         if state.complete:
-            return load(out)
-        ledger = Ledger(out, ev.loss_names, ev.loss_sizes, ev.full, [s.name for s in run.manifest.params],
-                        [s.numel for s in run.manifest.params], ev.own, dev, state, place, st.dense)
-        rows = _rows(t, ev, run, per_example, per_token, token_tensors, ledger, st) if place.writes_steps else []
-        return StepLoop(run, ev, parallel.segments(todo, place), ledger, place, st.tol, st.rtol, st.max_splits,
-                        st.first_order, flush_every, progress, rows).execute(notes)
+            return load(req.out)
+        ledger = Ledger(req.out, ev, run.manifest.params, state, place, st.dense)
+        rows = _rows(t, ev, run, req, ledger, st) if place.writes_steps else []
+        return StepLoop(run, ev, parallel.segments(req.todo, place), ledger, place, st, rows).execute(req.notes)
     except OSError as e:
-        raise _write_failed(out, e) from None
+        raise _write_failed(req.out, e) from None
     finally:
         if state is not None:
             state.release()
+
+
+def _config(run: Run, t: Task, spec: object, req: Request, st: Settings, ev: LossEvaluator) -> dict:
+    """What an lca dir was computed with: a resume must have the same, or it is another compute."""
+    return {"run_id": run.manifest.run_id, "task": spec if isinstance(spec, str) else "<Task object>",
+            "task_fingerprint": task_fingerprint(t, req.datasets, run.param_names),
+            "losses": ev.loss_names, "per_param": [ev.loss_names[i] for i in ev.full], "tol": st.tol,
+            "rtol": st.rtol, "max_splits": st.max_splits, "first_order": st.first_order,
+            "steps": [req.todo[0], req.todo[-1]], "batchnorm": t.batchnorm, "batch_size": t.batch_size,
+            "dense": st.dense, "per_example": req.per_example, "per_token": req.per_token,
+            "precision": st.precision} | (
+                {"token_tensors": {k: [list(x) for x in v] for k, v in req.token_tensors.items()}}
+                if req.token_tensors else {})
 
 
 def _refuse_a_gap(run: Run, a: int | None, b: int | None, allow_missing: bool) -> None:
@@ -238,12 +214,11 @@ def _token_selection(t: Task, sel: object) -> dict[str, list[tuple[int, int]]]:
     return out
 
 
-def _rows(t: Task, ev: LossEvaluator, run: Run, per_example: list[str], per_token: list[str], token_tensors: dict,
-          ledger: Ledger, st: Settings) -> list[Rows]:
+def _rows(t: Task, ev: LossEvaluator, run: Run, req: Request, ledger: Ledger, st: Settings) -> list[Rows]:
     """Examples and tokens as rows of their own (they share the evaluator's model and its loading of θ)."""
-    if not (per_example or per_token or token_tensors):
+    if not (req.per_example or req.per_token or req.token_tensors):
         return []
-    if ev._batch_stats:
+    if ev.batch_stats:
         raise TaskError("per-example and per-token LCA need one loss per example, and batch-norm with batch "
                         "statistics makes every example's loss depend on its batch; use Task(batchnorm='running')")
     names, numels = run.param_names, ev.numels
@@ -254,20 +229,25 @@ def _rows(t: Task, ev: LossEvaluator, run: Run, per_example: list[str], per_toke
         parts = torch.split(d[:sum(numels)], numels)
         return {n: v.view(s).to(dt) for n, v, s, dt in zip(names, parts, shapes, dtypes, strict=True)}
 
+    def data(name: str) -> Examples:
+        return Examples(t.data[name]).to(ev.device)
+
+    def batch(examples: Examples) -> int:
+        return t.batch_size or len(examples)
+
     out = []
-    products = ExampleProducts(ev.model, names, t.loss_fn, ev.device) if per_example else None
-    for name in per_example:
-        data = Examples(t.data[name]).to(ev.device)
-        out.append(Rows(name, ExampleIntegrand(products, data, t.batch_size or len(data)), ev.load, split,
-                        ledger.writer, st.tol, st.rtol, st.max_splits))
-    for name in per_token:
-        data = Examples(t.data[name]).to(ev.device)
-        out.append(Rows(name, TokenIntegrand(ev.model, _token_loss(t, name), data, t.batch_size or len(data)),
-                        ev.load, split, ledger.writer, st.tol, st.rtol, st.max_splits))
-    for name, pairs in token_tensors.items():
-        data = Examples(t.data[name]).to(ev.device)
-        f = TokenIntegrand(ev.model, _token_loss(t, name), data, t.batch_size or len(data), select=pairs, names=names)
-        out.append(Rows(name, f, ev.load, split, ledger.writer, st.tol, st.rtol, st.max_splits))
+    products = ExampleProducts(ev.model, names, t.loss_fn, ev.device) if req.per_example else None
+    for name in req.per_example:
+        x = data(name)
+        out.append(Rows(name, ExampleIntegrand(products, x, batch(x)), ev.load, split, ledger.writer, st))
+    for name in req.per_token:
+        x = data(name)
+        out.append(Rows(name, TokenIntegrand(ev.model, _token_loss(t, name), x, batch(x)), ev.load, split,
+                        ledger.writer, st))
+    for name, pairs in req.token_tensors.items():
+        x = data(name)
+        f = TokenIntegrand(ev.model, _token_loss(t, name), x, batch(x), select=pairs, names=names)
+        out.append(Rows(name, f, ev.load, split, ledger.writer, st))
     return out
 
 

@@ -64,7 +64,7 @@ class LossEvaluator:
         self.model = task.model.to(device)
         # batch statistics make a batch's composition part of the loss: batches are never regrouped
         # by class, and data shards keep them whole
-        self._batch_stats = task.batchnorm == "batch" and any(
+        self.batch_stats = task.batchnorm == "batch" and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
         params = dict(unwrap_model(self.model).named_parameters())
         self.params = [params[n] for n in param_names]
@@ -130,7 +130,7 @@ class LossEvaluator:
                         cell_losses[c].append(idx)
         bs = self.task.batch_size or n
         mixed: dict[int, list[tuple[int, torch.Tensor]]] = {}
-        if self._batch_stats:  # the data set's own batches, whatever the groups
+        if self.batch_stats:  # the data set's own batches, whatever the groups
             _check_batch_sizes(name, n, bs)
             batches = []
             for a in range(0, n, bs):
@@ -147,7 +147,7 @@ class LossEvaluator:
             batches = []
             for a, b in zip([0] + bounds, bounds + [n], strict=True):
                 batches += [(s, min(s + bs, b), int(cell_of[a])) for s in range(a, b, bs)]
-        batches = shard_batches(batches, self.place, self._batch_stats)
+        batches = shard_batches(batches, self.place, self.batch_stats)
         lo = batches[0][0] if batches else 0  # data mode: only this rank's examples go to the device
         hi = batches[-1][1] if batches else 0
         mixed = {a - lo: [(c, i.to(self.device)) for c, i in segs] for a, segs in mixed.items() if lo <= a < hi}

@@ -19,9 +19,11 @@ from safetensors.torch import save
 
 from replay.engine.checkpoint import Checkpoint
 from replay.engine.columns import Columns
+from replay.engine.evaluate import LossEvaluator
 from replay.engine.parallel import Placement
-from replay.frames import Frames, FrameWriter, load, write_meta
+from replay.frames import Frames, FrameWriter, StepRows, load, write_meta
 from replay.lcadir import DENSE_DIR, write_part
+from replay.store.layout import TensorSpec
 
 
 @dataclass
@@ -45,13 +47,14 @@ class StepLCA:
 class Ledger:
     """Per-step rows of every loss and per-parameter totals of the losses `full`, over the columns `own`."""
 
-    def __init__(self, out: Path, loss_names: list[str], loss_sizes: list[int], full: list[int], names: list[str],
-                 sizes: list[int], own: tuple[int, int], device: torch.device, ckpt: Checkpoint, place: Placement,
+    def __init__(self, out: Path, ev: LossEvaluator, params: list[TensorSpec], ckpt: Checkpoint, place: Placement,
                  dense: bool):
-        self.out, self.loss_names, self.loss_sizes, self.ckpt, self.place = out, loss_names, loss_sizes, ckpt, place
+        loss_names, full, device = ev.loss_names, ev.full, ev.device
+        names, sizes = [s.name for s in params], [s.numel for s in params]
+        self.out, self.loss_names, self.loss_sizes, self.ckpt, self.place = out, loss_names, ev.loss_sizes, ckpt, place
         self.full, self.dense, self.dev = full, dense, device
         self.writer = FrameWriter(out, loss_names, names, sizes, full, prefix=f"part{place.tag}")
-        self.lo, self.hi = own
+        self.lo, self.hi = ev.own
         self.P, self.T = sum(sizes), len(sizes)
         K, S = len(full), self.hi - self.lo
         self.cols = Columns(sizes, self.lo, min(self.hi, self.P), device, rows=max(1, K))
@@ -67,7 +70,7 @@ class Ledger:
         self._recent = torch.zeros(K, S, dtype=torch.uint8, device=device)
         self._recent_steps = 0
         self.dense_buf: dict[str, torch.Tensor] = {}
-        self.since_flush = 0
+        self.unflushed = 0  # steps recorded since the last flush
         self.steps_done = ckpt.steps_done  # steps in the parts written so far (checked on resume)
 
     def tensor_sums(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,13 +84,15 @@ class Ledger:
         `step` None: no parameter moved (LCA exactly 0, no evaluation): it adds nothing to the
         totals and is no step in which a parameter could have helped.
         """
+        self.unflushed += 1
         L, K = len(self.loss_names), len(self.full)
         helped_t = np.zeros((L, self.T), np.int64)
         if step is None:
             self.totals["n_unchanged"] += 1
-            zeros = np.zeros((L, self.T))
-            host = [loss_before.cpu().numpy()] * 2 + [np.zeros(L), np.ones(L, bool), zeros, zeros]
-            splits, points, full = np.zeros(L, np.int64), [[] for _ in range(L)], None
+            zeros, before = np.zeros((L, self.T)), loss_before.cpu().numpy()
+            rows = StepRows(t0, t1, before, before, np.zeros(L), np.zeros(L, np.int64), np.ones(L, bool), zeros,
+                            helped_t, zeros, [[] for _ in range(L)])
+            full = None
         else:
             full = step.full
             if K:
@@ -106,16 +111,17 @@ class Ledger:
             self.totals["n_steps"] += 1
             tl = step.tensor_lca
             if self.place.writes_steps:  # one sync per step
-                host = [x.cpu().numpy() for x in (loss_before, step.loss_after, tl.sum(1), step.grounded, tl,
-                                                  step.error)]
-            splits, points = step.splits.numpy(), step.points
+                before, after, lca, grounded, tensor_lca, error = (
+                    x.cpu().numpy() for x in (loss_before, step.loss_after, tl.sum(1), step.grounded, tl, step.error))
+                rows = StepRows(t0, t1, before, after, lca, step.splits.numpy(), grounded, tensor_lca, helped_t,
+                                error, step.points)
         if self.dense and K:
             if full is None:
                 full = torch.zeros(K, self.hi - self.lo, device=self.dev)
             if (cols := self.place.columns_on_first(full)) is not None:
                 self.dense_buf[str(t0)] = cols[:, :self.P].to("cpu", torch.float64, copy=True)
         if self.place.writes_steps:
-            self.writer.add(t0, t1, host[0], host[1], host[2], splits, host[3], host[4], helped_t, host[5], points)
+            self.writer.add(rows)
 
     def _fold(self) -> None:
         """Add the recent helped counts to the totals (exact: integers)."""
@@ -138,7 +144,7 @@ class Ledger:
         ck.seq += 1
         self._fold()
         ck.save(next_step, self.totals, evals, self.steps_done)
-        self.since_flush = 0
+        self.unflushed = 0
 
     def finish(self, evals: int, run: str, notes: dict) -> Frames:
         """params rows (own slice, or the totals summed onto rank 0 in steps mode), meta.json listing every
@@ -168,7 +174,3 @@ class Ledger:
         place.barrier()  # meta.json is written: every rank may load, and drop its resume state
         self.ckpt.remove()
         return load(self.out)
-
-    def record_examples(self, t0: int, name: str, r: dict[str, torch.Tensor]) -> None:
-        h = {k: v.cpu().numpy() for k, v in r.items()}
-        self.writer.add_examples(t0, name, h["lca"], h["before"], h["after"], h["splits"], h["grounded"])

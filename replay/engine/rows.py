@@ -25,10 +25,11 @@ import torch
 from torch.func import functional_call, jvp
 
 from replay.engine.ghost import ExampleProducts, forward_mode_attention
+from replay.engine.settings import Settings
 from replay.engine.simpson import Mesh, is_grounded, refine
 from replay.engine.user_code import user_code
 from replay.errors import TaskError
-from replay.frames import FrameWriter
+from replay.frames import FrameWriter, RowValues
 from replay.task import Examples, user_error
 from replay.wrappers import unwrap_model
 
@@ -156,10 +157,10 @@ class Rows:
     """One integrand's rows over the steps, written into the frames: examples, or tokens."""
 
     def __init__(self, name: str, integrand: ExampleIntegrand | TokenIntegrand, load: Callable[[torch.Tensor], None],
-                 split: Callable[[torch.Tensor], dict[str, torch.Tensor]], writer: FrameWriter, tol: float,
-                 rtol: float, max_splits: int, on_eval: Callable[[], None] | None = None):
+                 split: Callable[[torch.Tensor], dict[str, torch.Tensor]], writer: FrameWriter, st: Settings,
+                 on_eval: Callable[[], None] | None = None):
         self.name, self.f, self.load, self.split, self.writer = name, integrand, load, split, writer
-        self.tol, self.rtol, self.max_splits = tol, rtol, max_splits
+        self.tol, self.rtol, self.max_splits = st.tol, st.rtol, st.max_splits
         self.on_eval = on_eval or (lambda: None)
         self._carry: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (state, values, proj onto this Δθ)
 
@@ -210,11 +211,11 @@ class Rows:
 
     def _write(self, t0: int, lca: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor, splits: torch.Tensor,
                grounded: torch.Tensor) -> None:
-        h = [x.cpu().numpy() for x in (lca, v0, v1, splits, grounded)]
+        values = RowValues(*(x.cpu().numpy() for x in (lca, v0, v1, splits, grounded)))
         if isinstance(self.f, TokenIntegrand) and self.f.columns_per_tensor:
-            self.writer.add_token_tensors(t0, self.name, self.f.examples.numpy(), self.f.positions.numpy(), h[0])
+            self.writer.add_token_tensors(t0, self.name, self.f.examples.numpy(), self.f.positions.numpy(),
+                                          values.lca)
         elif isinstance(self.f, TokenIntegrand):
-            self.writer.add_tokens(t0, self.name, self.f.examples.numpy(), self.f.positions.numpy(), h[0][:, 0],
-                                   h[1], h[2], h[3], h[4])
+            self.writer.add_tokens(t0, self.name, self.f.examples.numpy(), self.f.positions.numpy(), values)
         else:
-            self.writer.add_examples(t0, self.name, h[0], h[1], h[2], h[3], h[4])
+            self.writer.add_examples(t0, self.name, values)

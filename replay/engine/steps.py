@@ -31,6 +31,8 @@ from replay import interrupts
 from replay.engine.evaluate import LossEvaluator
 from replay.engine.ledger import Ledger, StepLCA
 from replay.engine.parallel import Placement
+from replay.engine.rows import Rows
+from replay.engine.settings import Settings
 from replay.engine.simpson import Mesh, is_grounded, points_of, refine
 from replay.frames import Frames
 from replay.store import Run
@@ -48,7 +50,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @dataclass
-class Start:
+class Point:
     """A step's start point, carried from the previous step's end: values [R], projections [R, C] onto this
     step's Δθ, and (data sets) the per-parameter gradients [K, S]."""
 
@@ -61,11 +63,10 @@ class StepLoop:
     """The step loop of one process over its segments of steps (all steps, or its blocks under torchrun)."""
 
     def __init__(self, run: Run, ev: LossEvaluator, segments: list[list[int]], ledger: Ledger, place: Placement,
-                 tol: float, rtol: float, max_splits: int, first_order: bool, flush_every: int, progress: bool,
-                 rows: list | None = None):
+                 st: Settings, rows: list[Rows] | None = None):
         self.run, self.ev, self.ledger, self.place, self.rows = run, ev, ledger, place, rows or []
-        self.tol, self.rtol, self.max_splits, self.first_order = tol, rtol, max_splits, first_order
-        self.flush_every, self.progress = flush_every, progress and place.rank == 0
+        self.tol, self.rtol, self.max_splits, self.first_order = st.tol, st.rtol, st.max_splits, st.first_order
+        self.flush_every, self.progress = st.flush_every, st.progress and place.rank == 0
         self.dev = ev.device
         nxt = ledger.ckpt.next_step
         done = sum(1 for seg in segments for s in seg if nxt is not None and s < nxt)
@@ -147,7 +148,7 @@ class StepLoop:
 
     # ---- one step ----------------------------------------------------------------------------------
 
-    def _allocate(self, th0: torch.Tensor, d: torch.Tensor, start: Start, end: Start) -> StepLCA:
+    def _allocate(self, th0: torch.Tensor, d: torch.Tensor, start: Point, end: Point) -> StepLCA:
         """Simpson on the step's mesh, refined per loss until grounded (or out of budget)."""
         ev, K = self.ev, len(self.ev.full)
         full = torch.tensor(ev.full, dtype=torch.long)
@@ -242,7 +243,7 @@ class StepLoop:
             for seg in self.segments:
                 self._segment(seg)
         except KeyboardInterrupt:  # keep every step computed so far (each is whole: see _segment)
-            if self.ledger.since_flush and self._last_t1 is not None:
+            if self.ledger.unflushed and self._last_t1 is not None:
                 with interrupts.held():
                     self.ledger.flush(self._last_t1, self._evals_done)  # (not the interrupted step's)
             raise
@@ -253,7 +254,7 @@ class StepLoop:
     def _segment(self, seg: list[int]) -> None:
         """Consecutive steps: the first moving state is evaluated, then each step's end is the next one's start
         (projected onto the next moving step's direction when it is evaluated: states are read ahead)."""
-        start: Start | None = None
+        start: Point | None = None
         values = None  # the loss before the first moving step, when the segment begins with unchanged ones
         for kind, t0, th0, t1, th1, d_next in self._steps(seg):
             if kind == "unchanged":  # no parameter moved: nothing to evaluate, LCA exactly 0
@@ -264,7 +265,7 @@ class StepLoop:
                         self.evals -= 1
                     values = v0
                     if d_next is not None:  # (projected onto the first moving step's direction)
-                        start = Start(v0, p0[0], g0)
+                        start = Point(v0, p0[0], g0)
                 with interrupts.held():  # a step is in the frames whole or not at all
                     self.ledger.record(t0, t1, start.values if start is not None else values, None)
                     for r in self.rows:
@@ -276,23 +277,22 @@ class StepLoop:
                 v0, p0, g0 = self._eval(th0, [d], self._ends[0])
                 if t0 == self._resumed_at:
                     self.evals -= 1
-                start = Start(v0, p0[0], g0)
+                start = Point(v0, p0[0], g0)
             end_buf = self._ends[1] if start.grads is self._ends[0] else self._ends[0]
             v1, p1, g1 = self._eval(th1, [d] + ([d_next] if d_next is not None else []), end_buf)
-            step = self._allocate(th0, d, start, Start(v1, p1[0], g1))
+            step = self._allocate(th0, d, start, Point(v1, p1[0], g1))
             commits = [r.step(t0, t1, th0, th1, d_next) for r in self.rows]
             with interrupts.held():  # a step is in the frames whole or not at all
                 self.ledger.record(t0, t1, start.values, step)
                 for commit in commits:
                     commit()
                 self._after_step(t0, t1)
-            start = Start(v1, p1[1] if d_next is not None else p1[0], g1)
+            start = Point(v1, p1[1] if d_next is not None else p1[0], g1)
 
     def _after_step(self, t0: int, t1: int) -> None:
         self._last_t1, self._evals_done = t1, self.evals
         last = t0 == self.todo[-1]
-        self.ledger.since_flush += 1
-        if self.ledger.since_flush >= self.flush_every or last:
+        if self.ledger.unflushed >= self.flush_every or last:
             self.ledger.flush(t1, self.evals)
         self._done += 1
         if self.progress and (time.perf_counter() - self._last_print > 0.5 or last):
