@@ -23,6 +23,7 @@ from replay.lcadir import (
     Part,
     check_parts,
     frame_files,
+    not_an_lca_dir,
     parts_of,
     read_sealed,
     write_json,
@@ -106,7 +107,7 @@ def load(path: str | Path, *, verify: bool = True) -> Frames:
     if not meta_path.exists():
         if path.is_dir() and any(PROGRESS_RE.fullmatch(p.name) for p in path.iterdir()):
             raise RunError(f"{path}: the computation did not finish; run the same `replay compute` again to resume it")
-        raise RunError(f"{path}: not an lca dir (no meta.json); write one with `replay compute RUN --out {path}`")
+        raise not_an_lca_dir(path, f"no meta.json; write one with `replay compute RUN --out {path}`")
     meta = read_sealed(meta_path)
     if meta.get("complete") is not True:
         raise RunError(f"{path}: the computation did not finish; run `replay compute` again to resume it")

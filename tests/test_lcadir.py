@@ -187,7 +187,7 @@ def test_a_renamed_run_is_still_the_same_run(digits_run, tmp_path):
 
 
 def test_two_computes_into_one_out_dir(digits_run, tmp_path, monkeypatch):
-    from replay.store.claim import claim_lca_dir
+    from replay.lcadir import claim_lca_dir
 
     held = claim_lca_dir(tmp_path / "lca")  # another compute holds it
     try:

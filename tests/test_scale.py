@@ -16,9 +16,9 @@ from polars.testing import assert_frame_equal
 
 import replay
 from replay.digits import train_digits
-from replay.engine.checkpoint import Checkpoint
 from replay.engine.parallel import BLOCKS_PER_RANK, MIN_BLOCK_STEPS, Placement, segments, shard_batches
 from replay.errors import ReplayError
+from replay.lcadir.resume import Checkpoint
 
 TESTS = Path(__file__).parent
 KEYS = {"steps": ["step", "loss"], "tensors": ["step", "loss", "tensor"], "params": ["loss", "tensor", "index"]}
@@ -273,7 +273,7 @@ def test_sharded_parameters_are_refused(tmp_path):
 def test_a_rank_that_lists_the_out_dir_before_another_writes_its_progress(tmp_path):
     """torchrun ranks start the same compute at once: rank 1 may list the lca dir before rank 0's progress
     file exists and look again after it does; that file is the same compute's, not a foreign dir."""
-    from replay.engine.checkpoint import Checkpoint
+    from replay.lcadir.resume import Checkpoint
 
     out, config = tmp_path / "lca", {"losses": ["train"]}
     assert not out.exists()

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from replay.engine import parallel
-from replay.engine.checkpoint import Checkpoint
 from replay.engine.evaluate import LossEvaluator
 from replay.engine.fingerprint import task_fingerprint
 from replay.engine.ghost import ExampleProducts
@@ -30,6 +29,7 @@ from replay.engine.settings import Request, Settings
 from replay.engine.steps import StepLoop
 from replay.errors import ReplayError, ReplayWarning, RunError, SettingError, TaskError, os_reason
 from replay.frames import Frames, load
+from replay.lcadir.resume import Checkpoint
 from replay.store import Run, open_run
 from replay.task import Examples, Task, load_task
 from replay.wrappers import unwrap_model

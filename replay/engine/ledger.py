@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from replay.engine.checkpoint import Checkpoint
 from replay.engine.columns import Columns
 from replay.engine.evaluate import LossEvaluator
 from replay.engine.parallel import Placement
 from replay.frames import Frames, FrameWriter, StepRows, load, write_meta
 from replay.lcadir import DENSE_DIR, write_part
+from replay.lcadir.resume import Checkpoint
 from replay.store.layout import TensorSpec
 
 

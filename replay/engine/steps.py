@@ -69,13 +69,8 @@ class StepLoop:
         self.flush_every, self.progress = st.flush_every, st.progress and place.rank == 0
         self.dev = ev.device
         nxt = ledger.ckpt.next_step
-        done = sum(1 for seg in segments for s in seg if nxt is not None and s < nxt)
-        if nxt is not None and done != ledger.ckpt.steps_done:
-            from replay.lcadir import LcaDirDamaged
-
-            raise LcaDirDamaged(f"{ledger.out}/progress{place.tag}.json: it says {ledger.ckpt.steps_done} steps are "
-                                f"done before step {nxt}, this compute has {done} there; the compute cannot resume "
-                                f"from it: run the same command with --restart to start over")
+        ledger.ckpt.check_resumed(sum(1 for seg in segments for s in seg if nxt is not None and s < nxt),
+                                  f"{ledger.out}/progress{place.tag}.json")
         # the first state of a resumed segment was evaluated before the interruption (as the previous step's
         # end): evaluated again, it is not counted, so grad_evals is that of an uninterrupted compute
         self._resumed_at = nxt

@@ -1,4 +1,4 @@
-"""Claiming a directory for one writer: a run for one Recorder, an lca dir for one compute.
+"""Claiming a directory for one writer: a run for one Recorder (an lca dir's claim is `lcadir.claim_lca_dir`).
 
 The lock (`filelock`: `flock` on POSIX, a locked byte on Windows) is released by the kernel
 when the process dies, so a killed writer never leaves a stale lock; two writers started at
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import filelock
 
-from replay.errors import RecordError, ReplayError
+from replay.errors import RecordError
 from replay.store.manifest import MANIFEST
 
 LOCK = ".replay.lock"
@@ -34,13 +34,14 @@ class Claim:
             pass
 
 
-def _lock(path: Path, name: str = LOCK) -> filelock.FileLock | None:
-    lock = filelock.FileLock(str(path / name), timeout=0)
+def lock(path: Path, name: str = LOCK) -> filelock.FileLock | None:
+    """The lock file `name` of `path`, acquired now, or None when another process holds it."""
+    held = filelock.FileLock(str(path / name), timeout=0)
     try:
-        lock.acquire()
+        held.acquire()
     except filelock.Timeout:
         return None
-    return lock
+    return held
 
 
 def claim(path: Path) -> tuple[Claim, bool]:
@@ -48,33 +49,17 @@ def claim(path: Path) -> tuple[Claim, bool]:
     created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        lock = _lock(path)
+        held = lock(path)
     except OSError as e:
         raise RecordError(f"{path}: cannot create the run directory ({e.strerror or e}); "
                           f"pass a path to a new directory you can write") from None
-    if lock is None:
+    if held is None:
         raise RecordError(f"{path}: another Recorder is recording into it right now; record into a new directory")
     if any(p.name != LOCK for p in path.iterdir()):
-        lock.release()
+        held.release()
         what = "already holds a run" if (path / MANIFEST).exists() else "is not an empty directory"
         raise RecordError(f"{path}: {what}; record into a new directory (runs are never overwritten)")
-    return Claim(lock), created
-
-
-def claim_lca_dir(out: Path, tag: str = "") -> Claim:
-    """Lock an lca dir for one compute process (created if needed): a second compute into it gets one line.
-
-    Under torchrun each rank holds its own lock (`tag`, as its files): a second job's rank collides with ours.
-    """
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = _lock(out, LOCK + tag)
-    except OSError as e:
-        raise ReplayError(f"{out}: cannot create or lock the lca dir ({e.strerror or e}); pass another --out") from None
-    if lock is None:
-        raise ReplayError(f"{out}: another `replay compute` is writing into it right now; wait for it to finish, "
-                          f"or pass another --out")
-    return Claim(lock)
+    return Claim(held), created
 
 
 def is_locked(path: Path) -> bool | None:
@@ -84,10 +69,10 @@ def is_locked(path: Path) -> bool | None:
     if not os.access(path / LOCK, os.W_OK):
         return None
     try:
-        lock = _lock(path)
+        held = lock(path)
     except OSError:
         return None
-    if lock is None:
+    if held is None:
         return True
-    lock.release()  # held for an instant: a writer starting now finds the directory not empty anyway
+    held.release()  # held for an instant: a writer starting now finds the directory not empty anyway
     return False

@@ -111,3 +111,9 @@ def regular_size(path: Path) -> int | None:
     except OSError:
         return None
     return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def holds_replay_files(d: Path) -> bool:
+    """Whether `d` holds a run's or an lca dir's own files (manifest.json, meta.json, progress.json): nothing
+    else may be written there."""
+    return any((d / n).exists() for n in ("manifest.json", "meta.json", "progress.json"))

@@ -21,9 +21,9 @@ from safetensors.torch import save
 from replay.errors import RunError
 from replay.store.atomic import write_atomic
 from replay.store.directory import ChunkDir
-from replay.store.files import regular_size
+from replay.store.files import holds_replay_files, regular_size
 from replay.store.layout import StateLayout
-from replay.store.manifest import MANIFEST, Manifest
+from replay.store.manifest import Manifest
 from replay.store.sharded import ShardedDirs
 
 
@@ -197,7 +197,7 @@ def _refuse_target(path: Path, overwrite: bool) -> None:
     if path.is_dir():
         raise RunError(f"{path}: is a directory; pass the path of the .safetensors file to write")
     parent = path.resolve().parent
-    if (parent / MANIFEST).exists() or (parent / "meta.json").exists() or (parent / "progress.json").exists():
+    if holds_replay_files(parent):
         raise RunError(f"{path}: is inside a run or lca directory, which only replay writes; export to a path "
                        f"outside it")
     if (path.exists() or path.is_symlink()) and not overwrite:

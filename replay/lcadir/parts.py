@@ -1,4 +1,4 @@
-"""The lca dir is data too: what a compute writes is sealed, and verified whenever it is read.
+"""The lca dir's records: what a compute writes is sealed, and verified whenever it is read.
 
     meta.json            sealed JSON, written last: the settings, the losses, and every part
     progress{tag}.json   sealed JSON, one per process while unfinished: the parts so far, the next
@@ -23,8 +23,10 @@ from pathlib import Path
 
 import xxhash
 
-from replay.errors import ReplayError
+from replay.errors import ReplayError, RunError
 from replay.store.atomic import is_tmp, write_atomic
+from replay.store.claim import LOCK as LOCK_NAME
+from replay.store.claim import Claim, lock
 from replay.store.files import digest_file, open_regular, size_of, why_unreadable
 from replay.store.sealed import Unsealed, encode_json, read_json
 
@@ -139,6 +141,27 @@ def _remedy(path: Path) -> str:
     return "the compute cannot resume from it: run the same command with --restart to start over"
 
 
+def not_an_lca_dir(path: Path, why: str) -> RunError:
+    """The one line for a directory that is not an lca dir (where a reader or a compute expected one)."""
+    return RunError(f"{path}: not an lca dir ({why})")
+
+
+def claim_lca_dir(out: Path, tag: str = "") -> Claim:
+    """Lock an lca dir for one compute process (created if needed): a second compute into it gets one line.
+
+    Under torchrun each rank holds its own lock (`tag`, as its files): a second job's rank collides with ours.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        held = lock(out, LOCK_NAME + tag)
+    except OSError as e:
+        raise ReplayError(f"{out}: cannot create or lock the lca dir ({e.strerror or e}); pass another --out") from None
+    if held is None:
+        raise ReplayError(f"{out}: another `replay compute` is writing into it right now; wait for it to finish, "
+                          f"or pass another --out")
+    return Claim(held)
+
+
 def is_lca_dir(out: Path) -> bool:
     """Whether `out` holds (only) what a compute writes."""
     if not out.is_dir():
@@ -159,7 +182,7 @@ def verify(out: Path) -> list[str]:
     if not meta.exists():
         if any(PROGRESS_RE.fullmatch(p.name) for p in out.iterdir()):
             return [f"{out}: the compute did not finish (no {META}); run the same `replay compute` to resume it"]
-        return [f"{out}: not an lca dir (no {META})"]
+        return [str(not_an_lca_dir(out, f"no {META}"))]
     try:
         doc = read_sealed(meta)
         parts = parts_of(doc, meta)

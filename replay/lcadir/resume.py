@@ -1,4 +1,4 @@
-"""Checkpoint: what an interrupted `compute` needs to resume from its last flush, checked before it is believed.
+"""Resume: what an interrupted `compute` needs to resume from its last flush, checked before it is believed.
 
 In the lca dir, per process (tag '' alone, '-r001' under torchrun): progress{tag}.json (sealed:
 the settings, the next step, the records of the parts written so far, the steps done, the
@@ -8,7 +8,7 @@ records, and that the records agree with each other (rows, steps, flush numbers)
 damaged resume state is one line, never silently skipped or deleted steps. A resume must use
 the same placement of processes: its blocks of steps, or slices of parameters, belong to it.
 
-The dir is locked for the compute (`store.claim`); a compute that committed nothing belongs to
+The dir is locked for the compute (`claim_lca_dir`); a compute that committed nothing belongs to
 nobody and is replaced; `restart` replaces whatever compute an lca dir holds.
 """
 
@@ -17,13 +17,13 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load, save
 
-from replay.engine.parallel import Placement
 from replay.errors import ReplayError
-from replay.lcadir import (
+from replay.lcadir.parts import (
     DENSE_DIR,
     FRAME_DIRS,
     META,
@@ -31,14 +31,19 @@ from replay.lcadir import (
     LcaDirDamaged,
     Part,
     check_part,
+    claim_lca_dir,
     is_lca_dir,
+    not_an_lca_dir,
     parts_of,
     read_sealed,
     write_json,
     write_part,
 )
-from replay.store.claim import Claim, claim_lca_dir
+from replay.store.claim import Claim
 from replay.store.files import open_regular, read_exactly
+
+if TYPE_CHECKING:  # (the engine's; the lca dir only asks it for its rank, tags and barrier)
+    from replay.engine.parallel import Placement
 
 
 class Checkpoint:
@@ -53,7 +58,7 @@ class Checkpoint:
         if out.exists() and not out.is_dir():
             raise ReplayError(f"--out {out}: is a file; pass a directory for the LCA frames")
         if out.exists() and not is_lca_dir(out):
-            raise ReplayError(f"{out}: exists and is not an lca dir; choose another --out")
+            raise not_an_lca_dir(out, "exists and holds other files; choose another --out")
         self.claim: Claim | None = claim_lca_dir(out, self.tag)
         try:
             self._open(restart)
@@ -185,6 +190,13 @@ class Checkpoint:
         if old is not None:
             (self.out / old.path).unlink(missing_ok=True)
         (self.out / f"progress{self.tag}.json").unlink(missing_ok=True)
+
+    def check_resumed(self, done: int, where: str) -> None:
+        """The steps a resumed compute has before `next_step` must be the steps the resume state counts."""
+        if self.next_step is not None and done != self.steps_done:
+            raise LcaDirDamaged(f"{where}: it says {self.steps_done} steps are done before step {self.next_step}, "
+                                f"this compute has {done} there; the compute cannot resume from it: run the same "
+                                f"command with --restart to start over")
 
     def release(self) -> None:
         if self.claim is not None:
