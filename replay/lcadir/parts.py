@@ -1,18 +1,9 @@
-"""The lca dir's records: what a compute writes is sealed, and verified whenever it is read.
+"""The lca dir's records: every part a compute writes is named with its bytes, xxHash3, rows and steps in a
+sealed JSON file, and checked against that record before a reader believes a value.
 
-    meta.json            sealed JSON, written last: the settings, the losses, and every part
-    progress{tag}.json   sealed JSON, one per process while unfinished: the parts so far, the next
-                         step, the evaluations done, the totals file (the resume state)
-    totals{tag}-N.safetensors   the per-parameter totals at the last flush
-    steps/ tensors/ params/ examples/ example_steps/ tokens/   parquet parts
-    dense/               safetensors parts (--dense)
-
-Every part is recorded where it is named (`Part`: relative path, bytes, xxHash3, rows, first
-and last step), so a reader checks each against its record before it believes a value (a
-flipped bit, a truncated or dropped part), and refuses files in the frame folders that no
-record names (a foreign part, or one written after the last flush). The JSON files carry
-their own checksum. A damaged file is one line that names it and says what to do; nothing
-is silently skipped or recomputed.
+A flipped bit, a truncated or dropped part, or a file in the frame folders that no record names (a foreign
+part, or one written after the last flush) is one line that names it and says what to do; nothing is
+silently skipped or recomputed. The JSON files carry their own checksum (`store.sealed`).
 """
 
 from __future__ import annotations

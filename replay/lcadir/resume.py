@@ -23,22 +23,8 @@ import torch
 from safetensors.torch import load, save
 
 from replay.errors import ReplayError
-from replay.lcadir.parts import (
-    DENSE_DIR,
-    FRAME_DIRS,
-    META,
-    PROGRESS_RE,
-    LcaDirDamaged,
-    Part,
-    check_part,
-    claim_lca_dir,
-    is_lca_dir,
-    not_an_lca_dir,
-    parts_of,
-    read_sealed,
-    write_json,
-    write_part,
-)
+from replay.lcadir import parts as records
+from replay.lcadir.parts import LcaDirDamaged, Part
 from replay.store.claim import Claim
 from replay.store.files import open_regular, read_exactly
 
@@ -57,9 +43,9 @@ class Checkpoint:
         self.totals: dict[str, torch.Tensor] | None = None
         if out.exists() and not out.is_dir():
             raise ReplayError(f"--out {out}: is a file; pass a directory for the LCA frames")
-        if out.exists() and not is_lca_dir(out):
-            raise not_an_lca_dir(out, "exists and holds other files; choose another --out")
-        self.claim: Claim | None = claim_lca_dir(out, self.tag)
+        if out.exists() and not records.is_lca_dir(out):
+            raise records.not_an_lca_dir(out, "exists and holds other files; choose another --out")
+        self.claim: Claim | None = records.claim_lca_dir(out, self.tag)
         try:
             self._open(restart)
         except BaseException:
@@ -78,7 +64,7 @@ class Checkpoint:
         prog = out / f"progress{self.tag}.json"
         self._check_layout()
         if prog.exists():
-            p = read_sealed(prog)
+            p = records.read_sealed(prog)
             committed = p.get("next_step") is not None
             if p.get("config") != self.config and committed:
                 raise ReplayError(f"{out}: holds an unfinished compute with other "
@@ -89,7 +75,7 @@ class Checkpoint:
         if self.place.writes_steps:
             keep = {part.path for part in self.parts}
             mine = re.compile(rf"part{re.escape(self.tag)}-\d+\.(parquet|safetensors)")
-            for d in (*FRAME_DIRS, DENSE_DIR):
+            for d in (*records.FRAME_DIRS, records.DENSE_DIR):
                 for f in (out / d).glob("*") if (out / d).is_dir() else []:
                     if mine.fullmatch(f.name) and str(f.relative_to(out)) not in keep:
                         f.unlink()  # written after the last checkpoint: will be recomputed
@@ -102,16 +88,16 @@ class Checkpoint:
             return LcaDirDamaged(f"{prog}: {why}; the compute cannot resume from it: run the same command with "
                                  f"--restart to start over")
 
-        parts = parts_of(p, prog)
+        parts = records.parts_of(p, prog)
         for part in parts:
-            if why := check_part(self.out, part):
+            if why := records.check_part(self.out, part):
                 raise damaged(f"a part it names is damaged: {why}")
         totals = p.get("totals")
         try:
             totals = Part.of(totals)
         except Exception:  # noqa: BLE001 - any malformed record is damage
             raise damaged("its totals record is malformed") from None
-        if why := check_part(self.out, totals):
+        if why := records.check_part(self.out, totals):
             raise damaged(f"its totals are damaged: {why}")
         nxt, seq, evals, done = p.get("next_step"), p.get("seq"), p.get("evals"), p.get("steps_done")
         if not all(type(v) is int and v >= 0 for v in (nxt, seq, evals, done)):
@@ -130,10 +116,11 @@ class Checkpoint:
 
     def _check_layout(self) -> None:
         """Unfinished files of another placement: its blocks of steps or parameter slices are not ours."""
-        found = sorted(f for f in self.out.iterdir() if PROGRESS_RE.fullmatch(f.name)) if self.out.is_dir() else []
+        listed = self.out.iterdir() if self.out.is_dir() else []
+        found = sorted(f for f in listed if records.PROGRESS_RE.fullmatch(f.name))
         key = [self.place.mode, self.place.world]
         expected = {f"progress{t}.json" for t in self.place.tags()}
-        theirs = [read_sealed(f).get("layout") for f in found]
+        theirs = [records.read_sealed(f).get("layout") for f in found]
         if all(f.name in expected for f in found) and all(k == key for k in theirs):
             return
         mode, world = next((k for k in theirs if k != key), None) or ["?", len(found)]
@@ -144,10 +131,10 @@ class Checkpoint:
 
     def _finished(self) -> bool:
         """Whether `out` holds this very compute, finished; refuses one that holds another."""
-        meta = self.out / META
+        meta = self.out / records.META
         if not meta.exists():
             return False
-        m = read_sealed(meta)
+        m = records.read_sealed(meta)
         if m.get("config") != self.config:
             if grown := _grown(m.get("config"), self.config):
                 raise ReplayError(f"{self.out}: {grown}")
@@ -158,7 +145,7 @@ class Checkpoint:
 
     def save(self, next_step: int, totals: dict[str, torch.Tensor], evals: int, steps_done: int) -> None:
         name = f"totals{self.tag}-{next_step:010d}.safetensors"
-        part = write_part(self.out, name, save({k: v.cpu().contiguous() for k, v in totals.items()}))
+        part = records.write_part(self.out, name, save({k: v.cpu().contiguous() for k, v in totals.items()}))
         old = getattr(self, "_totals_part", None)
         self._totals_part, self.next_step, self.evals, self.steps_done = part, next_step, evals, steps_done
         self._write_progress(next_step, part)
@@ -175,14 +162,14 @@ class Checkpoint:
         out = []
         for tag in self.place.tags():
             prog = self.out / f"progress{tag}.json"
-            out += self.parts if tag == self.tag else parts_of(read_sealed(prog), prog)
+            out += self.parts if tag == self.tag else records.parts_of(records.read_sealed(prog), prog)
         return out
 
     def _write_progress(self, next_step: int | None, totals: Part | None) -> None:
         prog = {"config": self.config, "parts": [p.to_json() for p in self.parts], "next_step": next_step,
                 "seq": self.seq, "totals": totals.to_json() if totals else None, "evals": self.evals,
                 "steps_done": self.steps_done, "layout": [self.place.mode, self.place.world]}
-        write_json(self.out / f"progress{self.tag}.json", prog)
+        records.write_json(self.out / f"progress{self.tag}.json", prog)
 
     def remove(self) -> None:
         """The compute is complete (meta.json written): the resume state goes."""
