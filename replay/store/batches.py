@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from replay.errors import ChunkDamaged
-from replay.store.atomic import PLACEHOLDER
+from replay.store.checksum import PLACEHOLDER
 from replay.store.files import open_regular, read_exactly, size_of, why_unreadable
 from replay.store.sealed import Unsealed, check_seal, encode_header, read_header, write_sealed
 

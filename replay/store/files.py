@@ -5,7 +5,7 @@ ever, a symlink to /dev/zero reads without end, a dangling link or a directory r
 middle of a listing, and a sparse 40 GB file read whole exhausts memory. Every reader of this
 package opens through `open_regular` (non-blocking, then `fstat`: a regular file or one line
 saying what it is instead) and checks the size against what a valid file can have before
-reading, and checksums are streamed in fixed blocks (`digest_file`), so memory never follows
+reading, and checksums are streamed in fixed blocks (`store.checksum`), so memory never follows
 what a file claims.
 """
 
@@ -16,8 +16,6 @@ import os
 import stat
 from pathlib import Path
 from typing import BinaryIO
-
-import xxhash
 
 BLOCK = 8 << 20  # streamed checksums read this much at a time: memory does not follow the file
 
@@ -81,27 +79,6 @@ def read_exactly(f: BinaryIO, n: int) -> bytes:
         chunks.append(b)
         left -= len(b)
     return b"".join(chunks)
-
-
-def digest_file(f: BinaryIO, skip: tuple[int, int], size: int) -> str:
-    """xxHash3-64 (hex) of the whole file but the bytes skip[0]..skip[1], streamed in BLOCK-sized reads."""
-    h = xxhash.xxh3_64()
-    f.seek(0)
-    buf = bytearray(BLOCK)
-    view = memoryview(buf)
-    pos = 0
-    while pos < size:
-        n = f.readinto(view[:min(BLOCK, size - pos)])
-        if not n:
-            break
-        a, b = max(skip[0] - pos, 0), min(skip[1] - pos, n)
-        if a < b:  # the checksum's own digits fall in this block
-            h.update(view[:a])
-            h.update(view[b:n])
-        else:
-            h.update(view[:n])
-        pos += n
-    return h.hexdigest()
 
 
 def regular_size(path: Path) -> int | None:

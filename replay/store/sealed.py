@@ -20,8 +20,10 @@ import struct
 from pathlib import Path
 from typing import BinaryIO
 
-from replay.store.atomic import PLACEHOLDER, write_atomic
-from replay.store.files import digest_file, read_exactly
+from replay.store.atomic import write_atomic
+from replay.store.checksum import PLACEHOLDER, blocks, digest_without, mismatch
+from replay.store.checksum import seal as seal_digits
+from replay.store.files import read_exactly
 
 SEAL_FIELD = re.compile(rb'"xxh3":"([0-9a-f]{16})"\}\} *\Z')  # the seal: last field of the last object
 MAX_HEADER = 100_000_000  # safetensors' own limit for a header
@@ -46,17 +48,7 @@ def encode_header(entries: dict, meta: dict) -> bytes:
 
 def seal(head: bytes, *body: bytes | memoryview) -> bytes:
     """The header with its checksum digits filled in: xxHash3 of every byte of head and body but those 16."""
-    import xxhash
-
-    m = SEAL_FIELD.search(head, 8)
-    assert m is not None and m.group(1) == PLACEHOLDER, "header has no checksum placeholder"
-    a, b = m.span(1)
-    h = xxhash.xxh3_64()
-    h.update(head[:a])
-    h.update(head[b:])
-    for part in body:
-        h.update(part)
-    return head[:a] + h.hexdigest().encode() + head[b:]
+    return seal_digits(head, SEAL_FIELD, *body, pos=8)
 
 
 def write_sealed(path: Path, head: bytes, *body: bytes | memoryview, sync: bool = False) -> Path:
@@ -93,9 +85,9 @@ def check_seal(f: BinaryIO, head: bytes, size: int) -> None:
     if m is None:
         raise Unsealed("no checksum field")
     a, b = m.span(1)
-    got = digest_file(f, (a, b), size)
+    got = digest_without(blocks(f, size), (a, b))
     if got != m.group(1).decode():
-        raise Unsealed(f"checksum mismatch (xxh3 {got}, file says {m.group(1).decode()})")
+        raise Unsealed(mismatch(got, m.group(1)))
 
 
 # ---- sealed JSON documents (a run's manifest, an lca dir's meta and progress) ------------------------
@@ -105,11 +97,10 @@ JSON_SEAL = re.compile(rb'"xxh3": "([0-9a-f]{16})"\n\}\n\Z')
 
 def encode_json(doc: dict) -> bytes:
     """`doc` as indented JSON whose last field is the xxHash3 of every other byte (16 hex digits)."""
-    from replay.store.atomic import seal as seal_doc
 
     body = json.dumps(doc, indent=1)
     assert body.endswith("\n}") and "xxh3" not in doc
-    return seal_doc(f'{body[:-2]},\n "xxh3": "{PLACEHOLDER.decode()}"\n}}\n'.encode(), JSON_SEAL)
+    return seal_digits(f'{body[:-2]},\n "xxh3": "{PLACEHOLDER.decode()}"\n}}\n'.encode(), JSON_SEAL)
 
 
 def read_json(path: Path, max_bytes: int, sealed: bool = True) -> dict:
