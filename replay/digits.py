@@ -51,13 +51,13 @@ def digits() -> Task:
 
 
 def train_digits(model: nn.Module, recorder_path: str | None = None, *, epochs: int = 2, batch: int = 32,
-                 lr: float = 0.05, momentum: float = 0.9, task: str = "replay.digits:digits", seed: int = 0,
+                 lr: float = 0.05, task: str = "replay.digits:digits", seed: int = 0,
                  **recorder_kwargs: object) -> nn.Module:
     """SGD + momentum on the digits train split, recording every step into `recorder_path`."""
     from replay.record import Recorder
 
     x, y = load_digits_tensors()["train"]
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     g = torch.Generator().manual_seed(seed)
     rec = Recorder(model, recorder_path, optimizer=opt, task=task, **recorder_kwargs) if recorder_path else None
     model.train()

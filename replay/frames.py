@@ -160,16 +160,16 @@ class RowValues:
 
 
 class FrameWriter:
-    """Buffers per-step rows and writes them as numbered parquet parts; `full`: the losses with per-parameter
+    """Buffers per-step rows and writes them as numbered parquet parts; `per_param`: the losses with per-parameter
     counts (the others get null n_helped and frac_helped, and no params rows)."""
 
     def __init__(self, out: Path, loss_names: list[str], tensor_names: list[str], tensor_sizes: list[int],
-                 full: list[int], prefix: str = "part"):
+                 per_param: list[int], prefix: str = "part"):
         self.out, self.prefix = out, prefix
-        self.loss_names, self.tensor_names, self.full = loss_names, tensor_names, full
+        self.loss_names, self.tensor_names, self.per_param = loss_names, tensor_names, per_param
         self.tensor_sizes = np.asarray(tensor_sizes, dtype=np.int64)
         self._has_counts = np.zeros(len(loss_names), dtype=bool)
-        self._has_counts[full] = True
+        self._has_counts[per_param] = True
         for d in ("steps", "tensors", "params"):
             (out / d).mkdir(parents=True, exist_ok=True)
         self._steps: list[dict] = []
@@ -269,14 +269,14 @@ class FrameWriter:
         return files
 
     def write_params(self, lca: np.ndarray, helped: np.ndarray, n_steps: int, start: int = 0) -> Part:
-        """Totals over steps of the losses `full`: lca [K, k] float64, helped [K, k] counts, for the flat
+        """Totals over steps of the losses `per_param`: lca [K, k] float64, helped [K, k] counts, for the flat
         parameters start..start+k (in tensor order; a data-parallel rank writes its own slice)."""
         K, k = lca.shape
         ends = np.cumsum(self.tensor_sizes)
         flat = np.arange(start, start + k)
         tensor_ids = np.searchsorted(ends, flat, side="right")  # [k]
         index = flat - (ends - self.tensor_sizes)[tensor_ids]  # flat index within its tensor
-        names = [self.loss_names[i] for i in self.full]
+        names = [self.loss_names[i] for i in self.per_param]
         df = pl.DataFrame({  # strings by gathering from the names: numpy object arrays cost ~10x more
             "loss": pl.Series(names, dtype=pl.String).gather(np.repeat(np.arange(K), k)),
             "tensor": pl.Series(self.tensor_names, dtype=pl.String).gather(np.tile(tensor_ids, K)),

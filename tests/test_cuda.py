@@ -1,4 +1,5 @@
-"""The CUDA paths (pinned-memory side-stream recording, GPU replay, GPU per-example LCA), each against
+"""The CUDA paths (states gathered and XORed on the GPU at the fence, copied into pinned chunk slots on a side
+stream; GPU replay; GPU per-example LCA), each against
 a CPU reference. Skipped without a GPU: CI has none, so run these on a GPU machine by hand
 (`python -m pytest tests/test_cuda.py`); the README's Benchmarks section gives the last figures."""
 
@@ -23,8 +24,8 @@ def cpu_params(model: nn.Module) -> dict:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("every", [1, 3])
 def test_cuda_recording_is_bit_exact_with_in_place_edits(tmp_path, dtype, every):
-    """Side-stream copies into pinned memory, and the seal's re-copy of parameters changed in place after
-    the step (version counters), give exactly what the next forward sees."""
+    """States gathered at the fence (the next step's pre-hook), so that parameters changed in place after the
+    step are in them, XORed on the GPU and copied into pinned memory: exactly what the next forward sees."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
     model = model.to("cuda", dtype)

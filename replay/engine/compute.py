@@ -24,7 +24,7 @@ from replay.engine.fingerprint import task_fingerprint
 from replay.engine.ghost import ExampleProducts
 from replay.engine.ledger import Ledger
 from replay.engine.model_check import check_constants, check_model, running_stats_note
-from replay.engine.rows import ExampleIntegrand, Rows, TokenIntegrand
+from replay.engine.rows import ExampleIntegrand, RowLoop, TokenIntegrand
 from replay.engine.settings import Request, Settings
 from replay.engine.steps import StepLoop
 from replay.errors import ReplayError, ReplayWarning, RunError, SettingError, TaskError, os_reason
@@ -154,7 +154,7 @@ def _config(run: Run, t: Task, spec: object, req: Request, st: Settings, ev: Los
     """What an lca dir was computed with: a resume must have the same, or it is another compute."""
     return {"run_id": run.manifest.run_id, "task": spec if isinstance(spec, str) else "<Task object>",
             "task_fingerprint": task_fingerprint(t, req.datasets, run.param_names),
-            "losses": ev.loss_names, "per_param": [ev.loss_names[i] for i in ev.full], "tol": st.tol,
+            "losses": ev.loss_names, "per_param": [ev.loss_names[i] for i in ev.per_param], "tol": st.tol,
             "rtol": st.rtol, "max_splits": st.max_splits, "first_order": st.first_order,
             "steps": [req.todo[0], req.todo[-1]], "batchnorm": t.batchnorm, "batch_size": t.batch_size,
             "dense": st.dense, "per_example": req.per_example, "per_token": req.per_token,
@@ -214,7 +214,7 @@ def _token_selection(t: Task, sel: object) -> dict[str, list[tuple[int, int]]]:
     return out
 
 
-def _rows(t: Task, ev: LossEvaluator, run: Run, req: Request, ledger: Ledger, st: Settings) -> list[Rows]:
+def _rows(t: Task, ev: LossEvaluator, run: Run, req: Request, ledger: Ledger, st: Settings) -> list[RowLoop]:
     """Examples and tokens as rows of their own (they share the evaluator's model and its loading of θ)."""
     if not (req.per_example or req.per_token or req.token_tensors):
         return []
@@ -239,15 +239,15 @@ def _rows(t: Task, ev: LossEvaluator, run: Run, req: Request, ledger: Ledger, st
     products = ExampleProducts(ev.model, names, t.loss_fn, ev.device) if req.per_example else None
     for name in req.per_example:
         x = data(name)
-        out.append(Rows(name, ExampleIntegrand(products, x, batch(x)), ev.load, split, ledger.writer, st))
+        out.append(RowLoop(name, ExampleIntegrand(products, x, batch(x)), ev.load, split, ledger.writer, st))
     for name in req.per_token:
         x = data(name)
-        out.append(Rows(name, TokenIntegrand(ev.model, _token_loss(t, name), x, batch(x)), ev.load, split,
+        out.append(RowLoop(name, TokenIntegrand(ev.model, _token_loss(t, name), x, batch(x)), ev.load, split,
                         ledger.writer, st))
     for name, pairs in req.token_tensors.items():
         x = data(name)
         f = TokenIntegrand(ev.model, _token_loss(t, name), x, batch(x), select=pairs, names=names)
-        out.append(Rows(name, f, ev.load, split, ledger.writer, st))
+        out.append(RowLoop(name, f, ev.load, split, ledger.writer, st))
     return out
 
 

@@ -49,11 +49,11 @@ class _DataPlan:
 
 class LossEvaluator:
     """Evaluates `loss_names`: values (float64), projections per tensor (float64) onto given directions, and
-    the gradients (model dtype, flat over `param_names`) of the losses in `per_param` (`full`: their indices).
+    the gradients (model dtype, flat over `param_names`) of the losses in `per_param` (`per_param`: their indices).
 
     With a data-parallel `place`, this process evaluates only its shard of each data set's
     examples; the loss sums and projections are all-reduced and the gradients reduce-scattered,
-    so it returns every loss and projection and the whole gradients of its own columns `own` of
+    so it returns every loss and projection and the whole gradients of its held columns `own` of
     the flat parameter vector (padded to `padded` = world × slice, so that every rank's slice
     has one size).
     """
@@ -75,17 +75,17 @@ class LossEvaluator:
         self.n_examples = torch.tensor(self.loss_sizes, dtype=torch.float64, device=device)
         L = len(self.loss_names)
         wanted = datasets if per_param == "datasets" else (self.loss_names if per_param == "all" else per_param)
-        self.full = [i for i, n in enumerate(self.loss_names) if n in set(wanted)]  # losses with [P] gradients
-        self._full_of = {li: k for k, li in enumerate(self.full)}
+        self.per_param = [i for i, n in enumerate(self.loss_names) if n in set(wanted)]  # losses with [P] gradients
+        self._per_param_slot = {li: k for k, li in enumerate(self.per_param)}
         P, N = sum(self.numels), self.place.world if self.place.shards_data else 1
         S = -(-P // N)
         r = self.place.rank if N > 1 else 0
-        self.own, self.padded = (r * S, (r + 1) * S), N * S
+        self.columns, self.padded = (r * S, (r + 1) * S), N * S
         self.inv_sizes = [1.0 / n for n in self.loss_sizes]
         # gradients are computed in the model's dtype and kept in it (the widest, if mixed);
         # loss values, projections and LCA totals are accumulated in float64
         self.grad_dtype = max((p.dtype for p in self.params), key=lambda d: d.itemsize)
-        K = len(self.full)
+        K = len(self.per_param)
         # data mode: this process's partial sums for every rank's slice, [world, K, slice], reduce-scattered
         self._send = (torch.empty(N, K, S, dtype=self.grad_dtype, device=device) if N > 1 and K else None)
         # one flat gradient buffer [P] that every p.grad is a view of: backward accumulates a cell's
@@ -98,11 +98,11 @@ class LossEvaluator:
         self._flat_pieces = [(r, 0, min(P, (r + 1) * S) - r * S, r * S, min(P, (r + 1) * S))
                              for r in range(N) if r * S < P]
         self.cols_all = Columns(self.numels, 0, P, device, rows=2)  # a cell's projections (all columns)
-        self.cols_own = Columns(self.numels, self.own[0], min(self.own[1], P), device, rows=2)
+        self.cols_held = Columns(self.numels, self.columns[0], min(self.columns[1], P), device, rows=2)
         self._dirs: torch.Tensor | None = None  # [D, P] this evaluation's directions (gradient dtype)
         self._prod: torch.Tensor | None = None  # [D, P] scratch for a cell's products
         self._proj: torch.Tensor | None = None  # [D, L, T] this evaluation's projections
-        self._is_proj = torch.tensor([i not in self._full_of for i in range(L)])
+        self._is_proj = torch.tensor([i not in self._per_param_slot for i in range(L)])
         _set_deterministic_mode(self.model, task.batchnorm)
 
     def _add_loss(self, name: str, size: int) -> int:
@@ -116,13 +116,13 @@ class LossEvaluator:
         keys = dict(self.task.groups.get(name, {}))
         if per_class:
             keys = {"class": _class_labels(name, examples.labels(name)), **keys}
-        own = self._add_loss(name, n)
+        whole = self._add_loss(name, n)
         cell_of = torch.zeros(n, dtype=torch.long)
-        cell_losses: list[list[int]] = [[own]]
+        cell_losses: list[list[int]] = [[whole]]
         if keys:
             cols = torch.stack([torch.as_tensor(k).reshape(n).long().cpu() for k in keys.values()], 1)  # [n, G]
             cells, cell_of = torch.unique(cols, dim=0, return_inverse=True)  # cells [C, G], cell_of [n]
-            cell_losses = [[own] for _ in range(len(cells))]
+            cell_losses = [[whole] for _ in range(len(cells))]
             for g, gname in enumerate(keys):
                 for v in torch.unique(cols[:, g]).tolist():
                     idx = self._add_loss(f"{name}/{gname}={v}", int((cols[:, g] == v).sum()))
@@ -162,15 +162,15 @@ class LossEvaluator:
 
     def __call__(self, theta: torch.Tensor, dirs: torch.Tensor, out: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(values [L] float64, projections [D, L, T] float64 onto `dirs` [D, ≥P], gradients [K, own columns]
+        """(values [L] float64, projections [D, L, T] float64 onto `dirs` [D, ≥P], gradients [K, held columns]
         of the per-parameter losses (model dtype, or None when there are none)) at θ.
 
-        One pass per data set. `out` [K, own columns] is overwritten when given: preallocated buffers
+        One pass per data set. `out` [K, held columns] is overwritten when given: preallocated buffers
         spare the page faults of a fresh multi-megabyte tensor per evaluation. In data mode the values
         and projections of every shard are summed in one all-reduce.
         """
         self.load(theta)
-        L, K, S = len(self.loss_names), len(self.full), self.own[1] - self.own[0]
+        L, K, S = len(self.loss_names), len(self.per_param), self.columns[1] - self.columns[0]
         P = sum(self.numels)
         D = dirs.shape[0]
         sums = torch.zeros(L, dtype=torch.float64, device=self.device)
@@ -194,10 +194,10 @@ class LossEvaluator:
         if self._send is not None:  # each rank holds its shard's share of every sum
             self.place.sum_scattered(grads, self._send)
         if K:  # the per-parameter losses' projections, from their (whole, reduced) gradients
-            lo, hi = self.own[0], min(self.own[1], P)
+            lo, hi = self.columns[0], min(self.columns[1], P)
             for d in range(D):
                 prod = grads[:, :hi - lo] * self._dirs[d, lo:hi]
-                self._proj[d, self.full] = self.cols_own.sums(prod)
+                self._proj[d, self.per_param] = self.cols_held.sums(prod)
         proj = self._proj
         if self.place.shards_data:  # shards' cell projections and slices' projections, summed in one call
             both = torch.cat([proj.reshape(-1), sums])
@@ -238,7 +238,7 @@ class LossEvaluator:
         flat = self._flat
         proj_rows = []
         for li in cell_losses:
-            k = self._full_of.get(li)
+            k = self._per_param_slot.get(li)
             if k is None:
                 proj_rows.append(li)
                 continue
@@ -267,10 +267,10 @@ class LossEvaluator:
 
     def _mixed_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor | None) -> None:
         """The data set's own batches (batch statistics): one forward each, one backward per cell in it."""
-        own = plan.cell_losses[0][0]
+        whole = plan.cell_losses[0][0]
         for a, b, c in plan.batches:
             per_example = self._losses(plan, a, b)
-            sums[own] += per_example.sum().detach().double()  # as without groups, to the bit
+            sums[whole] += per_example.sum().detach().double()  # as without groups, to the bit
             segs = plan.mixed.get(a) or [(c, None)]
             for k, (cell, pos) in enumerate(segs):
                 part = per_example.sum() if pos is None else per_example[pos].sum()

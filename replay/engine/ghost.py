@@ -17,7 +17,7 @@ do not mix inside these layers, so b's rows are each example's own ∂ℓ_i/∂y
 A tensor used by several layers (tied weights) sums their contributions; a layer applied
 several times sums each application. Every other recorded tensor (and any whose layer's output
 was changed in place after it, which makes b another tensor's gradient) goes through the
-forward-mode product (`torch.func.jvp`, batched by `vmap`), as before. On the first batch every
+forward-mode product (`torch.func.jvp`, batched by `vmap`). On the first batch every
 fast tensor is checked against it on a few examples; one that disagrees falls back.
 """
 

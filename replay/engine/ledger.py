@@ -2,7 +2,7 @@
 totals, flushed with the resume state so that an interrupted compute resumes from its last flush.
 
 It owns every buffer that outlives a step, and only for the losses that report per-parameter
-numbers (`full`, K of the L losses): the float64 LCA totals and helped counts [K × own columns].
+numbers (`per_param`, K of the L losses): the float64 LCA totals and helped counts [K × held columns].
 The other losses leave the device as [L × tensors] sums each step (one sync) and hold nothing
 per parameter, so memory does not grow with the number of group losses.
 """
@@ -30,12 +30,12 @@ from replay.store.layout import TensorSpec
 class StepLCA:
     """One step's allocation for every loss, as the step loop hands it over.
 
-    `full` [K, own columns] the per-parameter allocation of the per-parameter losses (the gradients'
+    `alloc` [K, held columns] the per-parameter allocation of the per-parameter losses (the gradients'
     dtype, or None); `tensor_lca` and `error` [L, T] float64 (over all ranks' columns); `splits`,
     `grounded` [L] and `points` (per loss, the s of its points) on the host; `loss_after` [L] float64.
     """
 
-    full: torch.Tensor | None
+    alloc: torch.Tensor | None
     tensor_lca: torch.Tensor
     error: torch.Tensor
     splits: torch.Tensor
@@ -45,18 +45,18 @@ class StepLCA:
 
 
 class Ledger:
-    """Per-step rows of every loss and per-parameter totals of the losses `full`, over the columns `own`."""
+    """Per-step rows of every loss and per-parameter totals of the losses `per_param`, over the held columns."""
 
     def __init__(self, out: Path, ev: LossEvaluator, params: list[TensorSpec], ckpt: Checkpoint, place: Placement,
                  dense: bool):
-        loss_names, full, device = ev.loss_names, ev.full, ev.device
+        loss_names, per_param, device = ev.loss_names, ev.per_param, ev.device
         names, sizes = [s.name for s in params], [s.numel for s in params]
         self.out, self.loss_names, self.loss_sizes, self.ckpt, self.place = out, loss_names, ev.loss_sizes, ckpt, place
-        self.full, self.dense, self.dev = full, dense, device
-        self.writer = FrameWriter(out, loss_names, names, sizes, full, prefix=f"part{place.tag}")
-        self.lo, self.hi = ev.own
+        self.per_param, self.dense, self.dev = per_param, dense, device
+        self.writer = FrameWriter(out, loss_names, names, sizes, per_param, prefix=f"part{place.tag}")
+        self.lo, self.hi = ev.columns
         self.P, self.T = sum(sizes), len(sizes)
-        K, S = len(full), self.hi - self.lo
+        K, S = len(per_param), self.hi - self.lo
         self.cols = Columns(sizes, self.lo, min(self.hi, self.P), device, rows=max(1, K))
         self.totals = ckpt.totals or {"lca": torch.zeros(K, S, dtype=torch.float64),
                                       "helped": torch.zeros(K, S, dtype=torch.int32),
@@ -74,7 +74,7 @@ class Ledger:
         self.steps_done = ckpt.steps_done  # steps in the parts written so far (checked on resume)
 
     def tensor_sums(self, x: torch.Tensor) -> torch.Tensor:
-        """[rows, T] float64 sums of x [rows, own columns] over each tensor's columns (0 outside the own slice)."""
+        """[rows, T] float64 sums of x [rows, held columns] over each tensor's columns (0 outside the held slice)."""
         S = self.hi - self.lo
         return self.cols.sums(x[:, :min(S, self.P - self.lo)])
 
@@ -85,29 +85,29 @@ class Ledger:
         totals and is no step in which a parameter could have helped.
         """
         self.unflushed += 1
-        L, K = len(self.loss_names), len(self.full)
+        L, K = len(self.loss_names), len(self.per_param)
         helped_t = np.zeros((L, self.T), np.int64)
         if step is None:
             self.totals["n_unchanged"] += 1
             zeros, before = np.zeros((L, self.T)), loss_before.cpu().numpy()
             rows = StepRows(t0, t1, before, before, np.zeros(L), np.zeros(L, np.int64), np.ones(L, bool), zeros,
                             helped_t, zeros, [[] for _ in range(L)])
-            full = None
+            alloc = None
         else:
-            full = step.full
+            alloc = step.alloc
             if K:
-                helped = torch.lt(full, 0, out=self._helped)
+                helped = torch.lt(alloc, 0, out=self._helped)
                 th = self.cols.place(torch.stack([c.sum(1, dtype=torch.int32) for c in
                                                   helped[:, :self.P - self.lo].split(self.cols.cut_sizes, 1)], 1)
                                      ).long()
-                self.totals["lca"] += full
+                self.totals["lca"] += alloc
                 self._recent += helped.view(torch.uint8)
                 self._recent_steps += 1
                 if self._recent_steps == 255:
                     self._fold()
                 self.place.sum_shards_onto_first(th)  # data mode: each rank counted its slice; rank 0 writes
                 if self.place.writes_steps:
-                    helped_t[self.full] = th.cpu().numpy()
+                    helped_t[self.per_param] = th.cpu().numpy()
             self.totals["n_steps"] += 1
             tl = step.tensor_lca
             if self.place.writes_steps:  # one sync per step
@@ -116,9 +116,9 @@ class Ledger:
                 rows = StepRows(t0, t1, before, after, lca, step.splits.numpy(), grounded, tensor_lca, helped_t,
                                 error, step.points)
         if self.dense and K:
-            if full is None:
-                full = torch.zeros(K, self.hi - self.lo, device=self.dev)
-            if (cols := self.place.columns_on_first(full)) is not None:
+            if alloc is None:
+                alloc = torch.zeros(K, self.hi - self.lo, device=self.dev)
+            if (cols := self.place.columns_on_first(alloc)) is not None:
                 self.dense_buf[str(t0)] = cols[:, :self.P].to("cpu", torch.float64, copy=True)
         if self.place.writes_steps:
             self.writer.add(rows)
@@ -138,7 +138,7 @@ class Ledger:
         if self.dense and self.dense_buf:
             (self.out / DENSE_DIR).mkdir(exist_ok=True)
             rel = f"{DENSE_DIR}/part{self.place.tag}-{ck.seq:06d}.safetensors"
-            losses = [self.loss_names[i] for i in self.full]
+            losses = [self.loss_names[i] for i in self.per_param]
             ck.parts.append(write_part(self.out, rel, save(self.dense_buf, metadata={"losses": json.dumps(losses)})))
             self.dense_buf = {}
         ck.seq += 1
@@ -156,7 +156,7 @@ class Ledger:
         tot = {k: v.cpu() for k, v in totals.items()}
         n_steps = int(tot["n_steps"].item())
         parts = []
-        if self.full and (place.rank == 0 or place.shards_data):
+        if self.per_param and (place.rank == 0 or place.shards_data):
             own = max(0, min(self.hi, self.P) - self.lo)  # the last slice may end in padding
             parts.append(self.writer.write_params(tot["lca"][:, :own].numpy(), tot["helped"][:, :own].numpy(),
                                                   n_steps, start=self.lo))
@@ -164,7 +164,8 @@ class Ledger:
         place.barrier()  # every params part is written and recorded
         if place.rank == 0:
             write_meta(self.out, {"complete": True, "config": self.ckpt.config, "losses": self.loss_names,
-                                  "loss_sizes": self.loss_sizes, "per_param": [self.loss_names[i] for i in self.full],
+                                  "loss_sizes": self.loss_sizes,
+                                  "per_param": [self.loss_names[i] for i in self.per_param],
                                   "n_steps": n_steps + int(tot["n_unchanged"]),
                                   "n_unchanged": int(tot["n_unchanged"]),
                                   "tensors": self.writer.tensor_names, "run": run,

@@ -97,7 +97,7 @@ def running_stats_note(task: Task, run: Run) -> tuple[str, bool]:
     recorded = {n: c for n, c in (run.manifest.constants or {}).items() if n in names}
     advice = ("record with Recorder(buffers=True), or load the trained model's running statistics into the "
               "task's model")
-    if not recorded:  # a run of an earlier release: nothing tells which statistics these are
+    if not recorded:  # a run recorded without constants' checksums: nothing tells which statistics these are
         return f"the task model's own running statistics, for every step; if they are not trained ones, {advice}", True
     if not mismatched(recorded, model):
         return (f"the task model's running statistics, which are state 0's (the initial ones), for every step; "

@@ -1,4 +1,4 @@
-"""Rows of their own along the data set's steps: each example's (or each token's) loss change, allocated.
+"""RowLoop of their own along the data set's steps: each example's (or each token's) loss change, allocated.
 
 The same Simpson as the data-set losses (`engine.simpson`), on a mesh of their own per step: an
 example's loss is far less smooth than a mean (a ReLU kink of its own), so it gets points where
@@ -153,7 +153,7 @@ class TokenIntegrand:
         return torch.cat(out)
 
 
-class Rows:
+class RowLoop:
     """One integrand's rows over the steps, written into the frames: examples, or tokens."""
 
     def __init__(self, name: str, integrand: ExampleIntegrand | TokenIntegrand, load: Callable[[torch.Tensor], None],

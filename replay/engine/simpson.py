@@ -1,4 +1,5 @@
-"""Simpson's rule on an adaptive mesh of panels shared by many rows, as pure functions of projections.
+"""Simpson's rule on an adaptive mesh of panels shared by many rows: `Mesh` holds one step's refinement (its
+points, panels and per-row budgets, grown by `refine`); `panel_simpson` and `is_grounded` are pure functions.
 
 Along θ(s) = θ_t + s·Δθ, s ∈ [0, 1], a row r (a loss, an example, a token) has per column c (a
 tensor, or the total) the directional derivative d_rc(s) = Δθ_c · ∇_c ℓ_r(θ(s)). A panel [a, b]
@@ -137,8 +138,8 @@ class Mesh:
         cand = self.leaf & ~deep & active[:, None]
         over = cand & (node_res > share)
         # a row not grounded has a panel over its share unless rounding hides it: then its worst panel
-        none = active & ~over.any(1)
-        over |= cand & none[:, None] & (node_res == torch.where(cand, node_res, -1.0).max(1, keepdim=True).values)
+        hidden = active & ~over.any(1)
+        over |= cand & hidden[:, None] & (node_res == torch.where(cand, node_res, -1.0).max(1, keepdim=True).values)
         room = (self.budget - panels).clamp(min=0)
         score = torch.where(over, node_res, torch.full_like(node_res, -1.0))
         order = torch.argsort(-score, dim=1, stable=True)  # largest first, leftmost nodes first on ties

@@ -7,9 +7,9 @@ Per step t → t' of one segment (consecutive recorded states), for every row of
     end    θ_t': evaluated once, projected onto Δθ_t and onto the next moving step's Δθ (reused)
     mid    θ_t + ½Δθ: plain Simpson, 2 evaluations per step
     refine `simpson.Mesh.plan`: the panels that miss get their midpoints, row by row
-    allocate per tensor from the projections; per parameter (the `full` losses) from their gradients,
-           Δθ ⊙ Σ_p w_p g_p with the mesh's weights (a step grounded at plain Simpson uses the formula
-           of earlier releases, bit for bit)
+    allocate per tensor from the projections; per parameter (the `per_param` losses) from their gradients,
+           Δθ ⊙ Σ_p w_p g_p with the mesh's weights (a step grounded at plain Simpson: the plain
+           formula Δθ ⊙ (g_0 + 4 g_m + g_1)/6, bit for bit)
 
 A step whose states are equal bit for bit (a skipped AMP step) is not evaluated: LCA exactly 0.
 Only [rows × tensors] sums leave the device per step (one sync); gradients [K × P] are kept for
@@ -31,7 +31,7 @@ from replay import interrupts
 from replay.engine.evaluate import LossEvaluator
 from replay.engine.ledger import Ledger, StepLCA
 from replay.engine.parallel import Placement
-from replay.engine.rows import Rows
+from replay.engine.rows import RowLoop
 from replay.engine.settings import Settings
 from replay.engine.simpson import Mesh, is_grounded, points_of, refine
 from replay.frames import Frames
@@ -63,7 +63,7 @@ class StepLoop:
     """The step loop of one process over its segments of steps (all steps, or its blocks under torchrun)."""
 
     def __init__(self, run: Run, ev: LossEvaluator, segments: list[list[int]], ledger: Ledger, place: Placement,
-                 st: Settings, rows: list[Rows] | None = None):
+                 st: Settings, rows: list[RowLoop] | None = None):
         self.run, self.ev, self.ledger, self.place, self.rows = run, ev, ledger, place, rows or []
         self.tol, self.rtol, self.max_splits, self.first_order = st.tol, st.rtol, st.max_splits, st.first_order
         self.flush_every, self.progress = st.flush_every, st.progress and place.rank == 0
@@ -77,8 +77,8 @@ class StepLoop:
         left = [[s for s in seg if nxt is None or s >= nxt] for seg in segments]
         self.segments = [seg for seg in left if seg]
         self.todo = [s for seg in self.segments for s in seg]
-        self.lo, self.hi = ev.own
-        K, S = len(ev.full), self.hi - self.lo
+        self.lo, self.hi = ev.columns
+        K, S = len(ev.per_param), self.hi - self.lo
         # [K, S] per-parameter buffers in the gradients' dtype, preallocated (fresh ones cost page faults):
         # the two endpoint gradients (swapped each step), the allocation, and a pool for the other points
         mk = lambda: torch.empty(K, S, dtype=ev.grad_dtype, device=self.dev)  # noqa: E731
@@ -137,7 +137,7 @@ class StepLoop:
         return self.ev(theta, torch.stack(dirs), grads)
 
     def _spare(self) -> torch.Tensor | None:
-        if not self.ev.full:
+        if not self.ev.per_param:
             return None
         return self._pool.pop() if self._pool else torch.empty_like(self._ends[0])
 
@@ -145,9 +145,9 @@ class StepLoop:
 
     def _allocate(self, th0: torch.Tensor, d: torch.Tensor, start: Point, end: Point) -> StepLCA:
         """Simpson on the step's mesh, refined per loss until grounded (or out of budget)."""
-        ev, K = self.ev, len(self.ev.full)
-        full = torch.tensor(ev.full, dtype=torch.long)
-        dw = d[self.lo:self.hi].to(ev.grad_dtype) if K else None  # Δθ of the own columns, gradients' dtype
+        ev, K = self.ev, len(self.ev.per_param)
+        pp = torch.tensor(ev.per_param, dtype=torch.long)
+        dw = d[self.lo:self.hi].to(ev.grad_dtype) if K else None  # Δθ of the held columns, gradients' dtype
         dl = end.values - start.values
         if self.first_order:
             lca = start.proj
@@ -155,7 +155,7 @@ class StepLoop:
             tensor_lca, error = lca.clone(), (lca - trap).abs()
             alloc = torch.mul(start.grads, dw, out=self._alloc) if K else None
             if K:
-                tensor_lca[full] = self._sums(alloc)
+                tensor_lca[pp] = self._sums(alloc)
             splits = torch.ones(len(dl), dtype=torch.int64)
             grounded = is_grounded(dl - tensor_lca.sum(1), dl, self.tol, self.rtol).cpu()
             return StepLCA(alloc, tensor_lca, error, splits, grounded, end.values, [[0.0]] * len(dl))
@@ -165,18 +165,19 @@ class StepLoop:
         grads = {0.0: start.grads, 1.0: end.grads, 0.5: gm}
         override = None
         root = None
-        if K:  # the per-parameter losses decide at plain Simpson on their own float64 sums, as always
+        if K:  # the per-parameter losses decide at plain Simpson on their own float64 sums
             root = torch.add(start.grads, end.grads, out=self._alloc).add_(gm, alpha=4.0).mul_(dw / 6.0)
             root_sums = self._sums(root)
             override = torch.full_like(dl, float("nan"))
-            override[full] = dl[full] - root_sums.sum(1)
+            override[pp] = dl[pp] - root_sums.sum(1)
 
-        kept = [3]  # gradients held: start, end, midpoint
+        held = 3  # [K, P] gradients held: start, end, midpoint
 
         def point(s: float) -> tuple[torch.Tensor, torch.Tensor]:
+            nonlocal held
             v, p, g = self._eval(th0 + s * d, [d], self._spare())
-            if g is not None and (kept[0] + 1) * g.numel() * g.element_size() <= KEEP_GRAD_BYTES:
-                grads[s], kept[0] = g, kept[0] + 1
+            if g is not None and (held + 1) * g.numel() * g.element_size() <= KEEP_GRAD_BYTES:
+                grads[s], held = g, held + 1
             elif g is not None:  # over the budget: evaluated again for the allocation, if its rows need it
                 self._pool.append(g)
             return v, p[0]
@@ -186,18 +187,18 @@ class StepLoop:
         splits = mesh.splits().cpu()
         alloc = None
         if K:
-            once = splits[full] == 2
+            once = splits[pp] == 2
             if bool(once.all()):
                 alloc, sums = root, root_sums
             else:
                 alloc = self._alloc if bool((~once).all()) else root.clone()
-                w = mesh.weights(full).to(ev.grad_dtype)  # [K, points]
+                w = mesh.weights(pp).to(ev.grad_dtype)  # [K, points]
                 rows = torch.nonzero(~once).flatten().tolist()
                 self._weighted(alloc, rows, w, mesh.s, grads, lambda s: th0 + s * d, d)
                 for k in rows:
                     alloc[k].mul_(dw)
                 sums = self._sums(alloc)
-            tensor_lca[full] = sums
+            tensor_lca[pp] = sums
         for s, g in grads.items():  # the inner points' buffers go back to the pool
             if s not in (0.0, 1.0) and g is not None:
                 self._pool.append(g)

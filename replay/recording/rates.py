@@ -33,7 +33,7 @@ class RateWatch:
     def __init__(self, path: Path, every: int, compressing: bool = False):
         self.path, self.every, self.compressing = path, every, compressing
         self.start = clock()
-        self.wait = self.own = 0.0
+        self.wait = self.encoding = 0.0
         self.states = 0
         self.bytes = 0
         self.written = self.write_secs = 0.0
@@ -44,9 +44,9 @@ class RateWatch:
         """The rates' clock (`clock`, read at each call so that a test's replacement is seen everywhere)."""
         return clock()
 
-    def waited(self, secs: float, nbytes: int, own: float = 0.0) -> None:
+    def waited(self, secs: float, nbytes: int, encoding: float = 0.0) -> None:
         self.wait += secs
-        self.own += own
+        self.encoding += encoding
         if nbytes:
             self.states += 1
             self.bytes += nbytes
@@ -56,14 +56,15 @@ class RateWatch:
         if self.states < 100 and elapsed < 2.0:
             return
         busy = self.write_secs / elapsed
-        if (self.wait + self.own > 0.1 * elapsed or busy > 0.9) and self.write_secs > 0:
+        if (self.wait + self.encoding > 0.1 * elapsed or busy > 0.9) and self.write_secs > 0:
             self.warned = True
             demand = self.bytes / elapsed / 2**20
             supply = self.written / self.write_secs / 2**20
-            k = max(2, math.ceil(1.25 * demand / max(supply, 1e-9)), math.ceil((self.wait + self.own) / elapsed / 0.03))
+            spent = (self.wait + self.encoding) / elapsed
+            k = max(2, math.ceil(1.25 * demand / max(supply, 1e-9)), math.ceil(spent / 0.03))
             warnings.warn(f"{self.path}: recording slows training: states arrive at {demand:,.0f} MiB/s and the disk "
                           f"takes {supply:,.0f} MiB/s here (busy {min(busy, 1):.0%} of the time); the training thread "
-                          f"spent {self.own / elapsed:.0%} encoding and {self.wait / elapsed:.0%} waiting; record "
+                          f"spent {self.encoding / elapsed:.0%} encoding and {self.wait / elapsed:.0%} waiting; record "
                           f"every={k * self.every} to stop slowing training{self._disk_remedy(busy)}", ReplayWarning,
                           stacklevel=5)
 

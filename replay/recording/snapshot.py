@@ -157,7 +157,7 @@ class InlineSnapshot:
         self._flats.reverse()  # this state is the previous one of the next
         self._views.reverse()
         self.due = None
-        self.rates.waited(waited, self.nbytes, own=self.rates.now() - t0 - waited)
+        self.rates.waited(waited, self.nbytes, encoding=self.rates.now() - t0 - waited)
 
     def settle(self) -> None:
         """Every fenced state is committed to the writer (here, at the fence itself)."""
@@ -191,7 +191,7 @@ class DeferredSnapshot:
         versions = self.version_of()
         fut = self._copier.submit(self.params.copy, pviews)  # parameters are read-only until the fence
         self._pending = (t, staging, fut, versions)
-        self.rates.waited(0.0, 0, own=self.rates.now() - t0)
+        self.rates.waited(0.0, 0, encoding=self.rates.now() - t0)
 
     def fence(self) -> None:
         if self._pending is None:
@@ -207,7 +207,7 @@ class DeferredSnapshot:
         self._encodes.add(self._encoder.submit(self._encode, slot, staging))
         self._pending = None
         self._encodes.raise_if_failed()
-        self.rates.waited(waited, self.nbytes, own=self.rates.now() - t0 - waited)
+        self.rates.waited(waited, self.nbytes, encoding=self.rates.now() - t0 - waited)
 
     def _encode(self, slot: Slot, staging: tuple) -> None:
         """(encoder thread) The state's keyframe or delta into its slot, in state order."""
@@ -288,7 +288,7 @@ class CudaSnapshot:
         self.due = None
         self._commits.add(self._encoder.submit(self._commit, slot, copied))
         self._commits.raise_if_failed()
-        self.rates.waited(waited, self.nbytes, own=self.rates.now() - t0 - waited)
+        self.rates.waited(waited, self.nbytes, encoding=self.rates.now() - t0 - waited)
 
     def _commit(self, slot: Slot, copied: torch.cuda.Event) -> None:
         copied.synchronize()  # (encoder thread) the slot's bytes are on the host

@@ -45,9 +45,11 @@ class Manifest:
     constants: dict[str, dict] = field(default_factory=dict)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     format: str = FORMAT
-    # a sharded run's top manifest: {"world": N, "bounds": [N + 1 byte offsets]} (store.shards)
+    # a sharded run's top manifest (store.shards): {"world": N, "bounds": [N + 1 byte offsets]} under DDP, or
+    # {"world": N, "pieces": [per rank: [[name, lo, hi], ...]]} under FSDP2 (each rank's dim-0 ranges)
     shards: dict | None = None
-    # one shard of a sharded run: {"rank": r, "world": N, "start": a, "stop": b, "run": the run's id}
+    # one shard of a sharded run: {"rank": r, "world": N, "run": the run's id} and its bytes, "start"/"stop"
+    # (DDP) or its "pieces" (FSDP2)
     shard: dict | None = None
 
     def __post_init__(self):

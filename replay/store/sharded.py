@@ -129,7 +129,7 @@ class ShardedDirs:
     def flat_states(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         stop = self.steps[-1] + 1 if stop is None and self.steps else (stop or 0)
         stop = min(stop, self.steps[-1] + 1) if self.steps else 0
-        full = torch.zeros(self.layout.nbytes, dtype=torch.uint8)
+        whole = torch.zeros(self.layout.nbytes, dtype=torch.uint8)
         streams = [(plan, s.flat_states(start, stop)) for plan, (_, s) in zip(self._copies, self.shards, strict=True)]
         while True:
             t = None
@@ -141,8 +141,8 @@ class ShardedDirs:
                     raise RunError(f"{self.path}: shards disagree on the state after {t}; run `replay verify`")
                 t, flat = got
                 for dst, src, n in plan:  # one copy per shard for DDP's byte ranges
-                    full[dst:dst + n] = flat[src:src + n]
-            yield t, full
+                    whole[dst:dst + n] = flat[src:src + n]
+            yield t, whole
 
     def verify(self) -> list[str]:
         problems = []
