@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,11 +117,13 @@ def default_encoding(layout: StateLayout) -> str:
     return "xor-flat" if per_state > max(FLAT_HEADER, FLAT_SHARE * layout.nbytes) else "xor"
 
 
+_HEADER_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layout -> header bytes per state
+
+
 def _header_bytes_cache(layout: StateLayout) -> int:
-    cached = getattr(layout, "_state_header", None)
-    if cached is None:
-        cached = _state_header_bytes(layout)
-        layout._state_header = cached  # type: ignore[attr-defined]
+    """Computed once per layout (a model of a million tensors takes seconds), kept while the layout lives."""
+    if (cached := _HEADER_BYTES.get(layout)) is None:
+        cached = _HEADER_BYTES[layout] = _state_header_bytes(layout)
     return cached
 
 
