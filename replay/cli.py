@@ -12,7 +12,7 @@ import typer
 
 from replay.errors import ReplayError, ReplayWarning
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Record a training run, replay it, and see which parameters learned, when, for which loss.")
 
 RunArg = Annotated[Path, typer.Argument(help="run directory written by replay.Recorder")]

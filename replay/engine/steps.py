@@ -19,9 +19,7 @@ the per-parameter losses only, one per point of the step.
 from __future__ import annotations
 
 import queue
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -35,6 +33,7 @@ from replay.engine.rows import RowLoop
 from replay.engine.settings import Settings
 from replay.engine.simpson import Mesh, is_grounded, points_of, refine
 from replay.frames import Frames
+from replay.progress import StepProgress
 from replay.store import Run
 
 # Per-parameter losses keep each refined point's gradients [K, P] until the step's mesh is final (a panel may
@@ -233,7 +232,8 @@ class StepLoop:
     # ---- segments -----------------------------------------------------------------------------------
 
     def execute(self, notes: dict) -> Frames:
-        self._done, self._started, self._last_print = 0, time.perf_counter(), 0.0
+        self._done = 0
+        self._progress = StepProgress(len(self.todo)) if self.progress and self.todo else None
         self._last_t1: int | None = None
         try:
             for seg in self.segments:
@@ -243,8 +243,9 @@ class StepLoop:
                 with interrupts.held():
                     self.ledger.flush(self._last_t1, self._evals_done)  # (not the interrupted step's)
             raise
-        if self.progress and self.todo:
-            sys.stderr.write("\n")
+        finally:
+            if self._progress is not None:
+                self._progress.close()
         return self.ledger.finish(self.evals, str(self.run.path.resolve()), notes)
 
     def _segment(self, seg: list[int]) -> None:
@@ -291,9 +292,8 @@ class StepLoop:
         if self.ledger.unflushed >= self.flush_every or last:
             self.ledger.flush(t1, self.evals)
         self._done += 1
-        if self.progress and (time.perf_counter() - self._last_print > 0.5 or last):
-            self._last_print = time.perf_counter()
-            _print_progress(self._done, len(self.todo), self._last_print - self._started)
+        if self._progress is not None:
+            self._progress.update(self._done)
 
     def _steps(self, seg: list[int]) -> Iterator[tuple]:
         """("moving" | "unchanged", t0, θ0, t1, θ1, Δθ of the next moving step or None) for each step.
@@ -322,10 +322,3 @@ class StepLoop:
                 return
             pending = (prev, cur, after[0], after[1])
             cur_t, cur = after
-
-
-def _print_progress(done: int, total: int, elapsed: float) -> None:
-    rate = done / max(elapsed, 1e-9)
-    eta = (total - done) / max(rate, 1e-9)
-    sys.stderr.write(f"\rreplay compute: {done}/{total} steps  {rate:.2f} steps/s  ETA {eta:,.0f}s   ")
-    sys.stderr.flush()

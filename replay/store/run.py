@@ -10,6 +10,7 @@ returned (see `store.chunk`).
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import polars as pl
 import torch
 from safetensors.torch import save
 
-from replay.errors import RunError
+from replay.errors import ReplayWarning, RunError
 from replay.store.atomic import write_atomic
 from replay.store.directory import ChunkDir
 from replay.store.files import holds_replay_files, regular_size
@@ -141,8 +142,14 @@ class Run:
             tensors[alias] = tensors[name]
         if base is not None:
             tensors.update(self._from_base(base, set(tensors)))
+        missing = [n for n in self.manifest.frozen if n not in tensors]
+        if missing:  # (a LoRA run records only its adapters)
+            warnings.warn(f"{path}: {len(missing)} frozen parameter(s) were not recorded ({missing[0]!r}"
+                          f"{', ...' if len(missing) > 1 else ''}): the file holds the trained tensors only and "
+                          f"loads with strict=False; pass base=MODEL (--base module:function) to add them",
+                          ReplayWarning, stacklevel=2)
         meta = {"replay_run": self.manifest.run_id, "state": str(t), "aliases": json.dumps(self.aliases),
-                "frozen_not_recorded": json.dumps([n for n in self.manifest.frozen if n not in tensors])}
+                "frozen_not_recorded": json.dumps(missing)}
         try:  # safetensors refuses shared memory: an alias gets its own copy in the file
             data = save({k: v.clone() if k in self.aliases else v for k, v in tensors.items()}, metadata=meta)
             write_atomic(path, data)
