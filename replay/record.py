@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from replay import interrupts
+from replay import interrupts, trust
 from replay.errors import RecordError
 from replay.recording import sharding, snapshot
 from replay.recording.rates import RateWatch
@@ -184,6 +184,7 @@ class Recorder:
         self._manifest = Manifest(specs, every=every, task=task, torch_version=torch.__version__,
                                   metadata=dict(metadata or {}), chunk_bytes=chunk_bytes, aliases=aliases,
                                   frozen=frozen, constants=constants_of(model, recorded))
+        self._manifest.task_signature = trust.sign(self._manifest.run_id, task) if task else None  # replay.trust
         self._watch = ParamWatch(model, self._params)
         self._writer: Writer | None = None
         if self._sharded:

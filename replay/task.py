@@ -204,7 +204,8 @@ def _registered(spec: str) -> Callable[[], Task] | None:
     return None
 
 
-def load_task(spec: str | Task, run_dir: Path | None = None, *, named: bool = True) -> Task:
+def load_task(spec: str | Task, run_dir: Path | None = None, *, named: bool = True, unsigned: str | None = None
+              ) -> Task:
     """Import `module:function` and call it.
 
     `named`: the user named the task (`--task`, `task=`), so the current directory may hold
@@ -213,6 +214,8 @@ def load_task(spec: str | Task, run_dir: Path | None = None, *, named: bool = Tr
     made it a task: `register_task` in this process, or a `replay.tasks` entry point of an
     installed package (replay's own `replay.digits:digits` is one). A standard-library or
     installed callable (`sys:exit`, `cProfile:main`) is code too: a run is data, never code.
+    A run the user recorded is trusted by its signature (`replay.trust`: the caller passes
+    named=True); `unsigned` says why a signed run's signature did not count.
     """
     if isinstance(spec, Task):
         return spec
@@ -226,9 +229,11 @@ def load_task(spec: str | Task, run_dir: Path | None = None, *, named: bool = Tr
     else:
         fn = _registered(spec)
         if fn is None:
-            raise TaskError(f"{run_dir or 'the run'}: the run names task {spec!r}, which is not a registered task "
-                            f"(replay never imports or calls what a run names on its own); pass --task {spec} "
-                            f"(task={spec!r}) if you trust it")
+            why = (f"the run's task signature {unsigned} (recorded by another user or machine, or its task was "
+                   f"edited), and it is not a registered task" if unsigned else "which is not a registered task "
+                   "and the run carries no signature of yours")
+            raise TaskError(f"{run_dir or 'the run'}: the run names task {spec!r}, {why} (replay never imports or "
+                            f"calls what a run names on its own); pass --task {spec} (task={spec!r}) if you trust it")
     if not callable(fn):
         raise TaskError(f"task {spec!r}: {mod_name} has no function {fn_name!r}")
     try:

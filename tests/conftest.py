@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import replay
 # OpenMP's spin-waits at 2 threads slow torch 10-30x, and the suite must not need an idle machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+# The Recorder signs runs with the user's key (replay.trust): the tests' own key, never the user's.
+os.environ["REPLAY_TRUST_DIR"] = tempfile.mkdtemp(prefix="replay-trust-")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -79,7 +79,7 @@ def test_the_writer_writes_the_golden_bytes(tmp_path, kind):
     m_new = json.loads((tmp_path / "run" / "manifest.json").read_text())
     m_old = json.loads((gold / "manifest.json").read_text())
     for m in (m_new, m_old):
-        for k in ("run_id", "created", "xxh3", "host", "torch", "replay", "python"):
+        for k in ("run_id", "task_signature", "created", "xxh3", "host", "torch", "replay", "python"):
             m.pop(k, None)
     assert m_new.keys() == m_old.keys() and m_new["tensors"] == m_old["tensors"]
 

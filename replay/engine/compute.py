@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from replay import trust
 from replay.engine import parallel
 from replay.engine.evaluate import LossEvaluator
 from replay.engine.fingerprint import task_fingerprint
@@ -91,7 +92,9 @@ def compute(
     spec = task if task is not None else run.task
     if spec is None:
         raise TaskError(f"{run.path}: the run names no task; pass task='module:function' (--task)")
-    t = load_task(spec, run.path, named=task is not None)
+    signed = task is None and trust.verifies(run.manifest.run_id, run.task, run.manifest.task_signature)
+    t = load_task(spec, run.path, named=task is not None or signed,
+                  unsigned=None if signed or not run.manifest.task_signature else "does not verify with your key")
     t = copy.copy(t)  # (its data may be replaced below; its model is borrowed and given back)
     token_tensors = _token_selection(t, token_tensors)
     losses, per_class, per_example, per_token = _names(t, losses, per_class, per_example, per_token)

@@ -36,6 +36,7 @@ class Manifest:
     tensors: list[TensorSpec]
     every: int = 1
     task: str | None = None
+    task_signature: str | None = None  # HMAC of (run_id, task) with the recording user's key (replay.trust)
     torch_version: str = ""
     metadata: dict = field(default_factory=dict)
     chunk_bytes: int = 0
@@ -81,7 +82,8 @@ class Manifest:
             "frozen": self.frozen,
             "constants": self.constants,
             "tensors": [s.to_json() for s in self.tensors],
-        } | ({"shards": self.shards} if self.shards is not None else {}) | (
+        } | ({"task_signature": self.task_signature} if self.task_signature else {}) | (
+            {"shards": self.shards} if self.shards is not None else {}) | (
             {"shard": self.shard} if self.shard is not None else {})
 
     def encode(self) -> bytes:
@@ -181,8 +183,10 @@ def _validated(d: dict, path: Path) -> Manifest:
     shards, shard = d.get("shards"), d.get("shard")
     if shard is None:  # a shard may hold only buffers
         need(any(s.kind == "param" for s in specs), "no parameter is recorded")
-    task, run_id = d.get("task"), d.get("run_id", "")
+    task, run_id, signature = d.get("task"), d.get("run_id", ""), d.get("task_signature")
     need(task is None or (isinstance(task, str) and ":" in task), f"'task' must be 'module:function', got {task!r}")
+    need(signature is None or (isinstance(signature, str) and re.fullmatch(r"[0-9a-f]{64}", signature)),
+         "bad task_signature")
     need(isinstance(run_id, str) and (d["format"] == LEGACY_FORMAT or re.fullmatch(r"[0-9a-f]{32}", run_id)),
          f"bad run_id {run_id!r}")
     metadata, aliases = d.get("metadata", {}), d.get("aliases", {})
@@ -205,6 +209,7 @@ def _validated(d: dict, path: Path) -> Manifest:
     need(sharded == (shards is not None or shard is not None) and (shards is None or shard is None),
          "a sharded run's manifest has 'shards' (the run) or 'shard' (one shard), and only it does")
     _check_sharding(shards, shard, need)
-    return Manifest(tensors=specs, every=every, task=task, torch_version=torch_version, metadata=metadata,
-                    chunk_bytes=chunk_bytes, aliases=dict(aliases), frozen=frozen, constants=dict(constants),
+    return Manifest(tensors=specs, every=every, task=task, task_signature=signature, torch_version=torch_version,
+                    metadata=metadata, chunk_bytes=chunk_bytes, aliases=dict(aliases), frozen=frozen,
+                    constants=dict(constants),
                     run_id=run_id, format=d["format"], shards=shards, shard=shard)
