@@ -1,7 +1,7 @@
 """The CUDA paths (states gathered and XORed on the GPU at the fence, copied into pinned chunk slots on a side
 stream; GPU replay; GPU per-example LCA), each against
 a CPU reference. Skipped without a GPU: CI has none, so run these on a GPU machine by hand
-(`python -m pytest tests/test_cuda.py`); the README's Benchmarks section gives the last figures."""
+(`python -m pytest tests/test_cuda.py`); docs/benchmarks.md gives the last figures."""
 
 import numpy as np
 import polars as pl

@@ -1,4 +1,4 @@
-"""The README's examples run as written (each `# example: NAME` block, in a fresh directory)."""
+"""The examples of the README and of docs/ run as written (each `# example: NAME` block, in a fresh directory)."""
 
 import re
 import sys
@@ -8,12 +8,25 @@ import polars as pl
 import pytest
 import torch
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
-EXAMPLES = dict(re.findall(r"```python\n# example: (\w+)\n(.*?)```", README, re.S))
+ROOT = Path(__file__).parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+EXAMPLES = {name: code for page in PAGES
+            for name, code in re.findall(r"```python\n# example: (\w+)\n(.*?)```", page.read_text(), re.S)}
 
 
-def test_the_readme_has_its_examples():
-    assert set(EXAMPLES) >= {"huggingface", "lightning", "compile", "accelerate"}
+def test_the_docs_have_their_examples():
+    assert set(EXAMPLES) >= {"huggingface", "lightning", "compile", "accelerate", "peft", "nanogpt"}
+
+
+def test_every_link_of_the_readme_and_the_docs_leads_to_a_file():
+    """A newcomer finds any topic from the README in one click: every relative link resolves."""
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name}: link to {target} leads nowhere"
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) <= 12 * 1024, "the README stays short: topics go to docs/"
+    for page in PAGES[1:]:
+        assert f"docs/{page.name}" in readme or page.name == "README.md", f"docs/{page.name} is not linked"
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
@@ -22,7 +35,7 @@ def test_readme_example_runs(name, tmp_path, monkeypatch):
                          "accelerate": "accelerate", "peft": "peft"}.get(name, "torch"))
     monkeypatch.chdir(tmp_path)
     scope: dict = {"__name__": f"readme_{name}"}
-    exec(compile(EXAMPLES[name], f"README.md:{name}", "exec"), scope)  # noqa: S102 - our own README
+    exec(compile(EXAMPLES[name], f"docs:{name}", "exec"), scope)  # noqa: S102 - our own docs
     frames = scope["frames"]
     steps = frames.steps.collect()
     assert len(steps) > 0 and steps["grounded"].all(), steps
