@@ -271,6 +271,22 @@ def plot(lca: LcaArg,
 
 
 @app.command()
+def report(lca: LcaArg,
+           output: Annotated[Path, typer.Option("-o", "--output", help="the .html file to write")
+                             ] = Path("report.html"),
+           loss: Annotated[str | None, typer.Option(help="the loss of the figures (default: train)")] = None) -> None:
+    """One self-contained HTML file to share: figures inline, the summary's tables, the run's facts."""
+    from replay.frames import load
+    from replay.html_report import write_report
+
+    try:
+        path = write_report(load(lca), output, loss)
+    except ReplayError as e:
+        raise _fail(e) from None
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained)")
+
+
+@app.command()
 def demo(out: Annotated[Path, typer.Option(help="where to write the run and its lca dir")] = Path("replay-demo"),
          epochs: Annotated[int, typer.Option(help="training epochs over digits (44 steps each)")] = 2) -> None:
     """Train a small net on scikit-learn's digits with recording, compute LCA, summarize."""
