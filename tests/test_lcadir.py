@@ -266,11 +266,13 @@ def test_ctrl_c_keeps_every_finished_step_and_the_resume_equals_one_compute(digi
     assert "interrupted:" in res.output and "step(s) kept in" in res.output and "run the same command" in res.output
 
 
-def test_a_live_run_says_so_and_a_grown_run_says_how_to_compute_the_new_steps(tmp_path):
-    """Compute while training records: a warning that names how far the run is; after it grew, the same command
-    names the range it holds and the one command that computes the rest. The recorder is flushed and idle while
-    the run is read, so what the compute sees is what the test saw."""
+def test_a_live_run_says_so_and_the_same_command_later_extends_it_to_one_compute(tmp_path):
+    """Compute while training records: a warning names how far the run is; after it grew, the same command
+    extends the lca dir, and the frames (per-parameter totals and evaluations included) are those of one compute
+    of the finished run, bit for bit. The recorder is flushed and idle while the run is read."""
+    import polars as pl
     import torch
+    from polars.testing import assert_frame_equal
 
     from replay.digits import digits, digits_mlp, load_digits_tensors
 
@@ -287,15 +289,23 @@ def test_a_live_run_says_so_and_a_grown_run_says_how_to_compute_the_new_steps(tm
 
     train(12)
     rec.flush()  # states 0..11 on disk (state 12 is final at the next step)
-    so_far = replay.open_run(tmp_path / "run").steps
-    assert so_far == list(range(12))
-    with pytest.warns(ReplayWarning, match=r"being recorded right now.*up to state 11.*--steps 11:"):
-        replay.compute(tmp_path / "run", ["train"], task=digits(), out=tmp_path / "lca", progress=False)
+    assert replay.open_run(tmp_path / "run").steps == list(range(12))
+    kw = dict(per_class=["train"], progress=False)
+    with pytest.warns(ReplayWarning, match=r"being recorded right now.*up to state 11.*run the same command again"):
+        part = replay.compute(tmp_path / "run", ["train", "val"], task=digits(), out=tmp_path / "lca", **kw)
+    assert part.steps.select("step").collect()["step"].max() == 10
     train(8)
     rec.close()
     assert replay.open_run(tmp_path / "run").steps == list(range(21))
-    with pytest.raises(ReplayError, match=r"holds LCA of steps 0..10; the run has grown to step 19.*--steps 11:"):
-        replay.compute(tmp_path / "run", ["train"], task=digits(), out=tmp_path / "lca", progress=False)
-    rest = replay.compute(tmp_path / "run", ["train"], task=digits(), out=tmp_path / "rest", progress=False,
-                          steps=(11, None))
-    assert rest.steps.select("step").collect()["step"].to_list() == list(range(11, 20))
+    grown = replay.compute(tmp_path / "run", ["train", "val"], task=digits(), out=tmp_path / "lca", **kw)
+    one = replay.compute(tmp_path / "run", ["train", "val"], task=digits(), out=tmp_path / "one", **kw)
+    for name, keys in (("steps", ["step", "loss"]), ("tensors", ["step", "loss", "tensor"]),
+                       ("params", ["loss", "tensor", "index"])):
+        a, b = (getattr(f, name).collect().sort(keys) for f in (grown, one))
+        assert_frame_equal(a, b, check_exact=True)
+    assert grown.steps.select(pl.col("step").max()).collect().item() == 19
+    for k in ("grad_evals", "n_steps", "n_unchanged", "losses"):
+        assert grown.meta[k] == one.meta[k], k
+    assert CliRunner().invoke(app, ["verify", str(tmp_path / "lca")]).exit_code == 0
+    again = replay.compute(tmp_path / "run", ["train", "val"], task=digits(), out=tmp_path / "lca", **kw)
+    assert again.meta["grad_evals"] == one.meta["grad_evals"], "complete now: loaded, not extended again"

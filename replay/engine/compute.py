@@ -110,8 +110,8 @@ def compute(
     if run.live:
         last = run.steps[-1]
         warnings.warn(f"{run.path}: the run is being recorded right now: computing the {len(todo)} step(s) recorded so "
-                      f"far (up to state {last}); after training, compute the rest with --steps {last}: "
-                      f"into another --out", ReplayWarning, stacklevel=2)
+                      f"far (up to state {last}); run the same command again later to extend the lca dir to the "
+                      f"steps recorded by then", ReplayWarning, stacklevel=2)
     with _borrowed(t.model):
         check_model(t, run)
         constants_note = check_constants(t, run, constants)

@@ -62,6 +62,11 @@ class Ledger:
                                       "helped": torch.zeros(K, S, dtype=torch.int32),
                                       "n_steps": torch.zeros(1, dtype=torch.int64),
                                       "n_unchanged": torch.zeros(1, dtype=torch.int64)}
+        if self.totals["lca"].shape[1] < S:  # carried from an extended lca dir: [K, P], the padding is zeros
+            pad = S - self.totals["lca"].shape[1]
+            for k in ("lca", "helped"):
+                self.totals[k] = torch.nn.functional.pad(self.totals[k], (0, pad)) if K else \
+                    torch.zeros(K, S, dtype=self.totals[k].dtype)
         self.totals = {k: v.to(device) for k, v in self.totals.items()}
         self._helped = torch.empty(K, S, dtype=torch.bool, device=device)
         # helped counts of the last < 255 steps, in one byte per count: a quarter of the int32 totals'

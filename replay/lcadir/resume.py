@@ -137,11 +137,46 @@ class Checkpoint:
         m = records.read_sealed(meta)
         if m.get("config") != self.config:
             if grown := _grown(m.get("config"), self.config):
+                if self.place.world == 1 and m.get("complete") is True:
+                    self._extend(m)  # the same compute, over a run that has grown: go on from its end
+                    return False
                 raise ReplayError(f"{self.out}: {grown}")
             what = _differences(m.get("config"), self.config)
             raise ReplayError(f"{self.out}: holds LCA computed with other {what}; pass --restart to replace it, or "
                               f"choose another --out")
         return m.get("complete") is True
+
+    def _extend(self, m: dict) -> None:
+        """A finished lca dir of a run that has grown since: it becomes the resume state of the compute of all the
+        steps. The per-parameter totals are carried exactly (the float64 sums and integer counts of its params
+        part, to which the new steps are added in order, as one compute adds them), the step parts are kept,
+        and the compute resumes after its last step. Only the params part and meta.json are rewritten."""
+        meta = self.out / records.META
+        parts = records.parts_of(m, meta)
+        if problems := records.check_parts(self.out, parts):
+            raise LcaDirDamaged(f"{self.out}/{problems[0]}; it cannot be extended: pass --restart to compute every "
+                                f"step anew")
+        params = [q for q in parts if q.path.startswith("params/")]
+        K = len(m.get("per_param") or [])
+        if K:
+            import polars as pl
+
+            df = pl.concat([pl.read_parquet(self.out / q.path) for q in params])
+            lca = torch.from_numpy(df["lca"].to_numpy().copy()).view(K, -1)
+            helped = torch.from_numpy(df["n_helped"].to_numpy().astype("int32")).view(K, -1)
+        else:
+            lca, helped = torch.zeros(0, 0, dtype=torch.float64), torch.zeros(0, 0, dtype=torch.int32)
+        unchanged = int(m.get("n_unchanged", 0))
+        totals = {"lca": lca, "helped": helped, "n_steps": torch.tensor([int(m["n_steps"]) - unchanged]),
+                  "n_unchanged": torch.tensor([unchanged])}
+        flushes = [int(x.group(1)) for q in parts if (x := re.search(r"-(\d+)\.(parquet|safetensors)$", q.path))]
+        self.parts = [q for q in parts if q not in params]
+        self.seq = max(flushes) + 1 if flushes else 0
+        last = m["config"]["steps"][1]
+        self.save(last + int(m.get("every", 1)), totals, int(m["grad_evals"]), int(m["n_steps"]))
+        meta.unlink()  # the progress file now holds the compute; the params part is written anew at its end
+        for q in params:
+            (self.out / q.path).unlink(missing_ok=True)
 
     def save(self, next_step: int, totals: dict[str, torch.Tensor], evals: int, steps_done: int) -> None:
         name = f"totals{self.tag}-{next_step:010d}.safetensors"
@@ -205,15 +240,16 @@ def _wipe(out: Path) -> None:
 
 
 def _grown(old: object, new: dict) -> str | None:
-    """When only the steps differ and the new ones extend the old: what to do, in words."""
+    """When only the steps differ and the new ones extend the old: what to do, in words (a compute of one
+    process extends the lca dir instead; under torchrun each rank's slice would have to be rebuilt)."""
     if not isinstance(old, dict) or any(old.get(k) != new[k] for k in new if k != "steps"):
         return None
     (a, b), (c, d) = old.get("steps") or (None, None), new["steps"]
     if a != c or not isinstance(b, int) or d <= b:
         return None
-    return (f"holds LCA of steps {a}..{b}; the run has grown to step {d} since. Compute the new steps into another "
-            f"lca dir (`--steps {b + 1}: --out DIR`, `steps=({b + 1}, None)`), or pass --restart to compute all of "
-            f"them here")
+    return (f"holds LCA of steps {a}..{b}; the run has grown to step {d} since. Extend it with one process (the same "
+            f"command without torchrun), compute the new steps into another lca dir (`--steps {b + 1}: --out DIR`), "
+            f"or pass --restart to compute all of them here")
 
 
 def _differences(old: object, new: dict) -> str:
