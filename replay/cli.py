@@ -204,6 +204,8 @@ def compute(
                                                 "from training's; warn: say so and replay anyway")] = "check",
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="a run with a lost chunk: compute the "
                                                 "steps before the gap (default: refuse)")] = False,
+    follow: Annotated[bool, typer.Option("--follow", help="keep up with a run being recorded: compute its steps "
+                                         "as they arrive, until its Recorder closes it (Ctrl-C: resumable)")] = False,
 ) -> None:
     """Replay RUN and allocate each step's loss change to every parameter (writes polars frames).
 
@@ -211,6 +213,8 @@ def compute(
     """
     from replay.engine import compute as run_compute
 
+    if follow:
+        from replay.engine.follow import follow as run_compute  # noqa: F811 - the same options, as the run grows
     try:
         fr = run_compute(run, loss, per_class, task=task, device=device, tol=tol, rtol=rtol, max_splits=max_splits,
                          first_order=first_order, steps=_parse_steps(steps), out=out, dense=dense, progress=progress,
