@@ -49,3 +49,31 @@ def test_readme_example_runs(name, tmp_path, monkeypatch):
         for n, v in scope["run"].state(4).items():
             assert torch.equal(dict(model.named_parameters())[n], v), n
     sys.modules.pop(f"readme_{name}", None)
+
+
+QUERIES = [(page.name, code) for page in PAGES for code in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+           if 'replay.load("runs/x/lca")' in code]
+
+
+def test_the_docs_have_their_queries():
+    assert {name for name, _ in QUERIES} >= {"README.md", "frames.md"}
+
+
+@pytest.fixture(scope="module")
+def runs_x(tmp_path_factory):
+    """runs/x/lca as the docs' queries name it: the digits run, train and val, per class."""
+    import replay
+    from replay.digits import digits, digits_mlp, train_digits
+
+    d = tmp_path_factory.mktemp("docs")
+    train_digits(digits_mlp(), str(d / "runs" / "x"), epochs=1, batch=256)
+    replay.compute(d / "runs" / "x", ["train", "val"], per_class=["train"], task=digits())
+    return d
+
+
+@pytest.mark.parametrize("page,code", QUERIES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(QUERIES)])
+def test_every_query_of_the_docs_runs(runs_x, page, code, monkeypatch):
+    monkeypatch.chdir(runs_x)
+    scope: dict = {"__name__": "docs_query"}
+    exec(compile(code, f"{page}:query", "exec"), scope)  # noqa: S102 - our own docs
+    assert isinstance(scope["f"], __import__("replay").Frames)
