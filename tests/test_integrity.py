@@ -139,6 +139,7 @@ def test_task_next_to_the_run_is_never_imported_unless_named(tmp_path, monkeypat
     (tmp_path / "evil_task_mod.py").write_text(EVIL)
     train_digits(digits_mlp(), str(tmp_path / "run"), epochs=1, task="evil_task_mod:task")
     monkeypatch.chdir(tmp_path)  # the current directory holds it too
+    monkeypatch.setenv("REPLAY_TRUST_DIR", str(tmp_path / "another-user"))  # a run from someone else (replay.trust)
     res = CliRunner().invoke(app, ["compute", str(tmp_path / "run"), "--steps", "0:2"])
     assert res.exit_code == 1
     line = res.output.strip().splitlines()[-1]
