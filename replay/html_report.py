@@ -17,7 +17,9 @@ from pathlib import Path
 import polars as pl
 
 from replay import analysis
+from replay.errors import ReplayError
 from replay.frames import Frames
+from replay.store.atomic import write_atomic
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:2em}table.facts td{padding:2px 12px 2px 0}
@@ -82,7 +84,10 @@ def write_report(fr: Frames, out: Path, loss: str | None = None) -> Path:
            f"<table class=\"facts\">{facts}</table>{warn}"
            f"<h2>Groundedness per loss</h2>{_frame(g)}"
            f"<h2>Figures</h2>{figs}<h2>Summary</h2>{_summary_html(fr)}</body></html>")
-    out.write_text(doc, encoding="utf-8")
+    try:
+        write_atomic(out, doc.encode())
+    except OSError as e:
+        raise ReplayError(f"{out}: cannot write the report ({e.strerror or e}); pass a writable -o path") from None
     return out
 
 

@@ -50,6 +50,8 @@ def test_the_report_is_one_self_contained_file(demo_lca, tmp_path):
     assert "<script" not in doc and "http://" not in doc and "https://" not in doc and "<link" not in doc
     for fact in ("grounded step-losses", "gradient evaluations", "Groundedness per loss", "train/class=3"):
         assert fact in doc, fact
+    res = CliRunner().invoke(app, ["report", str(demo_lca), "-o", str(tmp_path / "no" / "such" / "r.html")])
+    assert res.exit_code == 1 and res.output.startswith("error: ") and "cannot write the report" in res.output
 
 
 def test_the_report_in_a_real_browser(demo_lca, tmp_path):
