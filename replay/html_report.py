@@ -37,8 +37,8 @@ CAPTIONS = {
 }
 
 
-def _facts(fr: Frames) -> list[tuple[str, str]]:
-    m, s = fr.meta, fr.steps.collect()
+def _facts(fr: Frames, s: pl.DataFrame) -> list[tuple[str, str]]:
+    m = fr.meta
     grounded = s["grounded"].mean() if len(s) else 1.0
     cfg = m.get("config", {})
     facts = [("lca dir", str(fr.path)), ("run", str(m.get("run", "?"))),
@@ -70,8 +70,9 @@ def write_report(fr: Frames, out: Path, loss: str | None = None) -> Path:
     out = Path(out)
     with tempfile.TemporaryDirectory() as d:
         figures = [(p.stem, base64.b64encode(p.read_bytes()).decode()) for p in plot_all(fr, Path(d), loss)]
-    bad = fr.steps.filter(~pl.col("grounded")).collect()
-    facts = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in _facts(fr))
+    steps = fr.steps.collect()
+    bad = steps.filter(~pl.col("grounded"))
+    facts = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in _facts(fr, steps))
     g = analysis.groundedness(fr)
     warn = (f'<p class="bad">{len(bad)} step-losses are not grounded: their LCA does not add up to the loss '
             f"change within the tolerance (see the groundedness table).</p>" if len(bad) else "")

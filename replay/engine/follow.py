@@ -32,9 +32,8 @@ def follow(run: str | Path, losses: list[str] | None = None, per_class: list[str
     if options.get("steps") is not None:
         raise RunError("--follow computes every step as it is recorded: drop --steps")
     path = Path(run)
-    frames = None
+    frames, r = None, open_run(path)
     while True:
-        r = open_run(path)
         live = r.live
         if len(r.steps) >= 2:
             with warnings.catch_warnings():

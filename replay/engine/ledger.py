@@ -65,8 +65,7 @@ class Ledger:
         if self.totals["lca"].shape[1] < S:  # carried from an extended lca dir: [K, P], the padding is zeros
             pad = S - self.totals["lca"].shape[1]
             for k in ("lca", "helped"):
-                self.totals[k] = torch.nn.functional.pad(self.totals[k], (0, pad)) if K else \
-                    torch.zeros(K, S, dtype=self.totals[k].dtype)
+                self.totals[k] = torch.nn.functional.pad(self.totals[k], (0, pad))
         self.totals = {k: v.to(device) for k, v in self.totals.items()}
         self._helped = torch.empty(K, S, dtype=torch.bool, device=device)
         # helped counts of the last < 255 steps, in one byte per count: a quarter of the int32 totals'
