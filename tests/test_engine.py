@@ -174,17 +174,20 @@ def _running_bn():
 
 
 def test_resume_after_interruption_gives_identical_frames(digits_run, tmp_path):
-    full = replay.compute(digits_run, ["train"], per_class=["train"], out=tmp_path / "full", flush_every=5)
-    calls = {"n": 0}
+    calls = {"n": 0, "stop": None}
     base = replay.digits.digits()
 
     def flaky(out, y):
         calls["n"] += 1
-        if calls["n"] == 300:  # 10 class batches per evaluation: ~30 evaluations, past a few flushes
+        if calls["n"] == calls["stop"]:
             raise KeyboardInterrupt  # the user pressed Ctrl-C mid-compute
         return torch.nn.functional.cross_entropy(out, y, reduction="none")
 
     interrupted = replay.Task(base.model, base.data, loss_fn=flaky)
+    full = replay.compute(digits_run, ["train"], per_class=["train"], task=interrupted, out=tmp_path / "full",
+                          flush_every=5)
+    per_eval = calls["n"] / full.meta["grad_evals"]
+    calls["n"], calls["stop"] = 0, round(30 * per_eval)  # ~30 evaluations: past a few flushes
     with pytest.raises(KeyboardInterrupt):
         replay.compute(digits_run, ["train"], per_class=["train"], task=interrupted, out=tmp_path / "r",
                        flush_every=5)
@@ -194,8 +197,8 @@ def test_resume_after_interruption_gives_identical_frames(digits_run, tmp_path):
     before = calls["n"]
     resumed = replay.compute(digits_run, ["train"], per_class=["train"], task=interrupted, out=tmp_path / "r",
                              flush_every=5)
-    full_calls = full.meta["grad_evals"] * 10
-    assert calls["n"] - before < full_calls - 100, "resume must skip the flushed steps, not recompute them"
+    full_calls = full.meta["grad_evals"] * per_eval
+    assert calls["n"] - before < full_calls - 10 * per_eval, "resume must skip the flushed steps, not recompute them"
     for name in ("steps", "tensors", "params"):
         a = getattr(full, name).sort(pl.all()).collect()
         b = getattr(resumed, name).sort(pl.all()).collect()

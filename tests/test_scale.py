@@ -206,7 +206,7 @@ def test_torchrun_resumes_after_a_rank_dies(ddp_run, tmp_path):
             "per_class": ["train"], "flush_every": 4}]
     (tmp_path / "jobs.json").write_text(json.dumps(job))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "REPLAY_TEST_DIE_AFTER": "300"}
+           "OMP_NUM_THREADS": "1", "REPLAY_TEST_DIE_AFTER": "60"}  # ~30 evaluations of train and val
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                         str(TESTS / "dist_compute.py"), str(tmp_path / "jobs.json")],
                        capture_output=True, text=True, timeout=300, env=env)

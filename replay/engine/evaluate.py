@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from replay.engine.columns import Columns
+from replay.engine.ghost import ExampleProducts
 from replay.engine.parallel import Placement, shard_batches
 from replay.engine.user_code import checked_losses
 from replay.errors import TaskError
@@ -45,6 +46,9 @@ class _DataPlan:
     batches: list[tuple[int, int, int]]  # (start, stop, cell) in evaluation order
     cell_losses: list[list[int]]  # cell -> indices of the losses it adds to (the data set's own loss first)
     mixed: dict[int, list[tuple[int, torch.Tensor]]]  # batch start -> (cell, positions in the batch), MIXED batches
+    cell_of: torch.Tensor  # [n] each example's cell, in the data set's order (before any sorting)
+    members: torch.Tensor  # [n, G] each example's group loss per group key (data set's order)
+    ghost: bool = False  # group losses from the examples' products (see LossEvaluator._ghost_pass)
 
 
 class LossEvaluator:
@@ -71,19 +75,24 @@ class LossEvaluator:
         self.numels = [p.numel() for p in self.params]
         self.loss_names: list[str] = []
         self.loss_sizes: list[int] = []
-        self.plans = [self._plan(d, d in per_class) for d in datasets]
+        self.plans = [self._cells(d, d in per_class) for d in datasets]
         self.n_examples = torch.tensor(self.loss_sizes, dtype=torch.float64, device=device)
         L = len(self.loss_names)
         wanted = datasets if per_param == "datasets" else (self.loss_names if per_param == "all" else per_param)
         self.per_param = [i for i, n in enumerate(self.loss_names) if n in set(wanted)]  # losses with [P] gradients
         self._per_param_slot = {li: k for k, li in enumerate(self.per_param)}
+        self.products = None  # ExampleProducts, when some data set's group losses come from them
+        for plan in self.plans:
+            plan.ghost = self._ghost_groups(plan, param_names)
+            self._arrange(plan)
         P, N = sum(self.numels), self.place.world if self.place.shards_data else 1
         S = -(-P // N)
         r = self.place.rank if N > 1 else 0
         self.columns, self.padded = (r * S, (r + 1) * S), N * S
         self.inv_sizes = [1.0 / n for n in self.loss_sizes]
         # gradients are computed in the model's dtype and kept in it (the widest, if mixed);
-        # loss values, projections and LCA totals are accumulated in float64
+        # loss values (float64 sums of the examples' losses, whatever their batches), projections and LCA totals are
+        # accumulated in float64
         self.grad_dtype = max((p.dtype for p in self.params), key=lambda d: d.itemsize)
         K = len(self.per_param)
         # data mode: this process's partial sums for every rank's slice, [world, K, slice], reduce-scattered
@@ -110,7 +119,8 @@ class LossEvaluator:
         self.loss_sizes.append(size)
         return len(self.loss_names) - 1
 
-    def _plan(self, name: str, per_class: bool) -> _DataPlan:
+    def _cells(self, name: str, per_class: bool) -> _DataPlan:
+        """The data set's losses (its own, then one per group value) and each example's cell and groups."""
         examples = Examples(self.task.data[name])
         n = len(examples)
         keys = dict(self.task.groups.get(name, {}))
@@ -119,19 +129,45 @@ class LossEvaluator:
         whole = self._add_loss(name, n)
         cell_of = torch.zeros(n, dtype=torch.long)
         cell_losses: list[list[int]] = [[whole]]
+        members = torch.zeros(n, 0, dtype=torch.long)
         if keys:
             cols = torch.stack([torch.as_tensor(k).reshape(n).long().cpu() for k in keys.values()], 1)  # [n, G]
             cells, cell_of = torch.unique(cols, dim=0, return_inverse=True)  # cells [C, G], cell_of [n]
             cell_losses = [[whole] for _ in range(len(cells))]
+            members = torch.empty_like(cols)
             for g, gname in enumerate(keys):
                 for v in torch.unique(cols[:, g]).tolist():
                     idx = self._add_loss(f"{name}/{gname}={v}", int((cols[:, g] == v).sum()))
+                    members[cols[:, g] == v, g] = idx
                     for c in torch.nonzero(cells[:, g] == v).flatten().tolist():
                         cell_losses[c].append(idx)
+        return _DataPlan(name, examples, [], cell_losses, {}, cell_of, members)
+
+    def _ghost_groups(self, plan: _DataPlan, param_names: list[str]) -> bool:
+        """Whether the plan's group losses come from the examples' products: it has some, none reports per
+        parameter (those need their own gradients), examples do not share batch statistics, and every tensor
+        has a one-backward rule (otherwise the forward-mode product per batch and tensor would cost more than
+        a backward per cell). A compiled model keeps its own forward: the cells'."""
+        if plan.members.shape[1] == 0 or self.batch_stats or unwrap_model(self.model) is not self.model:
+            return False
+        if any(li in self._per_param_slot for cell in plan.cell_losses for li in cell[1:]):
+            return False
+        if self.products is None:
+            self.products = ExampleProducts(self.model, param_names, self.task.loss_fn, self.device)
+        return not self.products.fallback
+
+    def _arrange(self, plan: _DataPlan) -> None:
+        """The plan's batches, in evaluation order, and this rank's examples on the device.
+
+        Group losses from products, or batch statistics: the data set's own batches. Otherwise sorted by
+        cell, batches never straddling cells, so that each backward is one cell's."""
+        examples, cell_of, members, n = plan.examples, plan.cell_of, plan.members, len(plan.examples)
         bs = self.task.batch_size or n
         mixed: dict[int, list[tuple[int, torch.Tensor]]] = {}
-        if self.batch_stats:  # the data set's own batches, whatever the groups
-            _check_batch_sizes(name, n, bs)
+        if plan.ghost:
+            batches = [(a, min(a + bs, n), 0) for a in range(0, n, bs)]
+        elif self.batch_stats:  # the data set's own batches, whatever the groups
+            _check_batch_sizes(plan.name, n, bs)
             batches = []
             for a in range(0, n, bs):
                 cs = torch.unique(cell_of[a:a + bs])
@@ -142,7 +178,7 @@ class LossEvaluator:
                     mixed[a] = [(int(c), torch.nonzero(cell_of[a:a + bs] == c).flatten()) for c in cs]
         else:  # sorted by cell, batches never straddle cells: one backward per batch
             order = torch.sort(cell_of, stable=True).indices
-            examples, cell_of = examples.take(order), cell_of[order]
+            examples, cell_of, members = examples.take(order), cell_of[order], members[order]
             bounds = torch.nonzero(torch.diff(cell_of)).flatten().add(1).tolist()
             batches = []
             for a, b in zip([0] + bounds, bounds + [n], strict=True):
@@ -150,9 +186,10 @@ class LossEvaluator:
         batches = shard_batches(batches, self.place, self.batch_stats)
         lo = batches[0][0] if batches else 0  # data mode: only this rank's examples go to the device
         hi = batches[-1][1] if batches else 0
-        mixed = {a - lo: [(c, i.to(self.device)) for c, i in segs] for a, segs in mixed.items() if lo <= a < hi}
-        batches = [(a - lo, b - lo, c) for a, b, c in batches]
-        return _DataPlan(name, examples.slice(lo, hi).to(self.device), batches, cell_losses, mixed)
+        plan.mixed = {a - lo: [(c, i.to(self.device)) for c, i in segs] for a, segs in mixed.items() if lo <= a < hi}
+        plan.batches = [(a - lo, b - lo, c) for a, b, c in batches]
+        plan.examples = examples.slice(lo, hi).to(self.device)
+        plan.members = members[lo:hi].to(self.device)
 
     def load(self, theta: torch.Tensor) -> None:
         """Write the flat float64 θ [P] (or padded [≥P]) into the model's parameters (cast to their dtypes)."""
@@ -184,7 +221,9 @@ class LossEvaluator:
             self._prod = torch.empty(D, P, dtype=self.grad_dtype, device=self.device)
         self._proj = torch.zeros(D, L, len(self.numels), dtype=torch.float64, device=self.device)
         for plan in self.plans:
-            if plan.mixed:
+            if plan.ghost:
+                self._ghost_pass(plan, sums, target)
+            elif plan.mixed:
                 self._mixed_pass(plan, sums, target)
             else:
                 self._sorted_pass(plan, sums, target)
@@ -255,9 +294,9 @@ class LossEvaluator:
         self._start_cell()
         cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, (a, b, c) in enumerate(plan.batches):
-            total = self._losses(plan, a, b).sum()  # model dtype
-            total.backward()  # accumulates into p.grad across the cell's batches
-            cell_sum += total.detach().double()
+            losses = self._losses(plan, a, b)
+            losses.sum().backward()  # accumulates into p.grad across the cell's batches
+            cell_sum += losses.detach().double().sum()
             if i + 1 == len(plan.batches) or plan.batches[i + 1][2] != c:  # end of cell
                 for li in plan.cell_losses[c]:
                     sums[li] += cell_sum
@@ -265,19 +304,56 @@ class LossEvaluator:
                 self._start_cell()
                 cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
 
+    def _ghost_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor | None) -> None:
+        """The data set's own batches, one forward and one backward each: every example's per-tensor products
+        with the directions (`ghost.ExampleProducts`), summed into each group loss by index (so 1 or 1,000
+        groups cost the same), and the batch's gradient into the data set's loss when it is per-parameter."""
+        whole = plan.cell_losses[0][0]
+        grad = whole in self._per_param_slot
+        if grad:
+            self._start_cell()
+        dirs = self._direction_dicts()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        whole_proj = torch.zeros(self._proj.shape[0], self._proj.shape[2], dtype=torch.float64, device=self.device)
+        for a, b, _ in plan.batches:
+            losses, d = self.products.batch_products(plan.examples.slice(a, b), dirs, accumulate=grad,
+                                                     where=f"data set {plan.name!r}, examples {a}..{b - 1}")
+            values = losses.double()
+            total += values.sum()
+            for m in plan.members[a:b].T:  # one index per group key
+                sums.index_add_(0, m, values)
+                self._proj.index_add_(1, m, d)
+            if not grad:
+                whole_proj += d.sum(1)
+        sums[whole] += total
+        groups = sorted({li for cell in plan.cell_losses for li in cell[1:]})
+        inv = torch.tensor([self.inv_sizes[li] for li in groups], dtype=torch.float64, device=self.device)
+        self._proj[:, groups] *= inv.view(1, -1, 1)
+        if grad:
+            self._add_grads(target, [whole])
+        else:
+            self._proj[:, whole] += whole_proj * self.inv_sizes[whole]
+
+    def _direction_dicts(self) -> list[dict[str, torch.Tensor]]:
+        """This evaluation's directions as {recorded name: Δθ shaped and typed as the parameter}."""
+        names = self.products.names
+        return [{n: v.view(p.shape).to(p.dtype) for n, v, p in zip(names, row.split(self.numels), self.params,
+                                                                    strict=True)} for row in self._dirs]
+
     def _mixed_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor | None) -> None:
         """The data set's own batches (batch statistics): one forward each, one backward per cell in it."""
         whole = plan.cell_losses[0][0]
         for a, b, c in plan.batches:
             per_example = self._losses(plan, a, b)
-            sums[whole] += per_example.sum().detach().double()  # as without groups, to the bit
+            values = per_example.detach().double()
+            sums[whole] += values.sum()
             segs = plan.mixed.get(a) or [(c, None)]
             for k, (cell, pos) in enumerate(segs):
                 part = per_example.sum() if pos is None else per_example[pos].sum()
                 self._start_cell()
                 part.backward(retain_graph=k + 1 < len(segs))
                 for li in plan.cell_losses[cell][1:]:
-                    sums[li] += part.detach().double()
+                    sums[li] += values.sum() if pos is None else values[pos].sum()
                 self._add_grads(target, plan.cell_losses[cell])
 
 

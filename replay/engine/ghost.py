@@ -12,7 +12,9 @@ do not mix inside these layers, so b's rows are each example's own ∂ℓ_i/∂y
 - Embedding: J Δθ = ΔW[indices] (the padding row included: torch zeros only its gradient, while
   the forward reads it, and a tied output layer moves it); one whose output is shared by the
   examples (a position embedding [1, S, D], broadcast later) takes the forward-mode product;
-- LayerNorm: J Δθ = x̂ ⊙ Δγ, the bias: Δβ, with x̂ the normalized input.
+- LayerNorm: J Δθ = x̂ ⊙ Δγ, the bias: Δβ, with x̂ the normalized input;
+- BatchNorm: the same per channel, x̂ normalized with the statistics its forward used (running ones in
+  eval mode; the batch's own with batch statistics, where b is a group's, not an example's, gradient).
 
 A tensor used by several layers (tied weights) sums their contributions; a layer applied
 several times sums each application. Every other recorded tensor (and any whose layer's output
@@ -66,6 +68,8 @@ def _kind(m: nn.Module) -> str | None:
         return "embedding"
     if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
         return "layernorm"
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+        return "batchnorm"
     if type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None:
         return "hf_conv1d"  # transformers' GPT-2 projection: y = x @ W + b, W [in, out]
     return None
@@ -80,7 +84,7 @@ def _directional(kind: str, m: nn.Module, pname: str, a: torch.Tensor, b: torch.
                  ) -> torch.Tensor:
     """[B] ⟨b, J(a) Δθ⟩ of one use of layer m for its parameter `pname` with direction dp."""
     if pname == "bias":
-        if kind == "conv":
+        if kind in ("conv", "batchnorm"):
             return _per_example(b * dp.view(1, -1, *([1] * (b.dim() - 2))))
         return _per_example(b * dp)  # Linear, Conv1D, LayerNorm: the last dimension
     if kind == "linear":
@@ -94,6 +98,11 @@ def _directional(kind: str, m: nn.Module, pname: str, a: torch.Tensor, b: torch.
     if kind == "layernorm":
         xhat = nn.functional.layer_norm(a, m.normalized_shape, None, None, m.eps)
         return _per_example(b * xhat * dp)
+    if kind == "batchnorm":  # y = x̂ γ + β per channel, x̂ with the statistics the forward used
+        stats = not m.training and m.running_mean is not None
+        xhat = nn.functional.batch_norm(a, m.running_mean if stats else None, m.running_var if stats else None,
+                                        None, None, not stats, 0.0, m.eps)
+        return _per_example(b * xhat * dp.view(1, -1, *([1] * (b.dim() - 2))))
     raise AssertionError(kind)
 
 
@@ -119,46 +128,82 @@ class ExampleProducts:
         self.fallback = [i for i in range(len(self.names)) if i not in covered]
         self.checked = False
         self._vmap_ok = True
+        self._copied: set[int] = set()  # uses whose output the model changes in place: forwarded as a copy
 
     # ---- the fast path -------------------------------------------------------------------------------
 
     def __call__(self, batch: Examples, dirs: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(losses [B] float64, d [D, B, T] float64) of the batch for each direction ({name: Δθ})."""
-        D, T = len(dirs), len(self.names)
-        records: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []  # (use, input, output, its version)
-        hooks = []
-        for u, (m, *_rest) in enumerate(self.uses):
-            def hook(mod: nn.Module, args: tuple, out: torch.Tensor, u: int = u) -> None:
-                if isinstance(out, torch.Tensor) and out.requires_grad and args:
-                    records.append((u, args[0], out, out._version))
-            hooks.append(m.register_forward_hook(hook))
-        try:
-            with torch.enable_grad():
-                losses = self.losses(batch)
-                ys = [r[2] for r in records]
-                grads = torch.autograd.grad(losses.sum(), ys, allow_unused=True) if ys else []
-        finally:
-            for h in hooks:
-                h.remove()
-        B = losses.shape[0]
-        d = torch.zeros(D, B, T, dtype=torch.float64, device=self.device)
-        stale = set()
-        with torch.no_grad():
-            for (u, a, y, version), b in zip(records, grads, strict=True):
-                m, kind, pname, ti = self.uses[u]
-                if y._version != version or y.shape[0] != B:  # changed in place after the layer (b is another
-                    stale.add(ti)  # tensor's gradient), or not batch-first (GPT-2's position embedding: one
-                    continue  # row broadcast to every example, so b sums the examples): the slow product
-                if b is None:
-                    continue
-                for k, dd in enumerate(dirs):
-                    d[k, :, ti] += _directional(kind, m, pname, a, b, dd[self.names[ti]]).double()
+        losses, d = self.batch_products(batch, dirs)
+        return losses.double(), d
+
+    def batch_products(self, batch: Examples, dirs: list[dict[str, torch.Tensor]], accumulate: bool = False,
+                       where: str = "per-example LCA") -> tuple[torch.Tensor, torch.Tensor]:
+        """(losses [B] in the model's dtype, d [D, B, T] float64); `where` names the examples in an error.
+
+        `accumulate`: the one backward also adds ∇ Σ_i ℓ_i into the parameters' .grad (as loss.backward()
+        would), for a caller that needs the batch's gradient too.
+        """
+        losses, records, grads = self._backward(batch, accumulate, where)
+        d, stale = self._ghost(records, grads, dirs, losses.shape[0])
         slow = sorted(set(self.fallback) | stale)
         if not self.checked:
             slow = self._check(batch, dirs, d, slow)
         if slow:
             d[:, :, slow] = self._forward_mode(batch, dirs, slow)
-        return losses.detach().double(), d
+        return losses, d
+
+    def _backward(self, batch: Examples, accumulate: bool, where: str) -> tuple[torch.Tensor, list, list]:
+        """One forward and one backward of the batch: its losses, each fast layer use's (input, output, version)
+        and the gradient b of Σ ℓ at that output (None where the output does not reach the loss)."""
+        records: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []  # (use, input, output, its version)
+        grads: dict[int, torch.Tensor] = {}
+        hooks = []
+        for u, (m, *_rest) in enumerate(self.uses):
+            def hook(mod: nn.Module, args: tuple, out: torch.Tensor, u: int = u) -> torch.Tensor | None:
+                if isinstance(out, torch.Tensor) and out.requires_grad and args:
+                    r = len(records)
+                    records.append((u, args[0], out, out._version))
+                    if accumulate:  # b arrives during loss.backward(): kept by a hook on the output
+                        out.register_hook(lambda g, r=r: grads.__setitem__(r, g))
+                    if u in self._copied:  # the model changes this output in place (ReLU(inplace=True)): the
+                        return out.clone()  # copy is what it changes, the recorded output keeps its gradient
+                return None
+            hooks.append(m.register_forward_hook(hook))
+        try:
+            with torch.enable_grad():
+                losses = checked_losses(batch, self.model, self.loss_fn, where)
+                ys = [r[2] for r in records]
+                if accumulate:
+                    losses.sum().backward()
+                    bs = [grads.get(r) for r in range(len(records))]
+                else:
+                    bs = list(torch.autograd.grad(losses.sum(), ys, allow_unused=True)) if ys else []
+        finally:
+            for h in hooks:
+                h.remove()
+        return losses.detach(), records, bs
+
+    def _ghost(self, records: list, grads: list, dirs: list[dict[str, torch.Tensor]], B: int
+               ) -> tuple[torch.Tensor, set[int]]:
+        """d [D, B, T] of the fast rules, and the tensors whose records cannot use them (`stale`)."""
+        d = torch.zeros(len(dirs), B, len(self.names), dtype=torch.float64, device=self.device)
+        stale = set()
+        with torch.no_grad():
+            for (u, a, y, version), b in zip(records, grads, strict=True):
+                m, kind, pname, ti = self.uses[u]
+                if y._version != version:  # changed in place after the layer, so b is another tensor's gradient:
+                    stale.add(ti)  # the slow product this once, and from the next batch on the layer's output
+                    self._copied.add(u)  # goes on as a copy
+                    continue
+                if y.shape[0] != B:  # not batch-first (GPT-2's position embedding: one row broadcast to every
+                    stale.add(ti)  # example, so b sums the examples): the slow product
+                    continue
+                if b is None:
+                    continue
+                for k, dd in enumerate(dirs):
+                    d[k, :, ti] += _directional(kind, m, pname, a, b, dd[self.names[ti]]).double()
+        return d, stale
 
     def losses(self, batch: Examples) -> torch.Tensor:
         """Per-example losses [B] of the batch (the user's model and loss_fn, checked)."""
