@@ -16,9 +16,9 @@ def run_mesh(f, F, rows, cols, tol=1e-8, max_splits=32):
     """A mesh over d(s) = f(s) [rows, cols] whose row losses are F(s) [rows] (F' = Σ_c f)."""
     calls = []
 
-    def point(s):
+    def point(s, rows):
         calls.append(s)
-        return F(s), f(s)
+        return F(s), f(s), torch.ones_like(rows)
 
     mesh = Mesh(((F(0.0), f(0.0)), (F(1.0), f(1.0))), (F(0.5), f(0.5)), max_splits)
     refine(mesh, point, tol, 0.0)
@@ -120,3 +120,50 @@ def test_a_row_out_of_budget_stops_and_a_non_finite_row_is_not_refined():
     nan_F = lambda s: torch.tensor([float("nan"), abs(s - 0.3)], dtype=torch.float64)  # noqa: E731
     mesh, _ = run_mesh(nan_f, nan_F, 2, 1, tol=1e-14, max_splits=8)
     assert mesh.splits().tolist() == [2, 8]
+
+
+def test_a_refined_point_is_evaluated_only_for_the_rows_that_need_it():
+    """Rows with kinks at different places: each refined point is asked for the rows whose panels use it only,
+    and a row that later needs a point another row asked for first gets it then. The point function returns
+    NaN for every row it was not asked for: the allocation equals, bit for bit, that of evaluating every row
+    at every point (each row's own exact d(s)). A row whose panels come to use a point it lacks is asked for
+    it (forced here: in a refinement the rows split shared panels in the same round)."""
+    kinks = torch.tensor([0.3, 0.71, 0.52, 0.13, 0.9, 0.26], dtype=torch.float64)
+    w = torch.tensor([1.0, 0.6, 0.3, 0.1, 0.05, 2.0], dtype=torch.float64)[:, None] * torch.ones(6, 3,
+                                                                                                   dtype=torch.float64)
+    f = lambda s: w * torch.sign(torch.tensor(s, dtype=torch.float64) - kinks)[:, None]  # noqa: E731
+    F = lambda s: w.sum(1) * (torch.tensor(s, dtype=torch.float64) - kinks).abs()  # noqa: E731
+    asked: list[tuple[float, list[bool]]] = []
+
+    def partial(s, rows):
+        asked.append((s, rows.tolist()))
+        nan = torch.tensor(float("nan"), dtype=torch.float64)
+        return torch.where(rows, F(s), nan), torch.where(rows[:, None], f(s), nan), rows
+
+    def full(s, rows):
+        return F(s), f(s), torch.ones_like(rows)
+
+    meshes = []
+    for point in (partial, full):
+        mesh = Mesh(((F(0.0), f(0.0)), (F(1.0), f(1.0))), (F(0.5), f(0.5)), 32)
+        refine(mesh, point, 1e-6, 0.0)
+        meshes.append(mesh)
+    a, b = meshes
+    assert torch.equal(a.allocation(), b.allocation()) and torch.equal(a.splits(), b.splits())
+    assert not torch.isnan(a.allocation()).any()
+    assert any(not all(r) for _, r in asked), "some points are evaluated for some rows only"
+    for s, _ in asked:  # never a row twice at one point
+        assert sum(r for s2, rr in asked if s2 == s for r in rr) == sum(
+            any(rr[i] for s2, rr in asked if s2 == s) for i in range(6))
+    # a row whose panels come to use a point evaluated for other rows only is asked for it, and then uses it
+    s, rows = next((s, r) for s, r in asked if not all(r))
+    i, r = a.index[s], rows.index(False)
+    j = next(j for j, n in enumerate(a.nodes) if i in (n.a, n.m, n.b))
+    a.leaf[r, j] = True
+    missing = dict(a._missing())
+    assert missing[s].tolist() == [k == r for k in range(6)]
+    for t, rows in missing.items():
+        a.add(t, *full(t, rows)[:2], rows)
+    n = a.nodes[j]
+    want = panel_simpson(f(a.s[n.a])[r], f(a.s[n.m])[r], f(a.s[n.b])[r], n.h)
+    assert torch.equal(a.node_allocations()[j, r], want) and not a._missing()

@@ -112,17 +112,31 @@ def markov_text(n: int, context: int, vocab: int, seed: int) -> torch.Tensor:
     return out
 
 
-def cifar_like(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cifar_like(n: int, seed: int, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     """CIFAR-shaped [n, 3, 32, 32] images: a smooth per-class pattern plus noise, so the loss falls."""
     g = torch.Generator().manual_seed(99)
-    protos = nn.functional.interpolate(torch.randn(10, 3, 4, 4, generator=g), size=32, mode="bilinear")
+    protos = nn.functional.interpolate(torch.randn(classes, 3, 4, 4, generator=g), size=32, mode="bilinear")
     g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 10, (n,), generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
     return protos[y] + 1.5 * torch.randn(n, 3, 32, 32, generator=g), y
+
+
+def clusters(n: int, seed: int, classes: int, dim: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, dim] points around one random centre per class (the wide MLP's data)."""
+    centres = torch.randn(classes, dim, generator=torch.Generator().manual_seed(98))
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return centres[y] + torch.randn(n, dim, generator=g), y
 
 
 def make_model(a) -> nn.Module:
     torch.manual_seed(0)
+    if a.model == "wide":
+        return nn.Sequential(nn.Linear(64, 1400), nn.ReLU(), nn.Linear(1400, 1400), nn.ReLU(),
+                             nn.Linear(1400, a.classes))
+    if a.model == "resnet18":
+        import torchvision
+        return torchvision.models.resnet18(num_classes=a.classes)
     if a.model == "resnet20":
         sys.path.insert(0, str(HERE))
         if not hasattr(replay, "register_task"):  # an older replay measured beside this one (--against)
@@ -136,8 +150,11 @@ def make_model(a) -> nn.Module:
 
 
 def make_data(a) -> dict:
-    if a.model == "resnet20":
-        return {"train": cifar_like(a.examples, 1), "val": cifar_like(max(a.examples // 10, 100), 2)}
+    if a.model in ("resnet20", "resnet18"):
+        return {"train": cifar_like(a.examples, 1, a.classes),
+                "val": cifar_like(max(a.examples // 10, 100), 2, a.classes)}
+    if a.model == "wide":
+        return {"train": clusters(a.examples, 1, a.classes), "val": clusters(a.examples // 4, 2, a.classes)}
     if a.model == "lm":
         return {"train": {"input_ids": markov_text(a.examples, a.context, 65, 1)},
                 "val": {"input_ids": markov_text(a.examples, a.context, 65, 2)}}
@@ -150,8 +167,10 @@ def make_task(a, groups: int = 0) -> replay.Task:
     kw: dict = {}
     if a.model == "lm":
         kw.update(loss_fn=replay.losses.causal_lm, batch_size=a.batch)
-    elif a.model == "resnet20":
-        kw.update(batch_size=a.batch, batchnorm="batch")
+    elif a.model in ("resnet20", "resnet18"):
+        kw.update(batch_size=a.batch, batchnorm=a.bn)
+    elif a.model == "wide":
+        kw.update(batch_size=a.batch or None)
     if groups:
         d = data["train"]
         n = len(next(iter(d.values()))) if isinstance(d, dict) else len(d[1])
@@ -160,6 +179,8 @@ def make_task(a, groups: int = 0) -> replay.Task:
 
 
 def losses_of(a) -> dict:
+    if a.only in ("train", "classes"):  # --class-cost: train alone, or train and its classes
+        return {"losses": ["train"], "per_class": ["train"] if a.only == "classes" else []}
     return {"losses": ["train", "val"], "per_class": [] if a.model == "lm" or a.memory else ["train"]}
 
 
@@ -174,7 +195,7 @@ def record(a, path: Path) -> None:
     opt = (torch.optim.AdamW(model.parameters(), lr=1e-3) if a.model == "lm"
            else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
     n = len(data["input_ids"]) if a.model == "lm" else len(data[1])
-    bs = min(n, 128 if a.model == "resnet20" else 8)
+    bs = min(n, 8 if a.model == "lm" else 128)
     model.train()
     with replay.Recorder(model, path, optimizer=opt):
         for _ in range(a.steps):
@@ -419,7 +440,7 @@ def launch(a, tree: Path, job: str, tmp: Path, tag: str, **over) -> dict:
     args = {**vars(a), **over}
     cmd = [sys.executable, str(HERE / "bench_replay.py"), "--child", job, str(out)]
     for k in ("model", "hidden", "epochs", "examples", "steps", "context", "batch", "big_batch", "device",
-              "threads", "max_splits", "tol", "groups", "run", "unit_repeat", "rows"):
+              "threads", "max_splits", "tol", "groups", "run", "unit_repeat", "rows", "classes", "bn", "only"):
         cmd += [f"--{k.replace('_', '-')}", str(args[k])]
     cmd += ["--units"] if args.get("units") else []
     cmd += ["--memory"] if a.memory else []
@@ -433,7 +454,10 @@ def launch(a, tree: Path, job: str, tmp: Path, tag: str, **over) -> dict:
 def describe(a) -> str:
     n = sum(p.numel() for p in make_model(a).parameters())
     what = {"mlp": f"digits MLP hidden {a.hidden}", "cnn": "digits CNN",
-            "resnet20": f"CIFAR ResNet-20, {a.examples} train examples, BN batch statistics, batch {a.batch}",
+            "resnet20": f"CIFAR ResNet-20, {a.examples} train examples, BN {a.bn} statistics, batch {a.batch}",
+            "resnet18": f"torchvision ResNet-18, {a.classes} classes, {a.examples} 32x32 train examples, BN {a.bn} "
+                        f"statistics, batch {a.batch}",
+            "wide": f"MLP 64-1400-1400-{a.classes}, {a.examples} train examples, batch {a.batch}",
             "lm": f"nanoGPT-shaped LM 6L/6H/384, context {a.context}, {a.examples} sequences per set, "
                   f"batch {a.batch}"}[a.model]
     return f"{what} ({n:,} params)"
@@ -471,6 +495,30 @@ def speed(a, trees: dict[str, Path], tmp: Path) -> None:
           f"{med(papers) / ours:.2f}x refining to tol {a.tol}")
 
 
+def class_cost(a, trees: dict[str, Path], tmp: Path) -> None:
+    """Seconds of compute with train alone and with train and its class losses, per tree, interleaved."""
+    for name, tree in trees.items():
+        launch(a, tree, "record", tmp, f"record-{name}", run=tmp / f"run-{name}")
+    got: dict[tuple[str, str], list[dict]] = {}
+    for r in range(a.repeat):
+        for name, tree in trees.items():
+            for only in ("train", "classes"):
+                x = launch(a, tree, "compute", tmp, f"k-{name}-{only}-{r}", run=tmp / f"run-{name}", only=only)
+                got.setdefault((name, only), []).append(x)
+                print(f"round {r} {name} {only}: {x['seconds']:.2f}s, {x['grad_evals']} evals, "
+                      f"peak RSS {x['peak_rss_mib']:.0f} MiB", flush=True)
+    med = statistics.median
+    print(f"\n{describe(a)}, device {a.device}, {a.threads} thread(s), tol {a.tol}, {a.repeat} rounds (medians)")
+    print("| tree | losses | evals | train alone s | with classes s | ratio | peak RSS MiB (alone / classes) |")
+    print("|---|---|---|---|---|---|---|")
+    for name in trees:
+        alone, cls = got[(name, "train")], got[(name, "classes")]
+        ratio = med(c["seconds"] / t["seconds"] for t, c in zip(alone, cls, strict=True))
+        print(f"| {name} | {cls[0]['losses']} | {alone[0]['grad_evals']} / {cls[0]['grad_evals']} | "
+              f"{med(x['seconds'] for x in alone):.2f} | {med(x['seconds'] for x in cls):.2f} | {ratio:.2f} | "
+              f"{med(x['peak_rss_mib'] for x in alone):.0f} / {med(x['peak_rss_mib'] for x in cls):.0f} |")
+
+
 def memory(a, trees: dict[str, Path], tmp: Path) -> None:
     for name, tree in trees.items():
         launch(a, tree, "record", tmp, f"record-{name}", run=tmp / f"run-{name}")
@@ -490,7 +538,12 @@ def memory(a, trees: dict[str, Path], tmp: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=["mlp", "cnn", "resnet20", "lm"], default="mlp")
+    ap.add_argument("--model", choices=["mlp", "cnn", "resnet20", "lm", "wide", "resnet18"], default="mlp")
+    ap.add_argument("--classes", type=int, default=0, help="wide / resnet18: classes (default 100 / 1000)")
+    ap.add_argument("--bn", choices=["batch", "running"], default="", help="resnet: batch-norm statistics "
+                    "(default batch for resnet20, running for resnet18)")
+    ap.add_argument("--class-cost", action="store_true", help="train alone against train and its class losses")
+    ap.add_argument("--only", default="", help=argparse.SUPPRESS)
     ap.add_argument("--hidden", type=int, default=256, help="digits MLP width")
     ap.add_argument("--epochs", type=int, default=1, help="digits: epochs recorded")
     ap.add_argument("--examples", type=int, default=0, help="resnet20/lm: train examples (default 10000 / 64)")
@@ -518,8 +571,10 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    a.examples = a.examples or {"resnet20": 10_000, "lm": 64}.get(a.model, 0)
-    a.batch = a.batch or {"resnet20": 500, "lm": 16}.get(a.model, 0)
+    a.examples = a.examples or {"resnet20": 10_000, "lm": 64, "wide": 2000, "resnet18": 1000}.get(a.model, 0)
+    a.batch = a.batch or {"resnet20": 500, "lm": 16, "wide": 500, "resnet18": 250}.get(a.model, 0)
+    a.classes = a.classes or {"wide": 100, "resnet18": 1000}.get(a.model, 10)
+    a.bn = a.bn or ("running" if a.model == "resnet18" else "batch")
     a.big_batch = a.big_batch or {"resnet20": 2000, "lm": 64}.get(a.model, 4096)
     global ARGS
     ARGS = a
@@ -536,7 +591,7 @@ def main() -> None:
             a.rows = "token" if a.per_token else "example"
             rows_cost(a, trees, tmp)
         else:
-            (memory if a.memory else speed)(a, trees, tmp)
+            (class_cost if a.class_cost else memory if a.memory else speed)(a, trees, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

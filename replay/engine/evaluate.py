@@ -197,17 +197,25 @@ class LossEvaluator:
             for p, v in zip(self.params, torch.split(theta[:sum(self.numels)], self.numels), strict=True):
                 p.copy_(v.view(p.shape))
 
-    def __call__(self, theta: torch.Tensor, dirs: torch.Tensor, out: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def __call__(self, theta: torch.Tensor, dirs: torch.Tensor, out: torch.Tensor | None = None,
+                 need: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(values [L] float64, projections [D, L, T] float64 onto `dirs` [D, ≥P], gradients [K, held columns]
         of the per-parameter losses (model dtype, or None when there are none)) at θ.
 
         One pass per data set. `out` [K, held columns] is overwritten when given: preallocated buffers
         spare the page faults of a fresh multi-megabyte tensor per evaluation. In data mode the values
         and projections of every shard are summed in one all-reduce.
+
+        `need` [L] bool: only these losses are wanted (none per-parameter): a data set whose own loss is not
+        among them evaluates only the examples of the wanted groups, without parameter gradients; the other
+        losses' numbers are then meaningless (0 or partial) and no gradients are returned.
         """
         self.load(theta)
-        L, K, S = len(self.loss_names), len(self.per_param), self.columns[1] - self.columns[0]
+        wanted = None if need is None else set(torch.nonzero(need.cpu()).flatten().tolist())
+        if wanted is not None and wanted & set(self.per_param):
+            raise AssertionError("a partial evaluation has no per-parameter losses")
+        L, S = len(self.loss_names), self.columns[1] - self.columns[0]
+        K = len(self.per_param) if wanted is None else 0
         P = sum(self.numels)
         D = dirs.shape[0]
         sums = torch.zeros(L, dtype=torch.float64, device=self.device)
@@ -220,17 +228,11 @@ class LossEvaluator:
         if self._prod is None or self._prod.shape[0] != D:
             self._prod = torch.empty(D, P, dtype=self.grad_dtype, device=self.device)
         self._proj = torch.zeros(D, L, len(self.numels), dtype=torch.float64, device=self.device)
-        for plan in self.plans:
-            if plan.ghost:
-                self._ghost_pass(plan, sums, target)
-            elif plan.mixed:
-                self._mixed_pass(plan, sums, target)
-            else:
-                self._sorted_pass(plan, sums, target)
+        self._passes(wanted, sums, target)
         for p in self.params:  # the views must not outlive the evaluation (a later one re-binds them)
             p.grad = None
         self._views = None
-        if self._send is not None:  # each rank holds its shard's share of every sum
+        if self._send is not None and K:  # each rank holds its shard's share of every sum
             self.place.sum_scattered(grads, self._send)
         if K:  # the per-parameter losses' projections, from their (whole, reduced) gradients
             lo, hi = self.columns[0], min(self.columns[1], P)
@@ -244,6 +246,22 @@ class LossEvaluator:
             proj, sums = both[:-L].view_as(proj), both[-L:]
         self._proj = None
         return sums / self.n_examples, proj, grads
+
+    def _passes(self, wanted: set[int] | None, sums: torch.Tensor, target: torch.Tensor | None) -> None:
+        """Each data set's pass: all of it, or (`wanted`) only the examples of the wanted groups of a data set
+        whose own loss is not wanted, or none."""
+        for plan in self.plans:
+            part = None  # the plan's wanted losses, when only some of its groups are
+            if wanted is not None and plan.cell_losses[0][0] not in wanted:
+                part = wanted & {li for cell in plan.cell_losses for li in cell}
+                if not part:
+                    continue
+            if plan.ghost:
+                self._ghost_pass(plan, sums, target, part)
+            elif plan.mixed:
+                self._mixed_pass(plan, sums, target, part)
+            else:
+                self._sorted_pass(plan, sums, target, part)
 
     def _losses(self, plan: _DataPlan, a: int, b: int) -> torch.Tensor:
         """Per-example losses [b-a] of examples a..b: the user's model and loss_fn, checked."""
@@ -281,6 +299,8 @@ class LossEvaluator:
             if k is None:
                 proj_rows.append(li)
                 continue
+            if target is None:  # a partial evaluation: no per-parameter loss is wanted
+                continue
             for r, a, b, fa, fb in self._flat_pieces:
                 target[r, k, a:b].add_(flat[fa:fb], alpha=self.inv_sizes[li])
         if proj_rows:  # the cell's projections per tensor, taken once, then scaled into each loss
@@ -289,46 +309,62 @@ class LossEvaluator:
             for li in proj_rows:
                 self._proj[:, li].add_(cell, alpha=self.inv_sizes[li])
 
-    def _sorted_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor | None) -> None:
-        """Batches sorted by cell: gradients accumulate over a cell's batches, added once per cell."""
+    def _sorted_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor | None,
+                     part: set[int] | None = None) -> None:
+        """Batches sorted by cell: gradients accumulate over a cell's batches, added once per cell (`part`: only
+        the cells of these losses)."""
         self._start_cell()
         cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, (a, b, c) in enumerate(plan.batches):
+            if part is not None and not part.intersection(plan.cell_losses[c]):
+                continue  # (a cell's batches are consecutive: all of them are skipped)
             losses = self._losses(plan, a, b)
             losses.sum().backward()  # accumulates into p.grad across the cell's batches
             cell_sum += losses.detach().double().sum()
             if i + 1 == len(plan.batches) or plan.batches[i + 1][2] != c:  # end of cell
-                for li in plan.cell_losses[c]:
+                cell = plan.cell_losses[c] if part is None else [li for li in plan.cell_losses[c] if li in part]
+                for li in cell:
                     sums[li] += cell_sum
-                self._add_grads(target, plan.cell_losses[c])
+                self._add_grads(target, cell)
                 self._start_cell()
                 cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
 
-    def _ghost_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor | None) -> None:
+    def _ghost_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor | None,
+                    part: set[int] | None = None) -> None:
         """The data set's own batches, one forward and one backward each: every example's per-tensor products
         with the directions (`ghost.ExampleProducts`), summed into each group loss by index (so 1 or 1,000
-        groups cost the same), and the batch's gradient into the data set's loss when it is per-parameter."""
+        groups cost the same), and the batch's gradient into the data set's loss when it is per-parameter.
+        `part`: only the examples of these groups, no gradient."""
         whole = plan.cell_losses[0][0]
-        grad = whole in self._per_param_slot
+        grad = whole in self._per_param_slot and part is None
         if grad:
             self._start_cell()
         dirs = self._direction_dicts()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         whole_proj = torch.zeros(self._proj.shape[0], self._proj.shape[2], dtype=torch.float64, device=self.device)
-        for a, b, _ in plan.batches:
-            losses, d = self.products.batch_products(plan.examples.slice(a, b), dirs, accumulate=grad,
+        examples, members, batches = plan.examples, plan.members, plan.batches
+        if part is not None:
+            wanted = torch.tensor(sorted(part), device=members.device)
+            idx = torch.nonzero(torch.isin(members, wanted).any(1)).flatten()
+            examples, members = examples.take(idx), members[idx]
+            bs = self.task.batch_size or len(idx)
+            batches = [(a, min(a + bs, len(idx)), 0) for a in range(0, len(idx), bs)]
+        for a, b, _ in batches:
+            losses, d = self.products.batch_products(examples.slice(a, b), dirs, accumulate=grad,
                                                      where=f"data set {plan.name!r}, examples {a}..{b - 1}")
             values = losses.double()
             total += values.sum()
-            for m in plan.members[a:b].T:  # one index per group key
+            for m in members[a:b].T:  # one index per group key
                 sums.index_add_(0, m, values)
                 self._proj.index_add_(1, m, d)
             if not grad:
                 whole_proj += d.sum(1)
-        sums[whole] += total
         groups = sorted({li for cell in plan.cell_losses for li in cell[1:]})
         inv = torch.tensor([self.inv_sizes[li] for li in groups], dtype=torch.float64, device=self.device)
         self._proj[:, groups] *= inv.view(1, -1, 1)
+        if part is not None:
+            return
+        sums[whole] += total
         if grad:
             self._add_grads(target, [whole])
         else:
@@ -340,21 +376,28 @@ class LossEvaluator:
         return [{n: v.view(p.shape).to(p.dtype) for n, v, p in zip(names, row.split(self.numels), self.params,
                                                                     strict=True)} for row in self._dirs]
 
-    def _mixed_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor | None) -> None:
-        """The data set's own batches (batch statistics): one forward each, one backward per cell in it."""
+    def _mixed_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor | None,
+                    part: set[int] | None = None) -> None:
+        """The data set's own batches (batch statistics): one forward each, one backward per cell in it (`part`:
+        only the batches and cells of these losses)."""
         whole = plan.cell_losses[0][0]
         for a, b, c in plan.batches:
+            segs = plan.mixed.get(a) or [(c, None)]
+            if part is not None:
+                segs = [(cell, pos) for cell, pos in segs if part.intersection(plan.cell_losses[cell])]
+                if not segs:
+                    continue
             per_example = self._losses(plan, a, b)
             values = per_example.detach().double()
             sums[whole] += values.sum()
-            segs = plan.mixed.get(a) or [(c, None)]
             for k, (cell, pos) in enumerate(segs):
-                part = per_example.sum() if pos is None else per_example[pos].sum()
+                piece = per_example.sum() if pos is None else per_example[pos].sum()
                 self._start_cell()
-                part.backward(retain_graph=k + 1 < len(segs))
-                for li in plan.cell_losses[cell][1:]:
+                piece.backward(retain_graph=k + 1 < len(segs))
+                losses = plan.cell_losses[cell] if part is None else [li for li in plan.cell_losses[cell] if li in part]
+                for li in losses[1:] if part is None else losses:
                     sums[li] += values.sum() if pos is None else values[pos].sum()
-                self._add_grads(target, plan.cell_losses[cell])
+                self._add_grads(target, losses)
 
 
 def _class_labels(name: str, y: torch.Tensor) -> torch.Tensor:

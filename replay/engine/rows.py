@@ -45,13 +45,24 @@ class ExampleIntegrand:
     def __len__(self) -> int:
         return len(self.data)
 
-    def __call__(self, dirs: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, dirs: list[dict[str, torch.Tensor]], rows: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(values [n], projections [D, n, T], the rows evaluated): all examples, or only `rows` [n] bool (the
+        others 0), in batches of the task's size."""
+        data = self.data if rows is None else self.data.take(torch.nonzero(rows).flatten())
         values, proj = [], []
-        for a in range(0, len(self.data), self.batch):
-            v, d = self.products(self.data.slice(a, a + self.batch), dirs)
+        for a in range(0, len(data), self.batch):
+            v, d = self.products(data.slice(a, a + self.batch), dirs)
             values.append(v)
             proj.append(d)
-        return torch.cat(values), torch.cat(proj, 1)
+        v, d = torch.cat(values), torch.cat(proj, 1)
+        if rows is None:
+            return v, d, None
+        rows = rows.to(v.device)
+        full_v = v.new_zeros(len(self.data)).masked_scatter_(rows, v)
+        full_d = d.new_zeros(d.shape[0], len(self.data), d.shape[2])
+        full_d[:, rows] = d
+        return full_v, full_d, rows
 
     def values(self) -> torch.Tensor:
         out = []
@@ -111,15 +122,28 @@ class TokenIntegrand:
                     functional_call(self.model, params, (t[0],))
             return self.token_loss(out, t if isinstance(t, dict) else t[1])
 
-    def __call__(self, dirs: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, dirs: list[dict[str, torch.Tensor]], need: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(values [tokens], projections [D, tokens, 1 or T], the rows evaluated): every batch of sequences, or
+        (`need` [tokens] bool) only those holding a needed token (the other tokens 0)."""
         params = {self.prefix + n: p.detach() for n, p in unwrap_model(self.model).named_parameters()}
         values, proj = [], []
+        done = None if need is None else torch.zeros_like(need)
+        hi = 0  # the token rows of a batch: lo..hi
         for bi, a in enumerate(range(0, len(self.data), self.batch)):
             batch = self.data.slice(a, a + self.batch)
             ex, pos = self.index[bi]
             rows = (ex - a, pos - 1)
+            lo, hi = hi, hi + len(ex)
             if len(ex) == 0:
                 continue
+            if need is not None:
+                if not bool(need[lo:hi].any()):
+                    values.append(torch.zeros(len(ex), dtype=torch.float64, device=ex.device))
+                    proj.append(torch.zeros(len(dirs), len(ex), len(self.names or [0]), dtype=torch.float64,
+                                            device=ex.device))
+                    continue
+                done[lo:hi] = True
             cols = []
             for dd in dirs:
                 parts = [dd] if self.names is None else [{n: dd[n]} for n in self.names]
@@ -132,7 +156,7 @@ class TokenIntegrand:
                 cols.append(torch.stack(per, -1))  # [tokens, 1 or T]
             values.append(tok.detach()[rows].double())
             proj.append(torch.stack(cols))
-        return torch.cat(values), torch.cat(proj, 1)
+        return torch.cat(values), torch.cat(proj, 1), done
 
     def _jvp(self, batch: Examples, params: dict, tangent: dict) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -164,10 +188,12 @@ class RowLoop:
         self.on_eval = on_eval or (lambda: None)
         self._carry: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (state, values, proj onto this Δθ)
 
-    def _at(self, theta: torch.Tensor, dirs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _at(self, theta: torch.Tensor, dirs: list[torch.Tensor], rows: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(values, projections, the rows evaluated: None for all) at θ, of all rows or at least `rows`."""
         self.load(theta)
         self.on_eval()
-        return self.f([self.split(d) for d in dirs])
+        return self.f([self.split(d) for d in dirs], rows)
 
     def step(self, t0: int, t1: int, th0: torch.Tensor, th1: torch.Tensor, d_next: torch.Tensor | None
              ) -> Callable[[], None]:
@@ -176,15 +202,15 @@ class RowLoop:
         if self._carry is not None and self._carry[0] == t0:
             v0, p0 = self._carry[1], self._carry[2]
         else:
-            v0, p = self._at(th0, [d])
+            v0, p, _ = self._at(th0, [d])
             p0 = p[0]
-        v1, p1 = self._at(th1, [d] + ([d_next] if d_next is not None else []))
-        vm, pm = self._at(th0 + 0.5 * d, [d])
+        v1, p1, _ = self._at(th1, [d] + ([d_next] if d_next is not None else []))
+        vm, pm, _ = self._at(th0 + 0.5 * d, [d])
         mesh = Mesh(((v0, p0), (v1, p1[0])), (vm, pm[0]), self.max_splits)
 
-        def point(s: float) -> tuple[torch.Tensor, torch.Tensor]:
-            v, p = self._at(th0 + s * d, [d])
-            return v, p[0]
+        def point(s: float, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            v, p, done = self._at(th0 + s * d, [d], rows)  # only the rows whose panels need the point
+            return v, p[0], rows if done is None else done
 
         refine(mesh, point, self.tol, self.rtol)
         lca = mesh.allocation()

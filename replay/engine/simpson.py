@@ -79,6 +79,9 @@ class Mesh:
         self.leaf = torch.ones(R, 1, dtype=torch.bool, device=v0.device)
         self.budget = max(1, max_splits // 2)  # panels per row
         self.final = torch.zeros(R, dtype=torch.bool, device=v0.device)  # rows whose panels are settled
+        # [R] per point: the rows evaluated there (a refined point is evaluated only for the rows whose panels
+        # use it; the others hold 0 there, and get their values when a later split of theirs needs the point)
+        self.have = [torch.ones(R, dtype=torch.bool, device=v0.device) for _ in range(3)]
         self.coarser = (d0 + d1) / 2.0  # [R, C] the previous estimate: trapezoid on the ends
         self._node_alloc: list[torch.Tensor] = []
         self._pending: list[tuple[int, int]] = []  # (node, child) splits waiting for their midpoints
@@ -89,8 +92,10 @@ class Mesh:
 
     def _alloc(self, i: int) -> torch.Tensor:
         while len(self._node_alloc) <= i:
-            n = self.nodes[len(self._node_alloc)]
-            self._node_alloc.append(panel_simpson(self.proj[n.a], self.proj[n.m], self.proj[n.b], n.h))
+            self._node_alloc.append(None)
+        if self._node_alloc[i] is None:
+            n = self.nodes[i]
+            self._node_alloc[i] = panel_simpson(self.proj[n.a], self.proj[n.m], self.proj[n.b], n.h)
         return self._node_alloc[i]
 
     def node_allocations(self) -> torch.Tensor:
@@ -108,9 +113,11 @@ class Mesh:
         """[R] sub-intervals of each row (2 per panel)."""
         return 2 * self.leaf.sum(1)
 
-    def plan(self, tol: float, rtol: float, override: torch.Tensor | None = None) -> list[float]:
+    def plan(self, tol: float, rtol: float, override: torch.Tensor | None = None
+             ) -> list[tuple[float, torch.Tensor]]:
         """Split, for every unsettled row that is not grounded, its panels whose residual exceeds their fair
-        share (largest first, within its budget); settle the others. Returns the new points to evaluate.
+        share (largest first, within its budget); settle the others. Returns the points to evaluate, each with
+        the rows [R] bool that need it (rows whose panels now use it and that were not evaluated there).
 
         `override` [R]: residuals to judge groundedness by instead, where not NaN (the per-parameter
         losses' own float64 sums at plain Simpson: they decide as they always did).
@@ -156,7 +163,21 @@ class Mesh:
             self.leaf[rows, i] = False
             for k in kids:
                 self.leaf[rows, k] = True
-        return new_points
+        return self._missing()
+
+    def _missing(self) -> list[tuple[float, torch.Tensor]]:
+        """(s, rows) for every point some row's panels use without its values there, in the order of s's creation."""
+        need = [torch.zeros_like(h) for h in self.have]
+        for j in torch.nonzero(self.leaf.any(0)).flatten().tolist():
+            n, rows = self.nodes[j], self.leaf[:, j]
+            for i in (n.a, n.m, n.b):
+                need[i] |= rows
+        out = []
+        for i, (n, h) in enumerate(zip(need, self.have, strict=True)):
+            rows = n & ~h
+            if bool(rows.any()):
+                out.append((self.s[i], rows))
+        return out
 
     def _children(self, i: int, new_points: list[float]) -> tuple[int, int]:
         n = self.nodes[i]
@@ -170,6 +191,7 @@ class Mesh:
                     self.s.append(mid)
                     self.values.append(None)
                     self.proj.append(None)
+                    self.have.append(torch.zeros_like(self.have[0]))
                     new_points.append(mid)
                 self.nodes.append(Node(lo, self.index[mid], hi, n.depth + 1))
                 kids.append(len(self.nodes) - 1)
@@ -178,9 +200,20 @@ class Mesh:
             self.leaf = torch.cat([self.leaf, grow], 1)
         return n.children
 
-    def add(self, s: float, values: torch.Tensor, proj: torch.Tensor) -> None:
+    def add(self, s: float, values: torch.Tensor, proj: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """The point's values [R] and projections [R, C], real for `rows` (all when None); kept for those rows
+        only (the others: 0, or what an earlier evaluation there gave them)."""
         i = self.index[s]
-        self.values[i], self.proj[i] = values, proj
+        if rows is None:
+            rows = torch.ones_like(self.have[i])
+        if self.values[i] is None:
+            self.values[i], self.proj[i] = values.new_zeros(values.shape), proj.new_zeros(proj.shape)
+        self.values[i] = torch.where(rows, values, self.values[i])
+        self.proj[i] = torch.where(rows[:, None], proj, self.proj[i])
+        self.have[i] = self.have[i] | rows
+        for j, n in enumerate(self.nodes[:len(self._node_alloc)]):  # panels on the point: allocations again
+            if i in (n.a, n.m, n.b):
+                self._node_alloc[j] = None
 
     def error(self) -> torch.Tensor:
         """[R, C] |A(final) − A(one round coarser)| (never refined: Simpson against the trapezoid)."""
@@ -201,13 +234,15 @@ class Mesh:
         return w
 
 
-def refine(mesh: Mesh, point: Callable[[float], tuple[torch.Tensor, torch.Tensor]], tol: float, rtol: float,
-           override: torch.Tensor | None = None) -> None:
-    """Evaluate the points the mesh asks for until every row is grounded or out of budget."""
+def refine(mesh: Mesh, point: Callable[[float, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+           tol: float, rtol: float, override: torch.Tensor | None = None) -> None:
+    """Evaluate the points the mesh asks for until every row is grounded or out of budget: `point(s, rows)`
+    evaluates at least the rows [R] that need the point and returns (values, projections, the rows it
+    evaluated), which the mesh keeps."""
     while points := mesh.plan(tol, rtol, override):
         override = None
-        for s in points:
-            mesh.add(s, *point(s))
+        for s, rows in points:
+            mesh.add(s, *point(s, rows))
 
 
 def points_of(mesh: Mesh) -> list[list[float]]:

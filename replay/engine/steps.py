@@ -130,10 +130,10 @@ class StepLoop:
 
     # ---- evaluation ----------------------------------------------------------------------------------
 
-    def _eval(self, theta: torch.Tensor, dirs: list[torch.Tensor], grads: torch.Tensor | None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _eval(self, theta: torch.Tensor, dirs: list[torch.Tensor], grads: torch.Tensor | None,
+              need: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         self.evals += 1
-        return self.ev(theta, torch.stack(dirs), grads)
+        return self.ev(theta, torch.stack(dirs), grads, need)
 
     def _spare(self) -> torch.Tensor | None:
         if not self.ev.per_param:
@@ -170,17 +170,7 @@ class StepLoop:
             override = torch.full_like(dl, float("nan"))
             override[pp] = dl[pp] - root_sums.sum(1)
 
-        held = 3  # [K, P] gradients held: start, end, midpoint
-
-        def point(s: float) -> tuple[torch.Tensor, torch.Tensor]:
-            nonlocal held
-            v, p, g = self._eval(th0 + s * d, [d], self._spare())
-            if g is not None and (held + 1) * g.numel() * g.element_size() <= KEEP_GRAD_BYTES:
-                grads[s], held = g, held + 1
-            elif g is not None:  # over the budget: evaluated again for the allocation, if its rows need it
-                self._pool.append(g)
-            return v, p[0]
-
+        point = self._point(th0, d, grads, pp, len(dl))
         refine(mesh, point, self.tol, self.rtol, override)
         tensor_lca = mesh.allocation()
         splits = mesh.splits().cpu()
@@ -203,6 +193,30 @@ class StepLoop:
                 self._pool.append(g)
         grounded = is_grounded(dl - tensor_lca.sum(1), dl, self.tol, self.rtol).cpu()
         return StepLCA(alloc, tensor_lca, mesh.error(), splits, grounded, end.values, points_of(mesh))
+
+    def _point(self, th0: torch.Tensor, d: torch.Tensor, grads: dict, pp: torch.Tensor, rows: int) -> Callable:
+        """The refinement's evaluation at θ0 + sΔθ: of every loss where a per-parameter loss needs the point (its
+        gradients, kept in `grads` within KEEP_GRAD_BYTES), else of the rows that need it only (a data set whose
+        own loss is grounded evaluates only the examples of its groups that are not)."""
+        per_param = torch.zeros(rows, dtype=torch.bool)
+        per_param[pp] = True
+        held = [3]  # [K, P] gradients held: start, end, midpoint
+
+        def point(s: float, need: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            need = need.cpu()
+            if bool((need & per_param).any()) or bool(need.all()):
+                v, p, g = self._eval(th0 + s * d, [d], self._spare())
+                need = torch.ones_like(need)
+            else:
+                v, p, g = self._eval(th0 + s * d, [d], None, need)
+            if g is not None and (held[0] + 1) * g.numel() * g.element_size() <= KEEP_GRAD_BYTES:
+                grads[s] = g
+                held[0] += 1
+            elif g is not None:  # over the budget: evaluated again for the allocation, if its rows need it
+                self._pool.append(g)
+            return v, p[0], need.to(v.device)
+
+        return point
 
     def _weighted(self, alloc: torch.Tensor, rows: list[int], w: torch.Tensor, points: list[float], grads: dict,
                   at: Callable[[float], torch.Tensor], d: torch.Tensor) -> None:
