@@ -106,6 +106,27 @@ def _directional(kind: str, m: nn.Module, pname: str, a: torch.Tensor, b: torch.
     raise AssertionError(kind)
 
 
+def _directionals(kind: str, m: nn.Module, pname: str, a: torch.Tensor, b: torch.Tensor, dps: list[torch.Tensor],
+                  ) -> torch.Tensor:
+    """[D, B]: `_directional` for each direction; a weight's D products as one product with the directions
+    stacked along its output (one matmul or convolution, not D)."""
+    D = len(dps)
+    if D == 1 or pname != "weight" or kind not in ("linear", "hf_conv1d", "conv", "embedding"):
+        return torch.stack([_directional(kind, m, pname, a, b, dp) for dp in dps])
+    if kind == "linear":
+        y = nn.functional.linear(a, torch.cat(dps, 0))  # [..., D·out]
+    elif kind == "hf_conv1d":
+        y = a @ torch.cat(dps, 1)
+    elif kind == "embedding":
+        y = nn.functional.embedding(a, torch.cat(dps, 1))
+    else:  # conv: [B, D·out, ...]
+        y = m._conv_forward(a, torch.cat(dps, 0), None)
+        y = y.view(y.shape[0], D, -1, *y.shape[2:])
+        return (y * b.unsqueeze(1)).reshape(b.shape[0], D, -1).sum(2).T
+    y = y.view(*y.shape[:-1], D, -1)  # [..., D, out]
+    return (y * b.unsqueeze(-2)).reshape(b.shape[0], -1, D, b.shape[-1]).sum((1, 3)).T
+
+
 class ExampleProducts:
     """d[D, B, T] for the examples of a batch at the model's current parameters, and their losses [B]."""
 
@@ -201,8 +222,7 @@ class ExampleProducts:
                     continue
                 if b is None:
                     continue
-                for k, dd in enumerate(dirs):
-                    d[k, :, ti] += _directional(kind, m, pname, a, b, dd[self.names[ti]]).double()
+                d[:, :, ti] += _directionals(kind, m, pname, a, b, [dd[self.names[ti]] for dd in dirs]).double()
         return d, stale
 
     def losses(self, batch: Examples) -> torch.Tensor:
