@@ -336,8 +336,9 @@ def child(a) -> None:
         if a.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
+        kw = {"per_param": a.per_param} if a.per_param else {}
         fr = replay.compute(run, **losses_of(a), task=task, device=a.device, out=Path(out).with_suffix(".lca"),
-                            max_splits=a.max_splits, tol=a.tol)
+                            max_splits=a.max_splits, tol=a.tol, **kw)
         result["seconds"] = time.perf_counter() - t0
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result["setup_rss_mib"] = rss0 / 1024
@@ -440,7 +441,8 @@ def launch(a, tree: Path, job: str, tmp: Path, tag: str, **over) -> dict:
     args = {**vars(a), **over}
     cmd = [sys.executable, str(HERE / "bench_replay.py"), "--child", job, str(out)]
     for k in ("model", "hidden", "epochs", "examples", "steps", "context", "batch", "big_batch", "device",
-              "threads", "max_splits", "tol", "groups", "run", "unit_repeat", "rows", "classes", "bn", "only"):
+              "threads", "max_splits", "tol", "groups", "run", "unit_repeat", "rows", "classes", "bn", "only",
+              "per_param"):
         cmd += [f"--{k.replace('_', '-')}", str(args[k])]
     cmd += ["--units"] if args.get("units") else []
     cmd += ["--memory"] if a.memory else []
@@ -544,6 +546,8 @@ def main() -> None:
                     "(default batch for resnet20, running for resnet18)")
     ap.add_argument("--class-cost", action="store_true", help="train alone against train and its class losses")
     ap.add_argument("--only", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--per-param", default="", choices=["", "all", "datasets"],
+                    help="which losses report per-parameter numbers (all: like-for-like with the paper's loop)")
     ap.add_argument("--hidden", type=int, default=256, help="digits MLP width")
     ap.add_argument("--epochs", type=int, default=1, help="digits: epochs recorded")
     ap.add_argument("--examples", type=int, default=0, help="resnet20/lm: train examples (default 10000 / 64)")
