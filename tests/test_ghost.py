@@ -116,13 +116,41 @@ def test_a_layer_changed_in_place_after_it_falls_back_without_a_wrong_number():
 
     ex._forward_mode = spy
     _, d = ex(Examples((x, y)), [delta])
-    # two forward-mode passes: the first call's check of the fast rules on a few examples (the layer read whole),
-    # then the slow product of the overwritten layer
-    assert [[names[i] for i in w] for w in slow] == [["out.weight", "out.bias"], ["fc.weight", "fc.bias"]], slow
+    # one forward-mode pass: the slow product of the overwritten layer (the first call's check of the fast rules
+    # on a few examples takes each example's own gradient)
+    assert [[names[i] for i in w] for w in slow] == [["fc.weight", "fc.bias"]], slow
     ref = forward_mode(Examples((x, y)), [delta], list(range(len(names))))[0]
     torch.testing.assert_close(d[0], ref, rtol=1e-9, atol=1e-12)
     # from the next batch on, the layer's output goes on as a copy (the copy is overwritten): its fast rule holds
     slow.clear()
     _, d = ex(Examples((x, y)), [delta])
     assert slow == []
+    torch.testing.assert_close(d[0], ref, rtol=1e-9, atol=1e-12)
+
+
+def test_a_layer_whose_rows_are_not_examples_is_caught_by_the_check_and_falls_back():
+    """fc1's output is transposed after it: its rows are examples but every example's loss reads all of them, so
+    b's rows are no example's own (and no shape tells: there are as many features as examples). The first
+    batch's check against each example's own gradient flags it (one warning), and every number then equals the
+    forward-mode product."""
+
+    class Transposed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.tanh(self.fc1(x)).T)  # [4, 3]: row i is feature i's, read as example i's
+
+    torch.manual_seed(0)
+    model = Transposed().double()
+    x, y = torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
+    names = [n for n, _ in model.named_parameters()]
+    delta = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    ex = ExampleProducts(model, names, lambda o, t: nn.functional.cross_entropy(o, t, reduction="none"),
+                         torch.device("cpu"))
+    with pytest.warns(UserWarning, match=r"fc1\.weight, fc1\.bias disagree with each example's own gradient"):
+        _, d = ex(Examples((x, y)), [delta])
+    assert [names[i] for i in ex.fallback] == ["fc1.weight", "fc1.bias"]
+    ref = ex._forward_mode(Examples((x, y)), [delta], list(range(len(names))))[0]
     torch.testing.assert_close(d[0], ref, rtol=1e-9, atol=1e-12)

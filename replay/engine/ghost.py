@@ -230,37 +230,46 @@ class ExampleProducts:
         return checked_losses(batch, self.model, self.loss_fn, "per-example LCA")
 
     def _check(self, batch: Examples, dirs: list[dict], d: torch.Tensor, slow: list[int]) -> list[int]:
-        """Compare the fast tensors on a few examples with the forward-mode product (or, where the model has no
-        forward-mode AD, with each example's own gradient); those that disagree fall back for good."""
+        """Compare the fast tensors on a few examples with each example's own gradient (autograd, one backward per
+        example of their batch); those that disagree fall back for good. (Autograd rather than the forward-mode
+        product where it can: as independent, and it spares the second that functorch's first call sets up.)"""
         self.checked = True
         fast = [i for i in range(len(self.names)) if i not in slow]
         if not fast:
             return slow
         few = batch.slice(0, min(CHECK_EXAMPLES, len(batch)))
-        try:
-            ref = self._forward_mode(few, dirs[:1], fast)[0]  # [b, len(fast)]
-        except TaskError:  # no forward-mode AD here: each example's own gradient (one backward each)
-            ref = self._by_gradients(few, dirs[0], fast)
+        # autograd zeros an embedding's padding row's gradient although the forward reads that row (a tied output
+        # layer moves it): there the forward-mode product is the reference
+        padded = {i for m, kind, _, i in self.uses if kind == "embedding" and m.padding_idx is not None}
+        by_grad = [i for i in fast if i not in padded]
+        ref = torch.empty(len(few), len(fast), dtype=torch.float64, device=self.device)
+        if by_grad:
+            ref[:, [fast.index(i) for i in by_grad]] = self._by_gradients(few, dirs[0], by_grad)
+        if len(by_grad) < len(fast):
+            rest = [i for i in fast if i in padded]
+            ref[:, [fast.index(i) for i in rest]] = self._forward_mode(few, dirs[:1], rest)[0]
         got = d[0, :ref.shape[0]][:, fast]
         scale = torch.maximum(ref.abs(), got.abs()).amax(0)
         bad = {fast[j] for j in torch.nonzero((got - ref).abs().amax(0) > CHECK_RTOL * scale + 1e-10).flatten()
                .tolist()}
         if bad:
             names = ", ".join(self.names[i] for i in sorted(bad)[:3])
-            warnings.warn(f"per-example LCA: the one-backward products of {names} disagree with the forward-mode "
-                          f"product (a layer used batch-second?); they use the forward-mode product", stacklevel=3)
+            warnings.warn(f"per-example LCA: the one-backward products of {names} disagree with each example's own "
+                          f"gradient (a layer used batch-second?); they use the forward-mode product", stacklevel=3)
             self.fallback = sorted(set(self.fallback) | bad)
         return sorted(set(slow) | bad)
 
     def _by_gradients(self, batch: Examples, direction: dict, which: list[int]) -> torch.Tensor:
+        """[b, len(which)] Δθ_T · ∇_T ℓ_i of each example i of the batch, from its own backward through the batch."""
         params = [self.params[self.names[i]] for i in which]
         rows = []
-        for e in range(len(batch)):
-            with torch.enable_grad():
-                gs = torch.autograd.grad(self.losses(batch.slice(e, e + 1)).sum(), params, allow_unused=True)
-            rows.append(torch.stack([torch.zeros((), dtype=torch.float64) if g is None else
-                                     (g.double() * direction[self.names[i]].double()).sum()
-                                     for i, g in zip(which, gs, strict=True)]))
+        with torch.enable_grad():
+            losses = self.losses(batch)
+            for e in range(len(batch)):
+                gs = torch.autograd.grad(losses[e], params, allow_unused=True, retain_graph=e + 1 < len(batch))
+                rows.append(torch.stack([torch.zeros((), dtype=torch.float64) if g is None else
+                                         (g.double() * direction[self.names[i]].double()).sum()
+                                         for i, g in zip(which, gs, strict=True)]))
         return torch.stack(rows).to(self.device)
 
     # ---- the fallback: forward-mode products, one per tensor (batched by vmap) -------------------------
