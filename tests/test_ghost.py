@@ -154,3 +154,51 @@ def test_a_layer_whose_rows_are_not_examples_is_caught_by_the_check_and_falls_ba
     assert [names[i] for i in ex.fallback] == ["fc1.weight", "fc1.bias"]
     ref = ex._forward_mode(Examples((x, y)), [delta], list(range(len(names))))[0]
     torch.testing.assert_close(d[0], ref, rtol=1e-9, atol=1e-12)
+
+
+def test_each_example_at_its_own_point_in_one_pass():
+    """at_points: example i at θ + s_i Δθ (a refinement round's pairs in one batch) equals loading θ + s_i Δθ and
+    taking that example's own loss and its gradient dotted with Δθ per tensor (autograd), for convolution,
+    batch-norm with running statistics, ReLU(inplace=True) after it, embedding, LayerNorm and tied weights."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(9, 4)
+            self.conv = nn.Conv1d(4, 4, 3, padding=1)
+            self.bn = nn.BatchNorm1d(4)
+            self.relu = nn.ReLU(inplace=True)
+            self.norm = nn.LayerNorm(4)
+            self.head = nn.Linear(4, 9, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, idx):
+            h = self.relu(self.bn(self.conv(self.emb(idx).transpose(1, 2)))).transpose(1, 2)
+            return self.head(self.norm(h)).mean(1)  # [B, 9]
+
+    torch.manual_seed(0)
+    model = Mixed().double().eval()
+    model.bn.running_mean.uniform_(-0.3, 0.3)
+    idx, y = torch.randint(0, 9, (6, 5)), torch.randint(0, 9, (6,))
+    loss = lambda o, t: nn.functional.cross_entropy(o, t, reduction="none")  # noqa: E731
+    names = [n for n, _ in model.named_parameters()]
+    delta = {n: torch.randn_like(p) * 0.3 for n, p in model.named_parameters()}
+    ex = ExampleProducts(model, names, loss, torch.device("cpu"))
+    assert not ex.fallback
+    ex(Examples((idx, y)), [delta])  # the first batch: the check, and the in-place layer found
+    s = torch.tensor([0.25, 0.75, 0.125, 0.25, 0.875, 0.5], dtype=torch.float64)
+    got = ex.at_points(Examples((idx, y)), s, delta)
+    assert got is not None
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for i in range(len(s)):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(base[n] + s[i] * delta[n])
+        li = loss(model(idx[i:i + 1]), y[i:i + 1])[0]
+        grads = torch.autograd.grad(li, list(model.parameters()))
+        want = torch.stack([(g * delta[n]).sum() for n, g in zip(names, grads, strict=True)])
+        torch.testing.assert_close(got[0][i], li.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[1][i], want, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(base[n])

@@ -127,6 +127,27 @@ def _directionals(kind: str, m: nn.Module, pname: str, a: torch.Tensor, b: torch
     return (y * b.unsqueeze(-2)).reshape(b.shape[0], -1, D, b.shape[-1]).sum((1, 3)).T
 
 
+def _tangent(kind: str, m: nn.Module, pname: str, a: torch.Tensor, dp: torch.Tensor) -> torch.Tensor:
+    """J(a) Δθ of one use of layer m for its parameter `pname`, shaped as (or broadcasting to) its output: the
+    layer's output is linear in each of these parameters, so at θ + sΔθ it is y(θ) + s·Σ of these."""
+    if pname == "bias":
+        return dp.view(1, -1, *([1] * (a.dim() - 2))) if kind in ("conv", "batchnorm") else dp
+    if kind == "linear":
+        return nn.functional.linear(a, dp)
+    if kind == "hf_conv1d":
+        return a @ dp
+    if kind == "conv":
+        return m._conv_forward(a, dp, None)
+    if kind == "embedding":
+        return nn.functional.embedding(a, dp)
+    if kind == "layernorm":
+        return nn.functional.layer_norm(a, m.normalized_shape, None, None, m.eps) * dp
+    stats = not m.training and m.running_mean is not None  # batchnorm
+    xhat = nn.functional.batch_norm(a, m.running_mean if stats else None, m.running_var if stats else None,
+                                    None, None, not stats, 0.0, m.eps)
+    return xhat * dp.view(1, -1, *([1] * (a.dim() - 2)))
+
+
 class ExampleProducts:
     """d[D, B, T] for the examples of a batch at the model's current parameters, and their losses [B]."""
 
@@ -150,6 +171,7 @@ class ExampleProducts:
         self.checked = False
         self._vmap_ok = True
         self._copied: set[int] = set()  # uses whose output the model changes in place: forwarded as a copy
+        self._points_ok = True  # every layer output batch-first (at_points)
 
     # ---- the fast path -------------------------------------------------------------------------------
 
@@ -224,6 +246,61 @@ class ExampleProducts:
                     continue
                 d[:, :, ti] += _directionals(kind, m, pname, a, b, [dd[self.names[ti]] for dd in dirs]).double()
         return d, stale
+
+    # ---- a refinement round: each example at its own point, in one pass --------------------------------
+
+    def at_points(self, batch: Examples, s: torch.Tensor, direction: dict[str, torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(losses [B] float64, d [B, T] float64) of example i of the batch at θ + s_i Δθ, θ the model's current
+        parameters, in one forward and one backward: every recorded tensor's layer output is linear in it, so
+        each layer returns y(θ) + s_i · J Δθ (its tangent, which is also its ghost product's factor). None
+        when some tensor has no such rule or a layer's output is not batch-first (then for good)."""
+        if not self._points_ok or self.fallback or not self.checked:
+            return None
+        B = len(batch)
+        records: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []  # (use, its tangent, the output, its version)
+        by_module: dict[nn.Module, list[int]] = {}
+        for u, (m, *_rest) in enumerate(self.uses):
+            by_module.setdefault(m, []).append(u)
+        bad = []
+
+        def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            if not (isinstance(out, torch.Tensor) and args) or out.shape[0] != B:
+                bad.append(mod)
+                return None
+            sv = s.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
+            ts = [(u, _tangent(self.uses[u][1], mod, self.uses[u][2], args[0], direction[self.names[self.uses[u][3]]]))
+                  for u in by_module[mod]]
+            y = out
+            for _, t in ts:
+                y = y + sv * t
+            records.extend((u, t, y, y._version) for u, t in ts)
+            return y.clone() if any(u in self._copied for u in by_module[mod]) else y
+
+        hooks = [m.register_forward_hook(hook) for m in by_module]
+        try:
+            with torch.enable_grad():
+                losses = checked_losses(batch, self.model, self.loss_fn, "per-example LCA")
+                ys = list({id(r[2]): r[2] for r in records}.values())
+                grads = torch.autograd.grad(losses.sum(), ys, allow_unused=True) if ys and not bad else []
+        finally:
+            for h in hooks:
+                h.remove()
+        if bad:
+            self._points_ok = False
+            return None
+        changed = {u for u, _, y, version in records if y._version != version}
+        if changed:  # changed in place after the layer: as a copy from now on, point by point this once
+            self._copied |= changed
+            return None
+        bs = {id(y): b for y, b in zip(ys, grads, strict=True)}
+        d = torch.zeros(B, len(self.names), dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for u, t, y, _ in records:
+                b = bs.get(id(y))
+                if b is not None:
+                    d[:, self.uses[u][3]] += _per_example(b * t).double()
+        return losses.detach().double(), d
 
     def losses(self, batch: Examples) -> torch.Tensor:
         """Per-example losses [B] of the batch (the user's model and loss_fn, checked)."""

@@ -71,6 +71,31 @@ class ExampleIntegrand:
                 out.append(self.products.losses(self.data.slice(a, a + self.batch)).double())
         return torch.cat(out)
 
+    def round(self, direction: dict[str, torch.Tensor], points: list[tuple[float, torch.Tensor]]
+              ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+        """A refinement round at once, the model at the step's start θ: every (point, example that needs it) pair
+        at θ + sΔθ in batches of pairs (`ExampleProducts.at_points`), not one evaluation per point; per point
+        (values [n], projections [1, n, T], its rows). None when the model does not allow it."""
+        s = torch.cat([torch.full((int(rows.sum()),), sv, dtype=torch.float64) for sv, rows in points])
+        ex = torch.cat([torch.nonzero(rows.cpu()).flatten() for _, rows in points])
+        values, proj = [], []
+        for a in range(0, len(s), self.batch):
+            got = self.products.at_points(self.data.take(ex[a:a + self.batch]), s[a:a + self.batch], direction)
+            if got is None:
+                return None
+            values.append(got[0])
+            proj.append(got[1])
+        v, pr = torch.cat(values), torch.cat(proj)
+        out, k = [], 0
+        for _, rows in points:
+            m, rows = int(rows.sum()), rows.to(v.device)
+            full_v = v.new_zeros(len(self.data)).masked_scatter_(rows, v[k:k + m])
+            full_p = pr.new_zeros(1, len(self.data), pr.shape[1])
+            full_p[0, rows] = pr[k:k + m]
+            out.append((full_v, full_p, rows))
+            k += m
+        return out
+
 
 class TokenIntegrand:
     """The tokens of one data set (a causal LM) as rows: values [tokens], projections [D, tokens, 1]."""
@@ -212,7 +237,17 @@ class RowLoop:
             v, p, done = self._at(th0 + s * d, [d], rows)  # only the rows whose panels need the point
             return v, p[0], rows if done is None else done
 
-        refine(mesh, point, self.tol, self.rtol)
+        many = None
+        if isinstance(self.f, ExampleIntegrand):
+            direction = self.split(d)
+
+            def many(points: list) -> list | None:
+                self.load(th0)
+                self.on_eval()
+                got = self.f.round(direction, points)
+                return None if got is None else [(v, p[0], r) for v, p, r in got]
+
+        refine(mesh, point, self.tol, self.rtol, many=many)
         lca = mesh.allocation()
         res = mesh.residual()
         grounded = is_grounded(res, v1 - v0, self.tol, self.rtol)

@@ -235,14 +235,16 @@ class Mesh:
 
 
 def refine(mesh: Mesh, point: Callable[[float, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-           tol: float, rtol: float, override: torch.Tensor | None = None) -> None:
+           tol: float, rtol: float, override: torch.Tensor | None = None, many: Callable | None = None) -> None:
     """Evaluate the points the mesh asks for until every row is grounded or out of budget: `point(s, rows)`
     evaluates at least the rows [R] that need the point and returns (values, projections, the rows it
-    evaluated), which the mesh keeps."""
+    evaluated), which the mesh keeps. `many(points)`, when given, evaluates a whole round at once (one such
+    triple per point), or returns None to leave the round to `point`."""
     while points := mesh.plan(tol, rtol, override):
         override = None
-        for s, rows in points:
-            mesh.add(s, *point(s, rows))
+        got = many(points) if many is not None and len(points) > 1 else None
+        for (s, rows), res in zip(points, got or [None] * len(points), strict=True):
+            mesh.add(s, *(res if res is not None else point(s, rows)))
 
 
 def points_of(mesh: Mesh) -> list[list[float]]:
