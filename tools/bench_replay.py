@@ -521,6 +521,67 @@ def class_cost(a, trees: dict[str, Path], tmp: Path) -> None:
               f"{med(x['peak_rss_mib'] for x in alone):.0f} / {med(x['peak_rss_mib'] for x in cls):.0f} |")
 
 
+def batch_statistics(model: nn.Module) -> nn.Module:
+    """The model as replay evaluates it with batchnorm='batch': eval mode, batch-norm on each batch's statistics."""
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+            m.track_running_stats = False
+    return model
+
+
+def bn_cells(a) -> None:
+    """Batch-norm batch statistics: what the per-class gradients of one batch cost, measured side by side. The
+    classes of a batch are coupled through its statistics, so each needs its own backward through the batch;
+    the question is only whether torch can batch those backward passes (is_grads_batched, vmap over the
+    cotangents) cheaper than one after another."""
+    torch.set_num_threads(a.threads)
+    task = make_task(a)
+    model = batch_statistics(task.model)
+    x, y = (v[:a.batch] for v in task.data["train"])
+    params = list(model.parameters())
+    classes = torch.unique(y)
+    masks = torch.stack([(y == c).to(x.dtype) for c in classes])  # [C, B]
+
+    def per_example():
+        return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+    def forward_only():
+        with torch.no_grad():
+            per_example()
+
+    def one_backward():
+        torch.autograd.grad(per_example().sum(), params)
+
+    def per_class():  # today's cells: one forward, one backward per class present
+        losses = per_example()
+        for k in range(len(classes)):
+            torch.autograd.grad((losses * masks[k]).sum(), params, retain_graph=k + 1 < len(classes))
+
+    def per_class_activations():  # no weight gradients (biases only): about what ghost products would need
+        losses = per_example()
+        small = [q for q in params if q.dim() == 1]
+        for k in range(len(classes)):
+            torch.autograd.grad((losses * masks[k]).sum(), small, retain_graph=k + 1 < len(classes))
+
+    def batched():  # all classes in one vmapped backward
+        torch.autograd.grad(per_example(), params, grad_outputs=masks, is_grads_batched=True)
+
+    print(f"{describe(a)}: one batch of {len(y)} examples, {len(classes)} classes, {a.threads} thread(s), "
+          f"medians of {a.repeat}")
+    base = median_seconds(one_backward, a.repeat, a.device)
+    for name, fn in (("forward", forward_only), ("forward + one backward", one_backward),
+                     ("forward + a backward per class (today)", per_class),
+                     ("forward + a backward per class, no weight gradients (biases only)", per_class_activations),
+                     ("forward + one vmapped backward of all classes (is_grads_batched)", batched)):
+        try:
+            t = median_seconds(fn, a.repeat, a.device)
+            print(f"| {name} | {t * 1e3:.0f} ms | {t / base:.2f}x |", flush=True)
+        except (RuntimeError, NotImplementedError) as e:
+            print(f"| {name} | failed: {str(e).splitlines()[0][:100]} | |", flush=True)
+
+
 def memory(a, trees: dict[str, Path], tmp: Path) -> None:
     for name, tree in trees.items():
         launch(a, tree, "record", tmp, f"record-{name}", run=tmp / f"run-{name}")
@@ -545,6 +606,8 @@ def main() -> None:
     ap.add_argument("--bn", choices=["batch", "running"], default="", help="resnet: batch-norm statistics "
                     "(default batch for resnet20, running for resnet18)")
     ap.add_argument("--class-cost", action="store_true", help="train alone against train and its class losses")
+    ap.add_argument("--bn-cells", action="store_true", help="batch statistics: the per-class backward passes of "
+                    "one batch, one after another against one vmapped pass")
     ap.add_argument("--only", default="", help=argparse.SUPPRESS)
     ap.add_argument("--per-param", default="", choices=["", "all", "datasets"],
                     help="which losses report per-parameter numbers (all: like-for-like with the paper's loop)")
@@ -588,6 +651,8 @@ def main() -> None:
         return worker(a)
     if a.nproc:
         return scaling(a)
+    if a.bn_cells:
+        return bn_cells(a)
     tmp = Path(tempfile.mkdtemp(prefix="bench_replay_"))
     trees = {"new": HERE.parent} | ({"old": a.against.resolve()} if a.against else {})
     try:

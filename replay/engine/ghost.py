@@ -106,27 +106,6 @@ def _directional(kind: str, m: nn.Module, pname: str, a: torch.Tensor, b: torch.
     raise AssertionError(kind)
 
 
-def _directionals(kind: str, m: nn.Module, pname: str, a: torch.Tensor, b: torch.Tensor, dps: list[torch.Tensor],
-                  ) -> torch.Tensor:
-    """[D, B]: `_directional` for each direction; a weight's D products as one product with the directions
-    stacked along its output (one matmul or convolution, not D)."""
-    D = len(dps)
-    if D == 1 or pname != "weight" or kind not in ("linear", "hf_conv1d", "conv", "embedding"):
-        return torch.stack([_directional(kind, m, pname, a, b, dp) for dp in dps])
-    if kind == "linear":
-        y = nn.functional.linear(a, torch.cat(dps, 0))  # [..., D·out]
-    elif kind == "hf_conv1d":
-        y = a @ torch.cat(dps, 1)
-    elif kind == "embedding":
-        y = nn.functional.embedding(a, torch.cat(dps, 1))
-    else:  # conv: [B, D·out, ...]
-        y = m._conv_forward(a, torch.cat(dps, 0), None)
-        y = y.view(y.shape[0], D, -1, *y.shape[2:])
-        return (y * b.unsqueeze(1)).reshape(b.shape[0], D, -1).sum(2).T
-    y = y.view(*y.shape[:-1], D, -1)  # [..., D, out]
-    return (y * b.unsqueeze(-2)).reshape(b.shape[0], -1, D, b.shape[-1]).sum((1, 3)).T
-
-
 def _tangent(kind: str, m: nn.Module, pname: str, a: torch.Tensor, dp: torch.Tensor) -> torch.Tensor:
     """J(a) Δθ of one use of layer m for its parameter `pname`, shaped as (or broadcasting to) its output: the
     layer's output is linear in each of these parameters, so at θ + sΔθ it is y(θ) + s·Σ of these."""
@@ -187,6 +166,8 @@ class ExampleProducts:
         `accumulate`: the one backward also adds ∇ Σ_i ℓ_i into the parameters' .grad (as loss.backward()
         would), for a caller that needs the batch's gradient too.
         """
+        if not self.checked:  # which layers' outputs the model changes in place, before any number is taken:
+            self._probe(batch.slice(0, min(CHECK_EXAMPLES, len(batch))), where)  # every batch computes alike
         losses, records, grads = self._backward(batch, accumulate, where)
         d, stale = self._ghost(records, grads, dirs, losses.shape[0])
         slow = sorted(set(self.fallback) | stale)
@@ -196,7 +177,8 @@ class ExampleProducts:
             d[:, :, slow] = self._forward_mode(batch, dirs, slow)
         return losses, d
 
-    def _backward(self, batch: Examples, accumulate: bool, where: str) -> tuple[torch.Tensor, list, list]:
+    def _backward(self, batch: Examples, accumulate: bool, where: str, probe: bool = False
+                  ) -> tuple[torch.Tensor, list, list]:
         """One forward and one backward of the batch: its losses, each fast layer use's (input, output, version)
         and the gradient b of Σ ℓ at that output (None where the output does not reach the loss)."""
         records: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []  # (use, input, output, its version)
@@ -204,7 +186,7 @@ class ExampleProducts:
         hooks = []
         for u, (m, *_rest) in enumerate(self.uses):
             def hook(mod: nn.Module, args: tuple, out: torch.Tensor, u: int = u) -> torch.Tensor | None:
-                if isinstance(out, torch.Tensor) and out.requires_grad and args:
+                if isinstance(out, torch.Tensor) and (out.requires_grad or probe) and args:
                     r = len(records)
                     records.append((u, args[0], out, out._version))
                     if accumulate:  # b arrives during loss.backward(): kept by a hook on the output
@@ -217,7 +199,9 @@ class ExampleProducts:
             with torch.enable_grad():
                 losses = checked_losses(batch, self.model, self.loss_fn, where)
                 ys = [r[2] for r in records]
-                if accumulate:
+                if probe:
+                    bs = []
+                elif accumulate:
                     losses.sum().backward()
                     bs = [grads.get(r) for r in range(len(records))]
                 else:
@@ -226,6 +210,13 @@ class ExampleProducts:
             for h in hooks:
                 h.remove()
         return losses.detach(), records, bs
+
+    def _probe(self, batch: Examples, where: str) -> None:
+        """A forward of a few examples: the layer uses whose output the model then changes in place go on as a
+        copy from the first batch (so that the first batch's numbers are computed as every later one's)."""
+        with torch.no_grad():
+            _, records, _ = self._backward(batch, False, where, probe=True)
+        self._copied |= {u for u, _, y, version in records if y._version != version}
 
     def _ghost(self, records: list, grads: list, dirs: list[dict[str, torch.Tensor]], B: int
                ) -> tuple[torch.Tensor, set[int]]:
@@ -244,7 +235,10 @@ class ExampleProducts:
                     continue
                 if b is None:
                     continue
-                d[:, :, ti] += _directionals(kind, m, pname, a, b, [dd[self.names[ti]] for dd in dirs]).double()
+                for k, dd in enumerate(dirs):  # one product per direction: a direction's numbers never depend
+                    d[k, :, ti] += _directional(kind, m, pname, a, b, dd[self.names[ti]]).double()  # on the others
+                    # (stacked in one matmul they would round differently, and a resumed or followed compute,
+                    # whose first point has one direction fewer, would not be bit for bit one compute)
         return d, stale
 
     # ---- a refinement round: each example at its own point, in one pass --------------------------------
