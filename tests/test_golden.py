@@ -100,6 +100,15 @@ def test_the_golden_lca_dir_loads_and_a_compute_now_gives_its_frames(tmp_path):
         assert a.columns == b.columns, f"{name}: columns changed"
         floats = [c for c, t in a.schema.items() if t == pl.Float64]
         assert_frame_equal(a.drop(floats), b.drop(floats), check_exact=True)
+        # the golden numbers were computed by an earlier release: loss values as float32 batch sums (float64 sums
+        # of the examples' losses now) and the per-example points one evaluation each (one pass per round now),
+        # so they agree to float32 rounding: loss values to 1e-6 of the loss, allocations to 1e-6 of the largest
+        # |lca| (the promise for a change of method); integers, keys and flags exactly
+        def top(col, a=a):
+            return max(float(a[col].abs().max() or 0.0), 1e-30) if col in a.columns else 1e-30
+
         for c in floats:
             diff = (a[c] - b[c]).abs().max() or 0.0
-            assert diff <= 1e-12 * max(1.0, a[c].abs().max() or 0.0), f"{name}.{c}: max_diff {diff:.2e}"
+            loss_scale = top("loss_before") if "loss_before" in a.columns else top("lca")
+            scale = loss_scale if c in ("loss_before", "loss_after", "delta_loss", "residual") else top("lca")
+            assert diff <= 1e-6 * scale, f"{name}.{c}: max_diff {diff:.2e} against {scale:.2e}"

@@ -245,7 +245,7 @@ def test_ctrl_c_keeps_every_finished_step_and_the_resume_equals_one_compute(digi
     """A KeyboardInterrupt mid-step (raised from the loss, as Ctrl-C would) flushes the steps finished before it,
     never a part of the interrupted one; the resume is the uninterrupted compute, and the CLI says so in one line."""
     out = tmp_path / "lca"
-    monkeypatch.setenv("REPLAY_TEST_DIE_AFTER", "250")
+    monkeypatch.setenv("REPLAY_TEST_DIE_AFTER", "25")  # loss calls: about one per evaluation
     monkeypatch.setenv("REPLAY_TEST_DIE_WITH", "interrupt")
     with pytest.raises(KeyboardInterrupt):
         replay.compute(digits_run, ["train"], per_class=["train"], task=TASK, out=out, progress=False)

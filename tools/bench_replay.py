@@ -49,6 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import polars as pl
 import torch
 from torch import nn
 
@@ -144,7 +145,7 @@ def make_model(a) -> nn.Module:
         from paper import resnet20_model
         return resnet20_model()
     if a.model == "lm":
-        return GPT(context=a.context)
+        return GPT(layers=a.layers, heads=a.heads, width=a.width, context=a.context)
     from replay.digits import digits_cnn, digits_mlp
     return digits_cnn() if a.model == "cnn" else digits_mlp(a.hidden)
 
@@ -349,6 +350,9 @@ def child(a) -> None:
         result["steps"] = st["step"].n_unique()
         result["grounded"] = float(st["grounded"].mean())
         result["losses"] = st["loss"].n_unique()
+        # points per step: the distinct s of all its rows but the start (the previous step's end)
+        pts = st.group_by("step").agg(pl.col("points").flatten().unique().len() - 1)["points"].sort().to_list()
+        result["points"] = [pts[int(q * (len(pts) - 1))] for q in (0.0, 0.5, 0.9, 1.0)]
         if a.units:
             result["unit"] = plain_fb(a, make_task(a), a.device, False)
             result["unit_big"] = plain_fb(a, make_task(a), a.device, True)
@@ -442,7 +446,7 @@ def launch(a, tree: Path, job: str, tmp: Path, tag: str, **over) -> dict:
     cmd = [sys.executable, str(HERE / "bench_replay.py"), "--child", job, str(out)]
     for k in ("model", "hidden", "epochs", "examples", "steps", "context", "batch", "big_batch", "device",
               "threads", "max_splits", "tol", "groups", "run", "unit_repeat", "rows", "classes", "bn", "only",
-              "per_param"):
+              "per_param", "layers", "heads", "width"):
         cmd += [f"--{k.replace('_', '-')}", str(args[k])]
     cmd += ["--units"] if args.get("units") else []
     cmd += ["--memory"] if a.memory else []
@@ -460,8 +464,8 @@ def describe(a) -> str:
             "resnet18": f"torchvision ResNet-18, {a.classes} classes, {a.examples} 32x32 train examples, BN {a.bn} "
                         f"statistics, batch {a.batch}",
             "wide": f"MLP 64-1400-1400-{a.classes}, {a.examples} train examples, batch {a.batch}",
-            "lm": f"nanoGPT-shaped LM 6L/6H/384, context {a.context}, {a.examples} sequences per set, "
-                  f"batch {a.batch}"}[a.model]
+            "lm": f"nanoGPT-shaped LM {a.layers}L/{a.heads}H/{a.width}, context {a.context}, {a.examples} sequences "
+                  f"per set, batch {a.batch}"}[a.model]
     return f"{what} ({n:,} params)"
 
 
@@ -476,22 +480,26 @@ def speed(a, trees: dict[str, Path], tmp: Path) -> None:
             x = rows[name][-1]
             print(f"round {r} {name}: {x['seconds']:.2f}s, {x['grad_evals']} evals, unit {x['unit'] * 1e3:.1f} ms "
                   f"(big {x['unit_big'] * 1e3:.1f}), peak RSS {x['peak_rss_mib']:.0f} MiB", flush=True)
+        if a.no_paper:
+            continue
         plains.append(launch(a, trees["new"], "compute", tmp, f"plain-{r}", run=tmp / "run-new", max_splits=2)
                       ["seconds"])
         papers.append(launch(a, trees["new"], "paper", tmp, f"paper-{r}", run=tmp / "run-new")["seconds"])
         print(f"round {r}: paper's loop {papers[-1]:.2f}s, replay at plain Simpson {plains[-1]:.2f}s", flush=True)
     med = statistics.median
     print(f"\n{describe(a)}, device {a.device}, {a.threads} thread(s), tol {a.tol}, {a.repeat} rounds (medians)")
-    print("| tree | losses | steps | s/step | evals/step | overhead (engine batches) | overhead (batch "
-          f"{a.big_batch}) | peak RSS MiB | grounded |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| tree | losses | steps | s/step | evals/step | points per step (min / median / p90 / max) | overhead "
+          f"(engine batches) | overhead (batch {a.big_batch}) | peak RSS MiB | grounded |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, xs in rows.items():
         steps = xs[0]["steps"]
         f = med(x["seconds"] / (x["grad_evals"] * x["unit"]) for x in xs)
         fb = med(x["seconds"] / (x["grad_evals"] * x["unit_big"]) for x in xs)
         print(f"| {name} | {xs[0]['losses']} | {steps} | {med(x['seconds'] for x in xs) / steps:.3f} | "
-              f"{xs[0]['grad_evals'] / steps:.2f} | {f:.3f} | {fb:.3f} | {med(x['peak_rss_mib'] for x in xs):.0f} | "
-              f"{xs[0]['grounded']:.1%} |")
+              f"{xs[0]['grad_evals'] / steps:.2f} | {' / '.join(map(str, xs[0]['points']))} | {f:.3f} | {fb:.3f} | "
+              f"{med(x['peak_rss_mib'] for x in xs):.0f} | {xs[0]['grounded']:.1%} |")
+    if a.no_paper:
+        return
     ours = med(x["seconds"] for x in rows["new"])
     print(f"(b) speed-up over the paper's loop: {med(papers) / med(plains):.2f}x at its own rule (plain Simpson), "
           f"{med(papers) / ours:.2f}x refining to tol {a.tol}")
@@ -609,6 +617,10 @@ def main() -> None:
     ap.add_argument("--bn-cells", action="store_true", help="batch statistics: the per-class backward passes of "
                     "one batch, one after another against one vmapped pass")
     ap.add_argument("--only", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--no-paper", action="store_true", help="skip the paper's loop (long runs)")
+    ap.add_argument("--layers", type=int, default=6, help="lm: layers")
+    ap.add_argument("--heads", type=int, default=6, help="lm: heads")
+    ap.add_argument("--width", type=int, default=384, help="lm: width")
     ap.add_argument("--per-param", default="", choices=["", "all", "datasets"],
                     help="which losses report per-parameter numbers (all: like-for-like with the paper's loop)")
     ap.add_argument("--hidden", type=int, default=256, help="digits MLP width")

@@ -1,24 +1,28 @@
 """Loss values, per-tensor projections and (for per-parameter losses) gradients of every loss at one θ, in
 one pass per data set.
 
-Examples are sorted by their group cell (the combination of all group keys in use) and
-batches never straddle cells, so each backward contributes to exactly one cell; at the end
-of a cell its gradient sum goes to every loss the cell belongs to (the data set's own loss,
-its class, its other groups). All per-class losses together thus cost one pass, and a data
-set's gradient is the sum of its cells' — never a second pass.
+Group losses (classes, named groups) come, where they can, from the examples' products: the data
+set's own batches, one forward and one backward each, give every example's per-tensor directional
+derivatives (`ghost.ExampleProducts`), and a group's projections are their sum by index, so 1, 100
+or 1,000 groups cost one pass, and requesting them never changes the data set's own numbers.
+
+Where they cannot (a group loss that reports per parameter, a tensor no one-backward rule covers, a
+compiled model), examples are sorted by their group cell (the combination of all group keys in use)
+and batches never straddle cells, so each backward contributes to exactly one cell; at the end of a
+cell its gradient sum goes to every loss the cell belongs to. Batch-norm with batch statistics makes
+a batch's composition part of every example's loss, so there the batches stay those of the data
+set's own order (requesting a class loss must never change the train loss): each batch is one
+forward, and one backward per group cell present in it.
 
 What a loss receives depends on what it reports (`per_param`):
-- a per-parameter loss (default: the data-set losses): its whole gradient [P], added cell by
-  cell (the params frame and the helped counts need it per parameter);
-- any other loss (classes, groups): only the projections of the cell's gradient onto the
-  step's direction(s) per tensor, [directions × T], taken as soon as the cell is complete. So
-  memory is O(P) whatever the number of group losses: 100 or 1,000 classes cost T scalars
-  each, not P.
+- a per-parameter loss (default: the data-set losses): its whole gradient [P];
+- any other loss: only its projections onto the step's direction(s) per tensor, [directions × T].
+  So memory is O(P) whatever the number of group losses.
 
-Batch-norm with batch statistics makes a batch's composition part of every example's
-loss, so there the batches stay those of the data set's own order (requesting a class
-loss must never change the train loss): each batch is one forward, and one backward per
-group cell present in it.
+A refinement point may want only some losses (`need`): a data set whose own loss is not among them
+evaluates only the examples of the wanted groups, without parameter gradients.
+
+Loss values are float64 sums of the examples' losses, whatever the batches.
 """
 
 from __future__ import annotations
