@@ -105,3 +105,27 @@ def test_a_partial_evaluation_gives_the_wanted_groups_exactly():
     assert grads is None
     torch.testing.assert_close(v[wanted], full_v[wanted], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(p[:, wanted], full_p[:, wanted], rtol=1e-9, atol=1e-13)
+
+
+def test_a_round_of_points_in_one_pass_equals_each_point_evaluated_alone():
+    """LossEvaluator.round: two refinement points wanting different groups, their (point, example) pairs in one
+    pass, against loading θ + sΔθ and evaluating each point's wanted groups (a partial evaluation each)."""
+    task, x, y, g = make("conv")
+    names = [n for n, _ in task.model.named_parameters()]
+    ev = LossEvaluator(task, names, ["train"], ["train"], torch.device("cpu"), per_param=[])
+    theta = torch.cat([p.detach().reshape(-1) for p in task.model.parameters()])
+    d = torch.randn(theta.numel(), generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 0.05
+    ev(theta, d[None])  # the first evaluation (the products' check)
+    L = len(ev.loss_names)
+    points = []
+    for s, wanted in ((0.25, ("train/class=1", "train/g=3")), (0.75, ("train/class=4", "train/g=3", "train/g=9"))):
+        rows = torch.zeros(L, dtype=torch.bool)
+        rows[[ev.loss_names.index(n) for n in wanted]] = True
+        points.append((s, rows))
+    got = ev.round(theta, d, points)
+    assert got is not None
+    for (s, rows), (v, p, r) in zip(points, got, strict=True):
+        want_v, want_p, _ = ev(theta + s * d, d[None], need=rows)
+        assert torch.equal(r, rows)
+        torch.testing.assert_close(v[rows], want_v[rows], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(p[rows], want_p[0, rows], rtol=1e-9, atol=1e-13)

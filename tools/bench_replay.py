@@ -351,7 +351,7 @@ def child(a) -> None:
         result["grounded"] = float(st["grounded"].mean())
         result["losses"] = st["loss"].n_unique()
         # points per step: the distinct s of all its rows but the start (the previous step's end)
-        pts = st.group_by("step").agg(pl.col("points").flatten().unique().len() - 1)["points"].sort().to_list()
+        pts = st.group_by("step").agg(pl.col("points").explode().unique().len() - 1)["points"].sort().to_list()
         result["points"] = [pts[int(q * (len(pts) - 1))] for q in (0.0, 0.5, 0.9, 1.0)]
         if a.units:
             result["unit"] = plain_fb(a, make_task(a), a.device, False)

@@ -251,6 +251,52 @@ class LossEvaluator:
         self._proj = None
         return sums / self.n_examples, proj, grads
 
+    def round(self, theta: torch.Tensor, d: torch.Tensor, points: list[tuple[float, torch.Tensor]]
+              ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+        """A refinement round of group losses at once: every (point, example of a group that needs it) pair at
+        θ + sΔθ in batches of pairs (`ExampleProducts.at_points`), not one evaluation per point. Per point
+        (values [L], projections [L, T], its rows). None where it cannot: a point needs a data set's own loss
+        or a group whose data set is not evaluated by products, data-parallel shards, or the model refuses."""
+        if self.products is None or self.place.shards_data:
+            return None
+        for _, rows in points:
+            for plan in self.plans:
+                mine = {li for cell in plan.cell_losses for li in cell}
+                need = {i for i in torch.nonzero(rows.cpu()).flatten().tolist() if i in mine}
+                if need and (not plan.ghost or plan.cell_losses[0][0] in need):
+                    return None
+        self.load(theta)
+        names, P = self.products.names, sum(self.numels)
+        direction = {n: v.view(p.shape).to(p.dtype) for n, v, p in zip(names, d[:P].split(self.numels), self.params,
+                                                                       strict=True)}
+        L, T = len(self.loss_names), len(self.numels)
+        out = [(torch.zeros(L, dtype=torch.float64, device=self.device),
+                torch.zeros(L, T, dtype=torch.float64, device=self.device), rows) for _, rows in points]
+        for plan in self.plans:
+            if not plan.ghost:
+                continue
+            pair_s, pair_ex, pair_pt = [], [], []
+            for j, (sv, rows) in enumerate(points):
+                wanted = torch.nonzero(rows.to(plan.members.device)).flatten()
+                idx = torch.nonzero(torch.isin(plan.members, wanted).any(1)).flatten()
+                pair_s.append(torch.full((len(idx),), sv, dtype=torch.float64, device=idx.device))
+                pair_ex.append(idx)
+                pair_pt.append(torch.full((len(idx),), j, dtype=torch.long, device=idx.device))
+            ss, ex, pt = torch.cat(pair_s), torch.cat(pair_ex), torch.cat(pair_pt)
+            bs = self.task.batch_size or max(1, len(plan.examples))
+            for a in range(0, len(ss), bs):
+                got = self.products.at_points(plan.examples.take(ex[a:a + bs]), ss[a:a + bs], direction)
+                if got is None:
+                    return None
+                values, dd = got
+                for j in torch.unique(pt[a:a + bs]).tolist():
+                    sel = pt[a:a + bs] == j
+                    for m in plan.members[ex[a:a + bs][sel]].T:  # one index per group key
+                        out[j][0].index_add_(0, m, values[sel])
+                        out[j][1].index_add_(0, m, dd[sel])
+        scale = 1.0 / self.n_examples
+        return [(v * scale, pr * scale[:, None], rows) for v, pr, rows in out]
+
     def _passes(self, wanted: set[int] | None, sums: torch.Tensor, target: torch.Tensor | None) -> None:
         """Each data set's pass: all of it, or (`wanted`) only the examples of the wanted groups of a data set
         whose own loss is not wanted, or none."""

@@ -171,7 +171,7 @@ class StepLoop:
             override[pp] = dl[pp] - root_sums.sum(1)
 
         point = self._point(th0, d, grads, pp, len(dl))
-        refine(mesh, point, self.tol, self.rtol, override)
+        refine(mesh, point, self.tol, self.rtol, override, many=self._round(th0, d, pp))
         tensor_lca = mesh.allocation()
         splits = mesh.splits().cpu()
         alloc = None
@@ -193,6 +193,19 @@ class StepLoop:
                 self._pool.append(g)
         grounded = is_grounded(dl - tensor_lca.sum(1), dl, self.tol, self.rtol).cpu()
         return StepLCA(alloc, tensor_lca, mesh.error(), splits, grounded, end.values, points_of(mesh))
+
+    def _round(self, th0: torch.Tensor, d: torch.Tensor, pp: torch.Tensor) -> Callable:
+        """A refinement round in which no per-parameter loss needs a point: its group losses' (point, example)
+        pairs in one pass (`LossEvaluator.round`, one evaluation), or None to evaluate point by point."""
+        def many(points: list) -> list | None:
+            if any(bool(rows.cpu()[pp].any()) for _, rows in points):
+                return None
+            got = self.ev.round(th0, d, points)
+            if got is not None:
+                self.evals += 1
+            return got
+
+        return many
 
     def _point(self, th0: torch.Tensor, d: torch.Tensor, grads: dict, pp: torch.Tensor, rows: int) -> Callable:
         """The refinement's evaluation at θ0 + sΔθ: of every loss where a per-parameter loss needs the point (its
