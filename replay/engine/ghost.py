@@ -262,7 +262,7 @@ class ExampleProducts:
             if not (isinstance(out, torch.Tensor) and args) or out.shape[0] != B:
                 bad.append(mod)
                 return None
-            sv = s.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
+            sv = s.to(device=out.device, dtype=out.dtype).view(-1, *([1] * (out.dim() - 1)))
             ts = [(u, _tangent(self.uses[u][1], mod, self.uses[u][2], args[0], direction[self.names[self.uses[u][3]]]))
                   for u in by_module[mod]]
             y = out
