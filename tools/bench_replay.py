@@ -607,7 +607,8 @@ def memory(a, trees: dict[str, Path], tmp: Path) -> None:
                   f"{x['peak_rss_mib'] / base:.2f} |", flush=True)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options (with each workload's defaults filled in); tools/bench_richardson.py shares them."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["mlp", "cnn", "resnet20", "lm", "wide", "resnet18"], default="mlp")
     ap.add_argument("--classes", type=int, default=0, help="wide / resnet18: classes (default 100 / 1000)")
@@ -649,12 +650,17 @@ def main() -> None:
     ap.add_argument("--units", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     a.examples = a.examples or {"resnet20": 10_000, "lm": 64, "wide": 2000, "resnet18": 1000}.get(a.model, 0)
     a.batch = a.batch or {"resnet20": 500, "lm": 16, "wide": 500, "resnet18": 250}.get(a.model, 0)
     a.classes = a.classes or {"wide": 100, "resnet18": 1000}.get(a.model, 10)
     a.bn = a.bn or ("running" if a.model == "resnet18" else "batch")
     a.big_batch = a.big_batch or {"resnet20": 2000, "lm": 64}.get(a.model, 4096)
+    return a
+
+
+def main() -> None:
+    a = parse_args()
     global ARGS
     ARGS = a
     if a.child:
