@@ -167,6 +167,7 @@ class Recorder:
         self._unpatch: Callable[[], object] = lambda: None
         self._error: BaseException | None = None
         self._ids: list[np.ndarray] = []  # log_batch ids of the coming update
+        self._stepping = False  # an optimizer step's pre-hook ran and its post-hook has not (yet)
         self.recording = self._sharded or not distributed or dist.get_rank() == (rank or 0)
         self._deferred = opt is not None  # a pre-hook fences each state before the parameters change
         if not self.recording:  # another process records this run: only count the steps
@@ -319,6 +320,7 @@ class Recorder:
             if not self.recording:
                 self.step += 1
                 return
+            self._stepping = False
             t = self.step + 1
             if t % self.every == 0:
                 self._take(t)
@@ -343,6 +345,7 @@ class Recorder:
         with interrupts.held():
             self._raise_if_failed()
             self._snapshot.fence()
+            self._stepping = True
 
     def flush(self) -> None:
         """Write every state recorded so far to disk now (fsynced), and return when it is there.
@@ -381,6 +384,7 @@ class Recorder:
             try:
                 if self._error is None:
                     self._snapshot.fence()
+                    self._take_interrupted_update()
             finally:
                 try:
                     self._snapshot.drain()
@@ -392,6 +396,21 @@ class Recorder:
                         if self._top is not None:
                             self._top.release()
             self._raise_if_failed()
+
+    def _take_interrupted_update(self) -> None:
+        """The last optimizer step was interrupted (Ctrl-C, an exception) after its pre-hook fenced the state:
+        what it changed would otherwise belong to no state, and the run would not end with the model's
+        parameters. Its changes are the last update's (as an interrupted update's are merged into the next
+        state during training). Not for a sharded run, whose ranks would have to agree on it."""
+        t = self.step + 1
+        if not self._stepping or self._sharded or t % self.every or not self._snapshot.moved():
+            return
+        self._take(t)
+        self._snapshot.fence()
+        if self._ids:
+            self._writer.log_batch(t - 1, np.concatenate(self._ids))
+            self._ids = []
+        self.step = t
 
     def __enter__(self) -> Recorder:
         return self

@@ -94,6 +94,14 @@ class Gather:
         with torch.no_grad():
             torch._foreach_copy_(dst, src, non_blocking=non_blocking)
 
+    def differs(self, flat: torch.Tensor) -> bool:
+        """Whether the tensors now differ, bit for bit, from the state held in `flat` (a fresh copy, once: for
+        close, never per step)."""
+        now = torch.zeros_like(flat)
+        self.copy(self.views(now))
+        return any(not torch.equal(now[p.offset:p.offset + (p.hi - p.lo) * p.dtype.itemsize],
+                                   flat[p.offset:p.offset + (p.hi - p.lo) * p.dtype.itemsize]) for p in self.pieces)
+
 
 def whole_pieces(offsets: list[int], tensors: list[torch.Tensor]) -> list[Piece]:
     """Each tensor whole, at its byte offset (the layout of an unsharded state)."""
@@ -161,6 +169,10 @@ class InlineSnapshot:
 
     def settle(self) -> None:
         """Every fenced state is committed to the writer (here, at the fence itself)."""
+
+    def moved(self) -> bool:
+        """The parameters changed since the last fenced state (an update interrupted after its pre-hook)."""
+        return self.params.differs(self._flats[1])
 
     def drain(self) -> None:
         pass
@@ -234,6 +246,11 @@ class DeferredSnapshot:
         """Wait until every fenced state is encoded and committed to the writer (the threads go on)."""
         self._encodes.wait()
 
+    def moved(self) -> bool:
+        """The parameters changed since the last fenced state (an update interrupted after its pre-hook)."""
+        self.settle()
+        return self._prev is not None and self.params.differs(self._prev[0])
+
     def drain(self) -> None:
         self.settle()
         self._copier.shutdown(wait=True)
@@ -297,6 +314,11 @@ class CudaSnapshot:
     def settle(self) -> None:
         """Wait until every fenced state is on the host and committed to the writer (the thread goes on)."""
         self._commits.wait()
+
+    def moved(self) -> bool:
+        """The parameters changed since the last fenced state (an update interrupted after its pre-hook)."""
+        torch.cuda.current_stream().wait_stream(self._side)
+        return self.params.differs(self._flats[1])
 
     def drain(self) -> None:
         self.settle()
