@@ -93,6 +93,43 @@ def test_per_example_refinement_looks_at_the_examples(digits_run, tmp_path):
     assert (~es["grounded"]).sum() == es.filter(pl.col("splits") == 32).filter(~pl.col("grounded")).height
 
 
+@pytest.mark.parametrize("per_param", [None, []])
+def test_rows_share_the_data_sets_own_pass(digits_run, tmp_path, monkeypatch, per_param):
+    """Where the data set is a loss of the compute, its rows take their start, midpoint and end values and
+    products from the data set's own pass (one forward and backward per point, the gradient and every example's
+    products), not from a pass of their own: the rows are bit for bit those computed alone, and the rows'
+    own evaluation is never called (refinement rounds aside)."""
+    from replay.engine.rows import ExampleIntegrand
+
+    calls = [0]
+    own = ExampleIntegrand.__call__
+
+    def counted(self, *a, **k):
+        calls[0] += 1
+        return own(self, *a, **k)
+
+    monkeypatch.setattr(ExampleIntegrand, "__call__", counted)
+    alone = replay.compute(digits_run, ["train"], per_example=["val"], out=tmp_path / "alone", steps=(0, 8))
+    assert calls[0] > 0
+    calls[0] = 0
+    kw = {} if per_param is None else {"per_param": per_param}
+    shared = replay.compute(digits_run, ["train", "val"], per_example=["val"], out=tmp_path / "shared",
+                            steps=(0, 8), **kw)
+    assert calls[0] == 0, "the rows' base points came from the data set's pass"
+    a, b = (f.example_steps.sort("step", "example").collect() for f in (alone, shared))
+    assert a.equals(b), "bit for bit the rows computed on their own"
+    ea, eb = (f.examples.sort("step", "example", "tensor").collect() for f in (alone, shared))
+    assert ea.equals(eb)
+    # and the data set's own numbers are those of a compute without rows (to float64 reassociation where its
+    # projections are sums of the examples' products: per_param=[])
+    plain = replay.compute(digits_run, ["train", "val"], out=tmp_path / "plain", steps=(0, 8), **kw)
+    sa, sb = (f.steps.filter(pl.col("loss") == "val").sort("step").collect() for f in (plain, shared))
+    np.testing.assert_array_equal(sa["loss_before"].to_numpy(), sb["loss_before"].to_numpy())
+    scale = np.abs(sa["lca"].to_numpy()).max()
+    np.testing.assert_allclose(sa["lca"].to_numpy(), sb["lca"].to_numpy(), rtol=0, atol=1e-12 if per_param is None
+                               else 1e-6 * scale)
+
+
 def test_per_example_cli_and_refusals(digits_run, tmp_path):
     res = CliRunner().invoke(app, ["compute", str(digits_run), "--loss", "val", "--per-example", "val",
                                    "--out", str(tmp_path / "cli"), "--no-progress"])

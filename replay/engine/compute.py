@@ -132,7 +132,7 @@ def compute(
 
 def _run(run: Run, t: Task, spec: object, req: Request, st: Settings, place: parallel.Placement,
          dev: torch.device) -> Frames:
-    ev = LossEvaluator(t, run.param_names, req.datasets, req.per_class, dev, place, req.per_param)
+    ev = LossEvaluator(t, run.param_names, req.datasets, req.per_class, dev, place, req.per_param, req.per_example)
     unknown = [n for n in (req.per_param if isinstance(req.per_param, list) else []) if n not in ev.loss_names]
     if unknown:
         raise TaskError(f"--per-param {unknown[0]!r}: not a loss of this compute (its losses: "
@@ -239,10 +239,11 @@ def _rows(t: Task, ev: LossEvaluator, run: Run, req: Request, ledger: Ledger, st
         return t.batch_size or len(examples)
 
     out = []
-    products = ExampleProducts(ev.model, names, t.loss_fn, ev.device) if req.per_example else None
+    products = (ev.products or ExampleProducts(ev.model, names, t.loss_fn, ev.device)) if req.per_example else None
     for name in req.per_example:
         x = data(name)
-        out.append(RowLoop(name, ExampleIntegrand(products, x, batch(x)), ev.load, split, ledger.writer, st))
+        out.append(RowLoop(name, ExampleIntegrand(products, x, batch(x)), ev.load, split, ledger.writer, st,
+                           shared=lambda theta, dirs, name=name: ev.shared_rows(name, theta, dirs)))
     for name in req.per_token:
         x = data(name)
         out.append(RowLoop(name, TokenIntegrand(ev.model, _token_loss(t, name), x, batch(x)), ev.load, split,

@@ -53,6 +53,7 @@ class _DataPlan:
     cell_of: torch.Tensor  # [n] each example's cell, in the data set's order (before any sorting)
     members: torch.Tensor  # [n, G] each example's group loss per group key (data set's order)
     ghost: bool = False  # group losses from the examples' products (see LossEvaluator._ghost_pass)
+    keep_rows: bool = False  # its examples are rows too: each whole pass keeps their values and products
 
 
 class LossEvaluator:
@@ -67,7 +68,8 @@ class LossEvaluator:
     """
 
     def __init__(self, task: Task, param_names: list[str], datasets: list[str], per_class: list[str],
-                 device: torch.device, place: Placement | None = None, per_param: object = "datasets"):
+                 device: torch.device, place: Placement | None = None, per_param: object = "datasets",
+                 row_sets: list[str] | tuple = ()):
         self.task, self.device, self.place = task, device, place or Placement()
         self.model = task.model.to(device)
         # batch statistics make a batch's composition part of the loss: batches are never regrouped
@@ -86,8 +88,13 @@ class LossEvaluator:
         self.per_param = [i for i, n in enumerate(self.loss_names) if n in set(wanted)]  # losses with [P] gradients
         self._per_param_slot = {li: k for k, li in enumerate(self.per_param)}
         self.products = None  # ExampleProducts, when some data set's group losses come from them
+        self._rows: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # see shared_rows
+        self._theta: torch.Tensor | None = None
+        self._dirs_in: torch.Tensor | None = None
         for plan in self.plans:
-            plan.ghost = self._ghost_groups(plan, param_names)
+            rows = plan.name in row_sets and not self.place.shards_data
+            plan.ghost = self._ghost_groups(plan, param_names, rows)
+            plan.keep_rows = rows and plan.ghost
             self._arrange(plan)
         P, N = sum(self.numels), self.place.world if self.place.shards_data else 1
         S = -(-P // N)
@@ -147,12 +154,12 @@ class LossEvaluator:
                         cell_losses[c].append(idx)
         return _DataPlan(name, examples, [], cell_losses, {}, cell_of, members)
 
-    def _ghost_groups(self, plan: _DataPlan, param_names: list[str]) -> bool:
-        """Whether the plan's group losses come from the examples' products: it has some, none reports per
-        parameter (those need their own gradients), examples do not share batch statistics, and every tensor
-        has a one-backward rule (otherwise the forward-mode product per batch and tensor would cost more than
-        a backward per cell). A compiled model keeps its own forward: the cells'."""
-        if plan.members.shape[1] == 0 or self.batch_stats or unwrap_model(self.model) is not self.model:
+    def _ghost_groups(self, plan: _DataPlan, param_names: list[str], rows: bool = False) -> bool:
+        """Whether the plan's group losses (or, `rows`, its examples' rows) come from the examples' products: it
+        has some, none reports per parameter (those need their own gradients), examples do not share batch
+        statistics, and every tensor has a one-backward rule (otherwise the forward-mode product per batch and
+        tensor would cost more than a backward per cell). A compiled model keeps its own forward: the cells'."""
+        if (plan.members.shape[1] == 0 and not rows) or self.batch_stats or unwrap_model(self.model) is not self.model:
             return False
         if any(li in self._per_param_slot for cell in plan.cell_losses for li in cell[1:]):
             return False
@@ -215,6 +222,7 @@ class LossEvaluator:
         losses' numbers are then meaningless (0 or partial) and no gradients are returned.
         """
         self.load(theta)
+        self._theta, self._dirs_in = theta, dirs
         wanted = None if need is None else set(torch.nonzero(need.cpu()).flatten().tolist())
         if wanted is not None and wanted & set(self.per_param):
             raise AssertionError("a partial evaluation has no per-parameter losses")
@@ -250,6 +258,30 @@ class LossEvaluator:
             proj, sums = both[:-L].view_as(proj), both[-L:]
         self._proj = None
         return sums / self.n_examples, proj, grads
+
+    def shared_rows(self, name: str, theta: torch.Tensor | tuple[torch.Tensor, float, torch.Tensor],
+                    dirs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(values [n] float64, projections [D, n, T] float64) of data set `name`'s examples at θ onto `dirs`, kept
+        from a whole evaluation of that point since the last `forget_rows` (None if there was none): the
+        examples' rows take them from the data set's own pass instead of a forward and backward of their own.
+        `theta` may be (θ0, s, Δθ) for θ0 + sΔθ, formed only where its first elements match a kept point's."""
+        P = sum(self.numels)
+        for n, th, dd, v, d in self._rows:
+            if n != name or dd.shape[0] != len(dirs):
+                continue
+            if isinstance(theta, tuple):
+                th0, sv, step = theta
+                if not torch.equal(th[:8], th0[:8] + sv * step[:8]):  # (elementwise: the same bits as in full)
+                    continue
+                theta = th0 + sv * step
+            if (th is theta or torch.equal(th[:P], theta[:P])) and all(
+                    torch.equal(dd[k, :P], x[:P]) for k, x in enumerate(dirs)):
+                return v, d
+        return None
+
+    def forget_rows(self) -> None:
+        """The step is done: the examples' values and products kept for its rows go."""
+        self._rows = []
 
     def round(self, theta: torch.Tensor, d: torch.Tensor, points: list[tuple[float, torch.Tensor]]
               ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
@@ -399,10 +431,13 @@ class LossEvaluator:
             examples, members = examples.take(idx), members[idx]
             bs = self.task.batch_size or len(idx)
             batches = [(a, min(a + bs, len(idx)), 0) for a in range(0, len(idx), bs)]
+        keep = [] if plan.keep_rows and part is None else None
         for a, b, _ in batches:
             losses, d = self.products.batch_products(examples.slice(a, b), dirs, accumulate=grad,
                                                      where=f"data set {plan.name!r}, examples {a}..{b - 1}")
             values = losses.double()
+            if keep is not None:
+                keep.append((values, d))
             total += values.sum()
             for m in members[a:b].T:  # one index per group key
                 sums.index_add_(0, m, values)
@@ -414,6 +449,9 @@ class LossEvaluator:
         self._proj[:, groups] *= inv.view(1, -1, 1)
         if part is not None:
             return
+        if keep:
+            self._rows.append((plan.name, self._theta, self._dirs_in, torch.cat([v for v, _ in keep]),
+                               torch.cat([d for _, d in keep], 1)))
         sums[whole] += total
         if grad:
             self._add_grads(target, [whole])

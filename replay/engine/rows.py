@@ -207,8 +207,12 @@ class RowLoop:
 
     def __init__(self, name: str, integrand: ExampleIntegrand | TokenIntegrand, load: Callable[[torch.Tensor], None],
                  split: Callable[[torch.Tensor], dict[str, torch.Tensor]], writer: FrameWriter, st: Settings,
-                 on_eval: Callable[[], None] | None = None):
+                 on_eval: Callable[[], None] | None = None,
+                 shared: Callable[[object, list[torch.Tensor]], tuple | None] | None = None):
+        """`shared(θ, dirs)`: the rows' (values, projections) at θ where the data set's own evaluation of that
+        point already computed them (`LossEvaluator.shared_rows`), else None."""
         self.name, self.f, self.load, self.split, self.writer = name, integrand, load, split, writer
+        self.shared = shared or (lambda theta, dirs: None)
         self.tol, self.rtol, self.max_splits = st.tol, st.rtol, st.max_splits
         self.on_eval = on_eval or (lambda: None)
         self._carry: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (state, values, proj onto this Δθ)
@@ -216,6 +220,9 @@ class RowLoop:
     def _at(self, theta: torch.Tensor, dirs: list[torch.Tensor], rows: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(values, projections, the rows evaluated: None for all) at θ, of all rows or at least `rows`."""
+        got = self.shared(theta, dirs)
+        if got is not None:  # the data set's own pass at this point gave every row's
+            return got[0], got[1], None
         self.load(theta)
         self.on_eval()
         return self.f([self.split(d) for d in dirs], rows)
@@ -242,10 +249,18 @@ class RowLoop:
             direction = self.split(d)
 
             def many(points: list) -> list | None:
-                self.load(th0)
-                self.on_eval()
-                got = self.f.round(direction, points)
-                return None if got is None else [(v, p[0], r) for v, p, r in got]
+                kept = {i: self.shared((th0, sv, d), [d]) for i, (sv, _) in enumerate(points)}
+                kept = {i: (v, p[0], None) for i, got in kept.items() if got is not None for v, p in [got]}
+                rest = [pt for i, pt in enumerate(points) if i not in kept]
+                got = []
+                if rest:
+                    self.load(th0)
+                    self.on_eval()
+                    got = self.f.round(direction, rest)
+                    if got is None:
+                        return None
+                it = iter((v, p[0], r) for v, p, r in got)
+                return [kept[i] if i in kept else next(it) for i in range(len(points))]
 
         refine(mesh, point, self.tol, self.rtol, many=many)
         lca = mesh.allocation()

@@ -306,6 +306,7 @@ class StepLoop:
             v1, p1, g1 = self._eval(th1, [d] + ([d_next] if d_next is not None else []), end_buf)
             step = self._allocate(th0, d, start, Point(v1, p1[0], g1))
             commits = [r.step(t0, t1, th0, th1, d_next) for r in self.rows]
+            self.ev.forget_rows()
             with interrupts.held():  # a step is in the frames whole or not at all
                 self.ledger.record(t0, t1, start.values, step)
                 for commit in commits:
