@@ -199,3 +199,73 @@ def test_each_example_at_its_own_point_in_one_pass():
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(base[n])
+
+
+class Positions(nn.Module):
+    """A tiny LM with learned positions the whole batch shares: nanoGPT's wpe(arange(T)) is [T, C], HF GPT-2's
+    wpe(position_ids [1, T]) is [1, T, C]; `reads` uses the position output by its shape (a consumer that a
+    batch dimension would break)."""
+
+    def __init__(self, style: str):
+        super().__init__()
+        self.style = style
+        self.wte, self.wpe = nn.Embedding(7, 4), nn.Embedding(5, 4)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, idx):
+        T = idx.shape[1]
+        pos = torch.arange(T) if self.style != "hf" else torch.arange(T)[None]
+        p = self.wpe(pos)
+        if self.style == "reads":
+            p = p.reshape(T, 4)[None]  # [1, T, C] from [T, C] by shape: a [B, T, C] view cannot be read so
+        return self.head(torch.tanh(self.mix(self.wte(idx) + p)))
+
+
+@pytest.mark.parametrize("style", ["nanogpt", "hf", "reads"])
+def test_a_batch_shared_output_gets_each_examples_products_from_one_backward(style):
+    """The position embedding's output is one for the whole batch, so its gradient there sums the examples. It is
+    given a batch dimension (a broadcast view): every tensor, the positions' included, then comes from one
+    backward and equals each example's loss differenced directly, and each example at its own point (at_points)
+    equals loading that point. Where the model reads the output by its shape, the view would change the loss:
+    the probe sees it and the positions keep the forward-mode product (the numbers equal all the same)."""
+    torch.manual_seed(0)
+    model = Positions(style).double()
+    idx = torch.randint(0, 7, (6, 5))
+    loss = lambda o, t: nn.functional.cross_entropy(o.transpose(1, 2), t, reduction="none").mean(1)  # noqa: E731
+    names = [n for n, _ in model.named_parameters()]
+    g = torch.Generator().manual_seed(1)
+    delta = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2 for n, p in model.named_parameters()}
+    ex = ExampleProducts(model, names, loss, torch.device("cpu"))
+    assert not ex.fallback
+    _, d = ex(Examples((idx, idx)), [delta])
+    wpe = [i for i, (_, _, _, ti) in enumerate(ex.uses) if names[ti] == "wpe.weight"]
+    assert bool(set(wpe) & set(ex._expand)) == (style != "reads")
+    for i, n in enumerate(names):
+        p = dict(model.named_parameters())[n]
+        base, h, out = p.detach().clone(), 1e-6, []
+        with torch.no_grad():
+            for sign in (1, -1):
+                p.copy_(base + sign * h * delta[n])
+                out.append(loss(model(idx), idx))
+            p.copy_(base)
+        torch.testing.assert_close(d[0, :, i], (out[0] - out[1]) / (2 * h), rtol=1e-6, atol=1e-9, msg=n)
+    s = torch.tensor([0.25, 0.75, 0.125, 0.5, 0.875, 0.375], dtype=torch.float64)
+    got = ex.at_points(Examples((idx, idx)), s, delta)
+    if style == "reads":
+        return
+    assert got is not None, "a round in one pass, the shared output at each example's own point"
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for i in range(len(s)):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(base[n] + s[i] * delta[n])
+        li = loss(model(idx[i:i + 1]), idx[i:i + 1])[0]
+        grads = dict(zip(names, torch.autograd.grad(li, list(model.parameters())), strict=True))
+        want = torch.stack([(grads[n] * delta[n]).sum() for n in names])
+        torch.testing.assert_close(got[0][i], li.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[1][i], want, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(base[n])

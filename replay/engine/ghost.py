@@ -127,6 +127,11 @@ def _tangent(kind: str, m: nn.Module, pname: str, a: torch.Tensor, dp: torch.Ten
     return xhat * dp.view(1, -1, *([1] * (a.dim() - 2)))
 
 
+def _batched(out: torch.Tensor, how: str, B: int) -> torch.Tensor:
+    """A batch-shared layer output as a [B, ...] broadcast view (see ExampleProducts._expand)."""
+    return out.expand(B, *out.shape[1:]) if how == "lead" else out.unsqueeze(0).expand(B, *out.shape)
+
+
 class ExampleProducts:
     """d[D, B, T] for the examples of a batch at the model's current parameters, and their losses [B]."""
 
@@ -151,6 +156,10 @@ class ExampleProducts:
         self._vmap_ok = True
         self._copied: set[int] = set()  # uses whose output the model changes in place: forwarded as a copy
         self._points_ok = True  # every layer output batch-first (at_points)
+        # uses whose output is shared by the whole batch (nanoGPT's position embedding: [T, C], or HF GPT-2's
+        # [1, T, C]), found by the probe: their output is given a batch dimension (a broadcast view, which every
+        # elementwise consumer treats alike), so that the gradient there is each example's own
+        self._expand: dict[int, str] = {}  # use -> "lead" ([1, ...] expanded) or "new" ([...] -> [B, ...])
 
     # ---- the fast path -------------------------------------------------------------------------------
 
@@ -177,22 +186,28 @@ class ExampleProducts:
             d[:, :, slow] = self._forward_mode(batch, dirs, slow)
         return losses, d
 
-    def _backward(self, batch: Examples, accumulate: bool, where: str, probe: bool = False
-                  ) -> tuple[torch.Tensor, list, list]:
+    def _backward(self, batch: Examples, accumulate: bool, where: str, probe: bool = False,
+                  expand: dict[int, str] | None = None) -> tuple[torch.Tensor, list, list]:
         """One forward and one backward of the batch: its losses, each fast layer use's (input, output, version)
         and the gradient b of Σ ℓ at that output (None where the output does not reach the loss)."""
+        expand = self._expand if expand is None else expand
+        B = len(batch)
         records: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []  # (use, input, output, its version)
         grads: dict[int, torch.Tensor] = {}
         hooks = []
         for u, (m, *_rest) in enumerate(self.uses):
             def hook(mod: nn.Module, args: tuple, out: torch.Tensor, u: int = u) -> torch.Tensor | None:
                 if isinstance(out, torch.Tensor) and (out.requires_grad or probe) and args:
+                    given = None
+                    if u in expand and out.shape[0] != B:  # one output for the batch: each example's view of it
+                        out = given = _batched(out, expand[u], B)
                     r = len(records)
                     records.append((u, args[0], out, out._version))
                     if accumulate:  # b arrives during loss.backward(): kept by a hook on the output
                         out.register_hook(lambda g, r=r: grads.__setitem__(r, g))
                     if u in self._copied:  # the model changes this output in place (ReLU(inplace=True)): the
                         return out.clone()  # copy is what it changes, the recorded output keeps its gradient
+                    return given
                 return None
             hooks.append(m.register_forward_hook(hook))
         try:
@@ -213,10 +228,23 @@ class ExampleProducts:
 
     def _probe(self, batch: Examples, where: str) -> None:
         """A forward of a few examples: the layer uses whose output the model then changes in place go on as a
-        copy from the first batch (so that the first batch's numbers are computed as every later one's)."""
+        copy from the first batch (so that the first batch's numbers are computed as every later one's), and
+        those whose output the whole batch shares are given a batch dimension from then on, where the losses
+        stay what they were (checked here: else they keep the slow product)."""
         with torch.no_grad():
-            _, records, _ = self._backward(batch, False, where, probe=True)
+            losses, records, _ = self._backward(batch, False, where, probe=True, expand={})
         self._copied |= {u for u, _, y, version in records if y._version != version}
+        B = len(batch)
+        shared = {u: "lead" if y.shape[0] == 1 else "new" for u, _, y, _ in records if B > 1 and y.shape[0] != B}
+        if not shared:
+            return
+        try:
+            with torch.no_grad():
+                again, _, _ = self._backward(batch, False, where, probe=True, expand=shared)
+            if again.shape == losses.shape and torch.allclose(again, losses, rtol=1e-5, atol=1e-7):
+                self._expand = shared
+        except (RuntimeError, TaskError):  # the model needs that output as it was: the slow product there
+            pass
 
     def _ghost(self, records: list, grads: list, dirs: list[dict[str, torch.Tensor]], B: int
                ) -> tuple[torch.Tensor, set[int]]:
@@ -259,6 +287,7 @@ class ExampleProducts:
         bad = []
 
         def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            out = self._shared_view(by_module[mod], out, B)  # (each example's view of a batch-shared output)
             if not (isinstance(out, torch.Tensor) and args) or out.shape[0] != B:
                 bad.append(mod)
                 return None
@@ -295,6 +324,14 @@ class ExampleProducts:
                 if b is not None:
                     d[:, self.uses[u][3]] += _per_example(b * t).double()
         return losses.detach().double(), d
+
+    def _shared_view(self, uses: list[int], out: object, B: int) -> object:
+        """A batch-shared output of these uses as a [B, ...] view (see _expand), any other output as it is."""
+        if isinstance(out, torch.Tensor) and out.dim() and out.shape[0] != B:
+            how = next((self._expand[u] for u in uses if u in self._expand), None)
+            if how is not None:
+                return _batched(out, how, B)
+        return out
 
     def losses(self, batch: Examples) -> torch.Tensor:
         """Per-example losses [B] of the batch (the user's model and loss_fn, checked)."""
