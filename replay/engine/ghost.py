@@ -199,8 +199,8 @@ class ExampleProducts:
             def hook(mod: nn.Module, args: tuple, out: torch.Tensor, u: int = u) -> torch.Tensor | None:
                 if isinstance(out, torch.Tensor) and (out.requires_grad or probe) and args:
                     given = None
-                    if u in expand and out.shape[0] != B:  # one output for the batch: each example's view of it
-                        out = given = _batched(out, expand[u], B)
+                    if u in expand and (expand[u] == "new" or out.shape[0] != B):  # one output for the batch:
+                        out = given = _batched(out, expand[u], B)  # each example's view of it
                     r = len(records)
                     records.append((u, args[0], out, out._version))
                     if accumulate:  # b arrives during loss.backward(): kept by a hook on the output
@@ -227,15 +227,29 @@ class ExampleProducts:
         return losses.detach(), records, bs
 
     def _probe(self, batch: Examples, where: str) -> None:
-        """A forward of a few examples: the layer uses whose output the model then changes in place go on as a
+        """Forwards of a few examples: the layer uses whose output the model then changes in place go on as a
         copy from the first batch (so that the first batch's numbers are computed as every later one's), and
-        those whose output the whole batch shares are given a batch dimension from then on, where the losses
-        stay what they were (checked here: else they keep the slow product)."""
+        those whose output the whole batch shares (its first dimension the same for k and k − 1 examples: no
+        coincidence of sizes can pass for batch-first) are given a batch dimension from then on, where the
+        losses stay what they were (checked here: else they keep the slow product)."""
         with torch.no_grad():
             losses, records, _ = self._backward(batch, False, where, probe=True, expand={})
         self._copied |= {u for u, _, y, version in records if y._version != version}
-        B = len(batch)
-        shared = {u: "lead" if y.shape[0] == 1 else "new" for u, _, y, _ in records if B > 1 and y.shape[0] != B}
+        if len(batch) < 2:
+            return
+        try:
+            with torch.no_grad():
+                _, fewer, _ = self._backward(batch.slice(0, len(batch) - 1), False, where, probe=True, expand={})
+        except (RuntimeError, TaskError):  # a model for one batch size only: nothing is taken for shared
+            return
+        if [r[0] for r in fewer] != [r[0] for r in records]:
+            return
+        calls: dict[int, list[tuple[bool, bool]]] = {}  # use -> per call (shared, of first dimension 1)
+        for (u, _, y, _), (_, _, z, _) in zip(records, fewer, strict=True):
+            same = bool(y.dim() and z.dim() and y.shape[0] == z.shape[0])
+            calls.setdefault(u, []).append((same, y.shape[:1] == (1,)))
+        shared = {u: "lead" if all(one for _, one in c) else "new" for u, c in calls.items()
+                  if all(sh for sh, _ in c) and len({one for _, one in c}) == 1}  # every call of the use alike
         if not shared:
             return
         try:
@@ -327,10 +341,9 @@ class ExampleProducts:
 
     def _shared_view(self, uses: list[int], out: object, B: int) -> object:
         """A batch-shared output of these uses as a [B, ...] view (see _expand), any other output as it is."""
-        if isinstance(out, torch.Tensor) and out.dim() and out.shape[0] != B:
-            how = next((self._expand[u] for u in uses if u in self._expand), None)
-            if how is not None:
-                return _batched(out, how, B)
+        how = next((self._expand[u] for u in uses if u in self._expand), None)
+        if how is not None and isinstance(out, torch.Tensor) and (how == "new" or out.shape[0] != B):
+            return _batched(out, how, B)
         return out
 
     def losses(self, batch: Examples) -> torch.Tensor:
