@@ -401,9 +401,11 @@ class Recorder:
         """The last optimizer step was interrupted (Ctrl-C, an exception) after its pre-hook fenced the state:
         what it changed would otherwise belong to no state, and the run would not end with the model's
         parameters. Its changes are the last update's (as an interrupted update's are merged into the next
-        state during training). Not for a sharded run, whose ranks would have to agree on it."""
+        state during training). Only when every update is recorded (`every=1`: the fenced state is then the
+        parameters the interrupted update began from, so "moved" is its own doing), and not for a sharded run,
+        whose ranks would have to agree on it."""
         t = self.step + 1
-        if not self._stepping or self._sharded or t % self.every or not self._snapshot.moved():
+        if not self._stepping or self._sharded or self.every != 1 or not self._snapshot.moved():
             return
         self._take(t)
         self._snapshot.fence()
