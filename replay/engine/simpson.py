@@ -84,6 +84,8 @@ class Mesh:
         self.have = [torch.ones(R, dtype=torch.bool, device=v0.device) for _ in range(3)]
         self.coarser = (d0 + d1) / 2.0  # [R, C] the previous estimate: trapezoid on the ends
         self._idx: tuple[torch.Tensor, torch.Tensor] | None = None  # see _index
+        self._allocs: torch.Tensor | None = None  # [nodes, R, C] of node_allocations, and the points added to since
+        self._dirty: set[int] = set()
         self._pending: list[tuple[int, int]] = []  # (node, child) splits waiting for their midpoints
 
     @property
@@ -100,11 +102,31 @@ class Mesh:
         return self._idx
 
     def node_allocations(self) -> torch.Tensor:
-        """[nodes, R, C]: every panel's allocation for every row (h/6·(d(a) + 4·d(m) + d(b)), all panels in one
-        set of ops: the same arithmetic per element as `panel_simpson`)."""
+        """[nodes, R, C]: every panel's allocation for every row, h/6·(d(a) + 4·d(m) + d(b)) (the same arithmetic
+        per element as `panel_simpson`), kept between calls: only new panels and those on a point that has
+        been added to since are computed again, in one set of ops."""
         idx, h = self._index()
+        N, cached = idx.shape[0], self._allocs
+        if cached is None:
+            todo = torch.arange(N, device=idx.device)
+        else:
+            dirty = torch.tensor(sorted(self._dirty), dtype=torch.long, device=idx.device)
+            old = torch.isin(idx[:cached.shape[0]], dirty).any(1)
+            todo = torch.cat([torch.nonzero(old).flatten(), torch.arange(cached.shape[0], N, device=idx.device)])
+        self._dirty = set()
+        if cached is not None and len(todo) == 0:
+            return cached
+        sub = idx[todo]
         proj = torch.stack(self.proj)  # [points, R, C]
-        return (proj[idx[:, 0]] + 4.0 * proj[idx[:, 1]] + proj[idx[:, 2]]) * (h / 6.0).view(-1, 1, 1)
+        fresh = (proj[sub[:, 0]] + 4.0 * proj[sub[:, 1]] + proj[sub[:, 2]]) * (h[todo] / 6.0).view(-1, 1, 1)
+        if cached is None or cached.shape[0] < N:
+            grown = fresh.new_empty(N, *fresh.shape[1:])
+            if cached is not None:
+                grown[:cached.shape[0]] = cached
+            cached = grown
+        cached[todo] = fresh
+        self._allocs = cached
+        return cached
 
     def allocation(self) -> torch.Tensor:
         """[R, C]: each row's allocation over its own panels."""
@@ -209,6 +231,7 @@ class Mesh:
         self.values[i] = torch.where(rows, values, self.values[i])
         self.proj[i] = torch.where(rows[:, None], proj, self.proj[i])
         self.have[i] = self.have[i] | rows
+        self._dirty.add(i)
 
     def error(self) -> torch.Tensor:
         """[R, C] |A(final) − A(one round coarser)| (never refined: Simpson against the trapezoid)."""
