@@ -225,6 +225,32 @@ def test_an_update_interrupted_after_its_pre_hook_is_the_last_state(tmp_path, re
     assert steps == list(range(len(states) - 1)), "the interrupted update's batch is its step's"
 
 
+def test_with_every_k_an_interrupted_last_update_adds_no_state(tmp_path):
+    """every=3: the last fenced state is older than the interrupted update's start, so close cannot tell what
+    that update did: it adds nothing (states 0 and 3 of 6 attempted updates, as without the interrupt)."""
+    model, opt, data = _setup(1)
+    rec = replay.Recorder(model, tmp_path / "run", optimizer=opt, every=3)
+
+    def partway(*_):
+        if stop:
+            with torch.no_grad():
+                next(model.parameters()).add_(0.25)
+            raise KeyboardInterrupt
+
+    opt.register_step_pre_hook(partway)
+    for i in range(6):
+        stop = i == 5
+        x, y = data[i]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        try:
+            opt.step()
+        except KeyboardInterrupt:
+            pass
+    rec.close()
+    assert [t for t, _ in replay.open_run(tmp_path / "run").states()] == [0, 3]
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*recording slows training")
 @pytest.mark.parametrize("seed", range(3))
