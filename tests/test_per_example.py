@@ -130,6 +130,41 @@ def test_rows_share_the_data_sets_own_pass(digits_run, tmp_path, monkeypatch, pe
                                else 1e-6 * scale)
 
 
+class Centered(torch.nn.Module):
+    """fc1's outputs are centred over the batch: every example's loss reads every example's fc1 output, so fc1's
+    one-backward products are no example's own (the first batch's check sends them to the forward-mode product)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = torch.nn.Linear(64, 32), torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(torch.tanh(h - h.mean(0, keepdim=True)))
+
+
+def test_rows_of_a_data_set_whose_check_fails_evaluate_on_their_own(tmp_path):
+    """A data set there for its rows whose first batch's check sends a tensor to the slow product goes back to plain
+    backward passes (its own numbers those of a compute without rows), and its rows, computed on their own from
+    then on, are those of a compute where the data set is no loss of it."""
+    train_digits(Centered(), str(tmp_path / "run"), epochs=1, batch=256)
+    task = lambda: replay.Task(Centered(), load_digits_tensors())  # noqa: E731
+    with pytest.warns(UserWarning, match="disagree with each example"):
+        shared = replay.compute(tmp_path / "run", ["train", "val"], task=task(), per_example=["val"],
+                                out=tmp_path / "shared", steps=(0, 4))
+    with pytest.warns(UserWarning, match="disagree"):
+        alone = replay.compute(tmp_path / "run", ["train"], task=task(), per_example=["val"], out=tmp_path / "alone",
+                               steps=(0, 4))
+    plain = replay.compute(tmp_path / "run", ["train", "val"], task=task(), out=tmp_path / "plain", steps=(0, 4))
+    a, b = (f.example_steps.sort("step", "example").collect() for f in (alone, shared))
+    np.testing.assert_allclose(a["lca"].to_numpy(), b["lca"].to_numpy(), rtol=0, atol=1e-12)
+    assert a["splits"].equals(b["splits"])
+    sa, sb = (f.steps.filter(pl.col("loss") == "val").sort("step").collect() for f in (plain, shared))
+    np.testing.assert_allclose(sa["lca"].to_numpy(), sb["lca"].to_numpy(), rtol=0, atol=1e-12)
+    assert len(b) == 4 * len(load_digits_tensors()["val"][1]) and b["grounded"].mean() > 0.9
+
+
 def test_per_example_cli_and_refusals(digits_run, tmp_path):
     res = CliRunner().invoke(app, ["compute", str(digits_run), "--loss", "val", "--per-example", "val",
                                    "--out", str(tmp_path / "cli"), "--no-progress"])

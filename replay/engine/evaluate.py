@@ -338,7 +338,9 @@ class LossEvaluator:
                 part = wanted & {li for cell in plan.cell_losses for li in cell}
                 if not part:
                     continue
-            if plan.ghost:
+            if plan.ghost and (plan.members.shape[1] or not self.products.fallback):
+                # (a data set there only for its rows goes back to plain backward passes once the first batch's
+                # check has sent a tensor to the slow product: the rows then evaluate on their own)
                 self._ghost_pass(plan, sums, target, part)
             elif plan.mixed:
                 self._mixed_pass(plan, sums, target, part)
