@@ -320,14 +320,18 @@ class Recorder:
             if not self.recording:
                 self.step += 1
                 return
-            self._stepping = False
-            t = self.step + 1
-            if t % self.every == 0:
-                self._take(t)
-            if self._ids:  # the batch of update t - 1 (state t - 1 -> t)
-                self._writer.log_batch(t - 1, np.concatenate(self._ids))
-                self._ids = []
-            self.step = t
+            self._advance()
+
+    def _advance(self) -> None:
+        """One update done: state index += 1, its state begun if due, the update's batch logged."""
+        self._stepping = False
+        t = self.step + 1
+        if t % self.every == 0:
+            self._take(t)
+        if self._ids:  # the batch of update t - 1 (state t - 1 -> t)
+            self._writer.log_batch(t - 1, np.concatenate(self._ids))
+            self._ids = []
+        self.step = t
 
     def _take(self, t: int) -> None:
         """State t is due: the pending one is final (no update since), then begin t (and fence it now
@@ -383,8 +387,9 @@ class Recorder:
             self._watch.remove()
             try:
                 if self._error is None:
+                    if self._interrupted_update_moved():  # its changes are the last update's
+                        self._advance()
                     self._snapshot.fence()
-                    self._take_interrupted_update()
             finally:
                 try:
                     self._snapshot.drain()
@@ -397,22 +402,14 @@ class Recorder:
                             self._top.release()
             self._raise_if_failed()
 
-    def _take_interrupted_update(self) -> None:
-        """The last optimizer step was interrupted (Ctrl-C, an exception) after its pre-hook fenced the state:
-        what it changed would otherwise belong to no state, and the run would not end with the model's
-        parameters. Its changes are the last update's (as an interrupted update's are merged into the next
-        state during training). Only when every update is recorded (`every=1`: the fenced state is then the
-        parameters the interrupted update began from, so "moved" is its own doing), and not for a sharded run,
-        whose ranks would have to agree on it."""
-        t = self.step + 1
-        if not self._stepping or self._sharded or self.every != 1 or not self._snapshot.moved():
-            return
-        self._take(t)
-        self._snapshot.fence()
-        if self._ids:
-            self._writer.log_batch(t - 1, np.concatenate(self._ids))
-            self._ids = []
-        self.step = t
+    def _interrupted_update_moved(self) -> bool:
+        """The last optimizer step was interrupted (Ctrl-C, an exception) after its pre-hook fenced the state, and
+        changed the parameters: what it changed would otherwise belong to no state, and the run would not end
+        with the model's parameters, so close counts it as the last update (as an interrupted update's changes
+        are merged into the next state during training). Only when every update is recorded (`every=1`: the
+        fenced state is then the parameters the interrupted update began from, so "moved" is its own doing), and
+        not for a sharded run, whose ranks would have to agree on it."""
+        return self._stepping and not self._sharded and self.every == 1 and self._snapshot.moved()
 
     def __enter__(self) -> Recorder:
         return self

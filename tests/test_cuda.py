@@ -163,28 +163,14 @@ def test_lightning_16_mixed_on_cuda_records_every_optimizer_step(tmp_path):
 def test_cuda_update_interrupted_after_its_pre_hook_is_the_last_state(tmp_path):
     """The CUDA snapshot's close: a step interrupted once the state was fenced leaves the model with parameters
     no post-hook saw; the run still ends with them (as tests/test_interrupts.py checks on the CPU paths)."""
+    from test_interrupts import train_interrupting_the_last_step
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).cuda()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     rec = replay.Recorder(model, tmp_path / "run", optimizer=opt)
-    stop = {"now": False}
-
-    def partway(*_):
-        if stop["now"]:
-            with torch.no_grad():
-                next(model.parameters()).add_(0.25)
-            raise KeyboardInterrupt
-
-    opt.register_step_pre_hook(partway)
-    x, y = torch.randn(16, 8, device="cuda"), torch.randint(0, 3, (16,), device="cuda")
-    for i in range(4):
-        stop["now"] = i == 3
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        try:
-            opt.step()
-        except KeyboardInterrupt:
-            pass
+    batch = (torch.randn(16, 8, device="cuda"), torch.randint(0, 3, (16,), device="cuda"))
+    train_interrupting_the_last_step(model, opt, [batch] * 4, changed=True)
     rec.close()
     states = list(replay.open_run(tmp_path / "run").states())
     assert len(states) == 5

@@ -186,6 +186,35 @@ def test_an_interrupt_at_every_line_of_the_hooks_leaves_every_state_whole_and_in
     _check(tmp_path / "run", truth, done, interrupts)
 
 
+def train_interrupting_the_last_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list, changed: bool,
+                                    log=None) -> None:
+    """An update per batch; the last `optimizer.step()` gets a Ctrl-C after the recorder's pre-hook has fenced the
+    state (from a pre-hook registered after it), once the first tensor's update is done (`changed`) or before any.
+    `log(batch)`: called before each update (the recorder's log_batch)."""
+    last = len(batches) - 1
+    at = [0]
+
+    def partway(*_):
+        if at[0] == last:
+            if changed:
+                with torch.no_grad():
+                    next(model.parameters()).add_(0.25)
+            raise KeyboardInterrupt
+
+    hook = opt.register_step_pre_hook(partway)
+    for i, (x, y) in enumerate(batches):
+        at[0] = i
+        if log is not None:
+            log(y)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        try:
+            opt.step()
+        except KeyboardInterrupt:
+            assert i == last
+    hook.remove()
+
+
 @pytest.mark.parametrize("changed", [True, False])
 def test_an_update_interrupted_after_its_pre_hook_is_the_last_state(tmp_path, recorder_mode, changed):
     """Ctrl-C inside the last `optimizer.step()`, after the recorder's pre-hook fenced the state and after the
@@ -195,25 +224,8 @@ def test_an_update_interrupted_after_its_pre_hook_is_the_last_state(tmp_path, re
     model, opt, data = _setup(0)
     rec = replay.Recorder(model, tmp_path / "run", optimizer=opt)
     ids = iter(range(10**6))
-
-    def partway(*_):  # registered after the recorder's pre-hook: runs once the state is fenced
-        if interrupting:
-            if changed:
-                with torch.no_grad():
-                    next(model.parameters()).add_(0.25)
-            raise KeyboardInterrupt
-
-    opt.register_step_pre_hook(partway)
-    for i in range(6):
-        interrupting = i == 5
-        x, y = data[i]
-        rec.log_batch([next(ids) for _ in range(len(y))])
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        try:
-            opt.step()
-        except KeyboardInterrupt:
-            assert interrupting
+    train_interrupting_the_last_step(model, opt, data[:6], changed,
+                                     log=lambda y: rec.log_batch([next(ids) for _ in range(len(y))]))
     rec.close()
     run = replay.open_run(tmp_path / "run")
     assert run.verify() == []
@@ -230,23 +242,7 @@ def test_with_every_k_an_interrupted_last_update_adds_no_state(tmp_path):
     that update did: it adds nothing (states 0 and 3 of 6 attempted updates, as without the interrupt)."""
     model, opt, data = _setup(1)
     rec = replay.Recorder(model, tmp_path / "run", optimizer=opt, every=3)
-
-    def partway(*_):
-        if stop:
-            with torch.no_grad():
-                next(model.parameters()).add_(0.25)
-            raise KeyboardInterrupt
-
-    opt.register_step_pre_hook(partway)
-    for i in range(6):
-        stop = i == 5
-        x, y = data[i]
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        try:
-            opt.step()
-        except KeyboardInterrupt:
-            pass
+    train_interrupting_the_last_step(model, opt, data[:6], changed=True)
     rec.close()
     assert [t for t, _ in replay.open_run(tmp_path / "run").states()] == [0, 3]
 

@@ -249,8 +249,10 @@ class RowLoop:
             direction = self.split(d)
 
             def many(points: list) -> list | None:
-                kept = {i: self.shared((th0, sv, d), [d]) for i, (sv, _) in enumerate(points)}
-                kept = {i: (v, p[0], None) for i, got in kept.items() if got is not None for v, p in [got]}
+                kept = {}  # the points the data set's own pass evaluated: every row's, from there
+                for i, (sv, _) in enumerate(points):
+                    if (shared := self.shared((th0, sv, d), [d])) is not None:
+                        kept[i] = (shared[0], shared[1][0], None)
                 rest = [pt for i, pt in enumerate(points) if i not in kept]
                 got = []
                 if rest:

@@ -99,8 +99,8 @@ class Gather:
         close, never per step)."""
         now = torch.zeros_like(flat)
         self.copy(self.views(now))
-        return any(not torch.equal(now[p.offset:p.offset + (p.hi - p.lo) * p.dtype.itemsize],
-                                   flat[p.offset:p.offset + (p.hi - p.lo) * p.dtype.itemsize]) for p in self.pieces)
+        spans = [slice(p.offset, p.offset + (p.hi - p.lo) * p.dtype.itemsize) for p in self.pieces]
+        return any(not torch.equal(now[span], flat[span]) for span in spans)
 
 
 def whole_pieces(offsets: list[int], tensors: list[torch.Tensor]) -> list[Piece]:
