@@ -76,8 +76,9 @@ class ExampleIntegrand:
         """A refinement round at once, the model at the step's start θ: every (point, example that needs it) pair
         at θ + sΔθ in batches of pairs (`ExampleProducts.at_points`), not one evaluation per point; per point
         (values [n], projections [1, n, T], its rows). None when the model does not allow it."""
-        s = torch.cat([torch.full((int(rows.sum()),), sv, dtype=torch.float64) for sv, rows in points])
-        ex = torch.cat([torch.nonzero(rows.cpu()).flatten() for _, rows in points])
+        need = torch.stack([rows for _, rows in points]).cpu()  # [points, n]
+        at, ex = torch.nonzero(need, as_tuple=True)  # the pairs, point by point, each point's examples in order
+        s = torch.tensor([sv for sv, _ in points], dtype=torch.float64)[at]
         values, proj = [], []
         for a in range(0, len(s), self.batch):
             got = self.products.at_points(self.data.take(ex[a:a + self.batch]), s[a:a + self.batch], direction)
@@ -86,14 +87,11 @@ class ExampleIntegrand:
             values.append(got[0])
             proj.append(got[1])
         v, pr = torch.cat(values), torch.cat(proj)
-        out, k = [], 0
-        for _, rows in points:
-            m, rows = int(rows.sum()), rows.to(v.device)
-            full_v = v.new_zeros(len(self.data)).masked_scatter_(rows, v[k:k + m])
-            full_p = pr.new_zeros(1, len(self.data), pr.shape[1])
-            full_p[0, rows] = pr[k:k + m]
-            out.append((full_v, full_p, rows))
-            k += m
+        at, ex = at.to(v.device), ex.to(v.device)
+        full_v = v.new_zeros(len(points), len(self.data)).index_put_((at, ex), v)
+        full_p = pr.new_zeros(len(points), len(self.data), pr.shape[1]).index_put_((at, ex), pr)
+        need = need.to(v.device)
+        out = [(full_v[j], full_p[j:j + 1], need[j]) for j in range(len(points))]
         return out
 
 

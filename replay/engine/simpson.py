@@ -64,76 +64,93 @@ class Mesh:
 
     Points arrive as (s, values [R] float64, projections [R, C] float64). Nothing here evaluates
     anything: `plan()` says which points the next round needs, the caller evaluates them and
-    passes them to `add()`.
+    passes them to `add()`. The points' values, projections and evaluated rows, the panels' point
+    indices and their allocations live in tensors grown by doubling (a round costs a few ops, not
+    one per point or panel); `nodes` keeps each panel's children for the splits.
     """
 
     def __init__(self, ends: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                  mid: tuple[torch.Tensor, torch.Tensor], max_splits: int):
         (v0, d0), (v1, d1) = ends
+        R, dev = v0.shape[0], v0.device
         self.s: list[float] = [0.0, 1.0, 0.5]
         self.index = {0.0: 0, 1.0: 1, 0.5: 2}
-        self.values = [v0, v1, mid[0]]  # [R] each
-        self.proj = [d0, d1, mid[1]]  # [R, C] each
+        # per point (the first len(s) of a capacity): values [R], projections [R, C], and the rows evaluated there
+        # (a refined point is evaluated only for the rows whose panels use it; the others hold 0 there, and get
+        # their values when a later split of theirs needs the point)
+        self._v = torch.zeros(8, R, dtype=v0.dtype, device=dev)
+        self._p = torch.zeros(8, *d0.shape, dtype=d0.dtype, device=dev)
+        self._have = torch.zeros(8, R, dtype=torch.bool, device=dev)
+        for i, (v, d) in enumerate(((v0, d0), (v1, d1), mid)):
+            self._v[i], self._p[i] = v, d
+        self._have[:3] = True
         self.nodes = [Node(0, 2, 1, 0)]
-        R = v0.shape[0]
-        self.leaf = torch.ones(R, 1, dtype=torch.bool, device=v0.device)
+        self._uses: list[list[int]] = [[0], [0], [0]]  # per point: the panels on it
+        # per panel (the first len(nodes)): its (a, m, b) point indices, width, and whether it is at MAX_DEPTH
+        self._idx = torch.zeros(8, 3, dtype=torch.long, device=dev)
+        self._idx[0] = torch.tensor([0, 2, 1])
+        self._h = torch.zeros(8, dtype=v0.dtype, device=dev)
+        self._h[0] = 1.0
+        self._deep = torch.zeros(8, dtype=torch.bool, device=dev)
+        self.leaf = torch.ones(R, 1, dtype=torch.bool, device=dev)
         self.budget = max(1, max_splits // 2)  # panels per row
-        self.final = torch.zeros(R, dtype=torch.bool, device=v0.device)  # rows whose panels are settled
-        # [R] per point: the rows evaluated there (a refined point is evaluated only for the rows whose panels
-        # use it; the others hold 0 there, and get their values when a later split of theirs needs the point)
-        self.have = [torch.ones(R, dtype=torch.bool, device=v0.device) for _ in range(3)]
+        self.final = torch.zeros(R, dtype=torch.bool, device=dev)  # rows whose panels are settled
         self.coarser = (d0 + d1) / 2.0  # [R, C] the previous estimate: trapezoid on the ends
-        self._idx: tuple[torch.Tensor, torch.Tensor] | None = None  # see _index
-        self._allocs: torch.Tensor | None = None  # [nodes, R, C] of node_allocations, and the points added to since
+        self._allocs: torch.Tensor | None = None  # [capacity, R, C] of node_allocations: the first _n_allocs are
+        self._n_allocs = 0  # current but for the panels on a point added to since (_dirty)
         self._dirty: set[int] = set()
-        self._pending: list[tuple[int, int]] = []  # (node, child) splits waiting for their midpoints
+        self._total: torch.Tensor | None = None  # allocation() of the current leaf and points
+
+    @property
+    def values(self) -> torch.Tensor:
+        """[points, R]"""
+        return self._v[:len(self.s)]
 
     @property
     def delta(self) -> torch.Tensor:
-        return self.values[1] - self.values[0]
+        return self._v[1] - self._v[0]
 
     def _index(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """[N, 3] the (a, m, b) point indices of every panel and [N] their widths, on the rows' device (kept
-        until the mesh grows)."""
-        if self._idx is None or self._idx[0].shape[0] != len(self.nodes):
-            dev = self.leaf.device
-            self._idx = (torch.tensor([(n.a, n.m, n.b) for n in self.nodes], dtype=torch.long, device=dev),
-                         torch.tensor([n.h for n in self.nodes], dtype=self.values[0].dtype, device=dev))
-        return self._idx
+        """[N, 3] the (a, m, b) point indices of every panel and [N] their widths, on the rows' device."""
+        N = len(self.nodes)
+        return self._idx[:N], self._h[:N]
 
     def node_allocations(self) -> torch.Tensor:
         """[nodes, R, C]: every panel's allocation for every row, h/6·(d(a) + 4·d(m) + d(b)) (the same arithmetic
         per element as `panel_simpson`), kept between calls: only new panels and those on a point that has
         been added to since are computed again, in one set of ops."""
         idx, h = self._index()
-        N, cached = idx.shape[0], self._allocs
-        if cached is None:
-            todo = torch.arange(N, device=idx.device)
-        else:
-            dirty = torch.tensor(sorted(self._dirty), dtype=torch.long, device=idx.device)
-            old = torch.isin(idx[:cached.shape[0]], dirty).any(1)
-            todo = torch.cat([torch.nonzero(old).flatten(), torch.arange(cached.shape[0], N, device=idx.device)])
+        N, done = idx.shape[0], self._n_allocs
+        again = sorted({k for i in self._dirty for k in self._uses[i] if k < done})
         self._dirty = set()
-        if cached is not None and len(todo) == 0:
-            return cached
+        if done == N and not again:
+            return self._allocs[:N]
+        todo = torch.tensor(again + list(range(done, N)), dtype=torch.long, device=idx.device)
         sub = idx[todo]
-        proj = torch.stack(self.proj)  # [points, R, C]
+        proj = self._p[:len(self.s)]  # [points, R, C]
         fresh = (proj[sub[:, 0]] + 4.0 * proj[sub[:, 1]] + proj[sub[:, 2]]) * (h[todo] / 6.0).view(-1, 1, 1)
-        if cached is None or cached.shape[0] < N:
-            grown = fresh.new_empty(N, *fresh.shape[1:])
-            if cached is not None:
-                grown[:cached.shape[0]] = cached
-            cached = grown
-        cached[todo] = fresh
-        self._allocs = cached
-        return cached
+        if self._allocs is None or self._allocs.shape[0] < N:
+            grown = fresh.new_empty(max(8, 2 * N), *fresh.shape[1:])
+            if self._allocs is not None:
+                grown[:done] = self._allocs[:done]
+            self._allocs = grown
+        self._allocs[todo] = fresh
+        self._n_allocs = N
+        return self._allocs[:N]
 
     def allocation(self) -> torch.Tensor:
-        """[R, C]: each row's allocation over its own panels."""
-        return torch.einsum("rn,nrc->rc", self.leaf.to(self.proj[0].dtype), self.node_allocations())
+        """[R, C]: each row's allocation over its own panels (the caller's to change)."""
+        return self._allocation().clone()
+
+    def _allocation(self) -> torch.Tensor:
+        """allocation(), kept until a point or a row's panels change."""
+        if self._total is None:
+            alloc = self.node_allocations()
+            self._total = torch.einsum("rn,nrc->rc", self.leaf.to(alloc.dtype), alloc)
+        return self._total
 
     def residual(self) -> torch.Tensor:
-        return self.delta - self.allocation().sum(-1)
+        return self.delta - self._allocation().sum(-1)
 
     def splits(self) -> torch.Tensor:
         """[R] sub-intervals of each row (2 per panel)."""
@@ -148,8 +165,8 @@ class Mesh:
         `override` [R]: residuals to judge groundedness by instead, where not NaN (the per-parameter
         losses' own float64 sums at plain Simpson: they decide as they always did).
         """
+        total = self._allocation()
         alloc = self.node_allocations()  # [N, R, C]
-        total = torch.einsum("rn,nrc->rc", self.leaf.to(alloc.dtype), alloc)
         dl = self.delta
         res = dl - total.sum(-1)
         if override is not None:
@@ -161,12 +178,12 @@ class Mesh:
         self.final |= ~active
         if not bool(active.any()):  # host sync: the refinement decision
             return []
-        v = torch.stack(self.values)  # [points, R]
+        v = self.values  # [points, R]
         idx, h = self._index()
+        N = idx.shape[0]
         node_res = ((v[idx[:, 2]] - v[idx[:, 0]]) - alloc.sum(-1)).T.abs()  # [R, N]
-        deep = torch.tensor([n.depth >= MAX_DEPTH for n in self.nodes], device=v.device)
         share = (tol + rtol * dl.abs())[:, None] * h[None, :]
-        cand = self.leaf & ~deep & active[:, None]
+        cand = self.leaf & ~self._deep[:N] & active[:, None]
         over = cand & (node_res > share)
         # a row not grounded has a panel over its share unless rounding hides it: then its worst panel
         hidden = active & ~over.any(1)
@@ -180,13 +197,23 @@ class Mesh:
         self.final |= active & ~chosen.any(1)
         rows_split = chosen.any(1)
         self.coarser = torch.where(rows_split[:, None], total, self.coarser)
-        new_points: list[float] = []
-        for i in torch.nonzero(chosen.any(0)).flatten().tolist():  # each node split by some row
-            kids = self._children(i, new_points)
-            rows = chosen[:, i]
-            self.leaf[rows, i] = False
-            for k in kids:
-                self.leaf[rows, k] = True
+        split = torch.nonzero(chosen.any(0)).flatten()  # each node split by some row
+        kids = torch.tensor([self._children(i) for i in split.tolist()], dtype=torch.long).view(-1, 2)
+        grow = len(self.nodes) - N
+        if grow:  # the new panels' indices, widths and depths, and no row on them yet
+            new = self.nodes[N:]
+            for name in ("_idx", "_h", "_deep"):
+                self._grow(name, N + grow)
+            self._idx[N:N + grow] = torch.tensor([(n.a, n.m, n.b) for n in new], dtype=torch.long)
+            self._h[N:N + grow] = torch.tensor([n.h for n in new], dtype=self._h.dtype)
+            self._deep[N:N + grow] = torch.tensor([n.depth >= MAX_DEPTH for n in new])
+            self.leaf = torch.cat([self.leaf, self.leaf.new_zeros(self.leaf.shape[0], grow)], 1)
+        kids = kids.to(v.device)
+        by = chosen[:, split]  # [R, split nodes]: the rows that split each
+        self.leaf[:, split] &= ~by
+        for k in (0, 1):
+            self.leaf[:, kids[:, k]] |= by
+        self._total = None
         return self._missing()
 
     def _missing(self) -> list[tuple[float, torch.Tensor]]:
@@ -196,10 +223,19 @@ class Mesh:
         count = torch.zeros(len(self.s), uses.shape[1], dtype=torch.int32, device=uses.device)
         for k in range(3):
             count.index_add_(0, idx[:, k], uses)
-        need = (count > 0) & ~torch.stack(self.have)  # [points, R]
+        need = (count > 0) & ~self._have[:len(self.s)]  # [points, R]
         return [(self.s[i], need[i]) for i in torch.nonzero(need.any(1)).flatten().tolist()]
 
-    def _children(self, i: int, new_points: list[float]) -> tuple[int, int]:
+    def _grow(self, name: str, size: int) -> None:
+        """The buffer `name` holds at least `size` entries along its first dimension (doubling, zeros)."""
+        buf = getattr(self, name)
+        if buf.shape[0] < size:
+            more = buf.new_zeros(max(size, 2 * buf.shape[0]), *buf.shape[1:])
+            more[:buf.shape[0]] = buf
+            setattr(self, name, more)
+
+    def _children(self, i: int) -> tuple[int, int]:
+        """The two halves of panel i (made, with any new midpoints, on its first split)."""
         n = self.nodes[i]
         if n.children is None:
             sa, sm, sb = self.s[n.a], self.s[n.m], self.s[n.b]
@@ -209,15 +245,15 @@ class Mesh:
                 if mid not in self.index:
                     self.index[mid] = len(self.s)
                     self.s.append(mid)
-                    self.values.append(None)
-                    self.proj.append(None)
-                    self.have.append(torch.zeros_like(self.have[0]))
-                    new_points.append(mid)
-                self.nodes.append(Node(lo, self.index[mid], hi, n.depth + 1))
-                kids.append(len(self.nodes) - 1)
+                    self._uses.append([])
+                    for name in ("_v", "_p", "_have"):
+                        self._grow(name, len(self.s))
+                k = len(self.nodes)
+                self.nodes.append(Node(lo, self.index[mid], hi, n.depth + 1))  # (its tensors: by plan)
+                for pt in (lo, self.index[mid], hi):
+                    self._uses[pt].append(k)
+                kids.append(k)
             n.children = (kids[0], kids[1])
-            grow = torch.zeros(self.leaf.shape[0], 2, dtype=torch.bool, device=self.leaf.device)
-            self.leaf = torch.cat([self.leaf, grow], 1)
         return n.children
 
     def add(self, s: float, values: torch.Tensor, proj: torch.Tensor, rows: torch.Tensor | None = None) -> None:
@@ -225,17 +261,16 @@ class Mesh:
         only (the others: 0, or what an earlier evaluation there gave them)."""
         i = self.index[s]
         if rows is None:
-            rows = torch.ones_like(self.have[i])
-        if self.values[i] is None:
-            self.values[i], self.proj[i] = values.new_zeros(values.shape), proj.new_zeros(proj.shape)
-        self.values[i] = torch.where(rows, values, self.values[i])
-        self.proj[i] = torch.where(rows[:, None], proj, self.proj[i])
-        self.have[i] = self.have[i] | rows
+            rows = torch.ones_like(self._have[i])
+        self._v[i] = torch.where(rows, values, self._v[i])
+        self._p[i] = torch.where(rows[:, None], proj, self._p[i])
+        self._have[i] |= rows
         self._dirty.add(i)
+        self._total = None
 
     def error(self) -> torch.Tensor:
         """[R, C] |A(final) − A(one round coarser)| (never refined: Simpson against the trapezoid)."""
-        return (self.allocation() - self.coarser).abs()
+        return (self._allocation() - self.coarser).abs()
 
     def weights(self, rows: torch.Tensor) -> torch.Tensor:
         """[len(rows), points] each point's weight in the rows' allocation: Σ over their panels of h/6 at the ends,
