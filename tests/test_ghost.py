@@ -155,6 +155,45 @@ def test_a_layer_whose_rows_are_not_examples_is_caught_by_the_check_and_falls_ba
     torch.testing.assert_close(d[0], ref, rtol=1e-9, atol=1e-12)
 
 
+def test_a_round_of_linear_layers_takes_the_input_gradient_through_the_weights_at_each_point():
+    """at_points with runs of pairs at one point (as a round orders them): the Linear layers' input gradients go
+    through W + sΔW once per run (`_AtPointsLinear`). Every example's loss and products equal loading its point and
+    autograd of its own loss, for layers on [B, in] and on sequences [B, T, in], with and without bias."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(5, 8)
+            self.mid = nn.Linear(8, 8, bias=False)
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x):  # x [B, T, 5]
+            return self.out(torch.tanh(self.mid(torch.relu(self.inp(x))))).mean(1)
+
+    torch.manual_seed(1)
+    model = Net().double().eval()
+    x, y = torch.randn(12, 4, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    loss = lambda o, t: nn.functional.cross_entropy(o, t, reduction="none")  # noqa: E731
+    names = [n for n, _ in model.named_parameters()]
+    delta = {n: torch.randn_like(p) * 0.5 for n, p in model.named_parameters()}
+    ex = ExampleProducts(model, names, loss, torch.device("cpu"))
+    ex(Examples((x, y)), [delta])
+    s = torch.tensor([0.25] * 4 + [0.75] * 5 + [0.625] * 3, dtype=torch.float64)
+    from replay.engine.ghost import _runs
+    assert _runs(s) == [(0, 4, 0.25), (4, 9, 0.75), (9, 12, 0.625)]
+    got = ex.at_points(Examples((x, y)), s, delta)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for i in range(len(s)):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(base[n] + s[i] * delta[n])
+        li = loss(model(x[i:i + 1]), y[i:i + 1])[0]
+        grads = torch.autograd.grad(li, list(model.parameters()))
+        want = torch.stack([(g * delta[n]).sum() for n, g in zip(names, grads, strict=True)])
+        torch.testing.assert_close(got[0][i], li.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[1][i], want, rtol=1e-9, atol=1e-12)
+
+
 def test_each_example_at_its_own_point_in_one_pass():
     """at_points: example i at θ + s_i Δθ (a refinement round's pairs in one batch) equals loading θ + s_i Δθ and
     taking that example's own loss and its gradient dotted with Δθ per tensor (autograd), for convolution,

@@ -132,6 +132,40 @@ def _batched(out: torch.Tensor, how: str, B: int) -> torch.Tensor:
     return out.expand(B, *out.shape[1:]) if how == "lead" else out.unsqueeze(0).expand(B, *out.shape)
 
 
+def _runs(s: torch.Tensor) -> list[tuple[int, int, float]] | None:
+    """(start, stop, s) of each run of equal s (a round's pairs, point by point), or None when the runs are too
+    short for a matrix per run to pay (fewer than 4 pairs each on average)."""
+    values, counts = torch.unique_consecutive(s, return_counts=True)
+    if len(values) * 4 > len(s):
+        return None
+    stops = torch.cumsum(counts, 0).tolist()
+    return [(b - c, b, v) for b, c, v in zip(stops, counts.tolist(), values.tolist(), strict=True)]
+
+
+class _AtPointsLinear(torch.autograd.Function):
+    """A Linear's output at θ + s_iΔθ, y = y(θ) + s_i·Σ tangents (as `ExampleProducts.at_points` forms it), with
+    the gradient to its input through W(s) = W + s·ΔW, one matrix per run of pairs at one point: one matmul
+    where autograd takes two (through W, and through the tangent's ΔW)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, a: torch.Tensor, y: torch.Tensor,
+                tangents: list[torch.Tensor], sv: torch.Tensor, weight: torch.Tensor, dweight: torch.Tensor,
+                runs: list[tuple[int, int, float]]) -> torch.Tensor:
+        ctx.save_for_backward(weight, dweight)
+        ctx.runs, ctx.a_dtype = runs, a.dtype
+        for t in tangents:
+            y = y + sv * t
+        return y
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor) -> tuple:
+        weight, dweight = ctx.saved_tensors
+        grad = g.new_empty(*g.shape[:-1], weight.shape[1])
+        for lo, hi, sv in ctx.runs:
+            grad[lo:hi] = g[lo:hi] @ torch.add(weight, dweight, alpha=sv)
+        return grad.to(ctx.a_dtype), None, None, None, None, None, None
+
+
 class ExampleProducts:
     """d[D, B, T] for the examples of a batch at the model's current parameters, and their losses [B]."""
 
@@ -300,7 +334,10 @@ class ExampleProducts:
             by_module.setdefault(m, []).append(u)
         bad = []
 
+        runs = _runs(s)  # pairs at one point are consecutive: (start, stop, s) of each point's
+
         def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            shape = getattr(out, "shape", None)
             out = self._shared_view(by_module[mod], out, B)  # (each example's view of a batch-shared output)
             if not (isinstance(out, torch.Tensor) and args) or out.shape[0] != B:
                 bad.append(mod)
@@ -308,9 +345,17 @@ class ExampleProducts:
             sv = s.to(device=out.device, dtype=out.dtype).view(-1, *([1] * (out.dim() - 1)))
             ts = [(u, _tangent(self.uses[u][1], mod, self.uses[u][2], args[0], direction[self.names[self.uses[u][3]]]))
                   for u in by_module[mod]]
-            y = out
-            for _, t in ts:
-                y = y + sv * t
+            a = args[0]
+            dw = next((direction[self.names[self.uses[u][3]]] for u in by_module[mod]
+                       if self.uses[u][1] == "linear" and self.uses[u][2] == "weight"), None)
+            if (dw is not None and runs is not None and a.requires_grad and shape == out.shape
+                    and a.shape[:-1] == out.shape[:-1]):
+                y = _AtPointsLinear.apply(a, out.detach(), [t.detach() for _, t in ts], sv, mod.weight.detach(),
+                                          dw, runs)
+            else:
+                y = out
+                for _, t in ts:
+                    y = y + sv * t
             records.extend((u, t, y, y._version) for u, t in ts)
             return y.clone() if any(u in self._copied for u in by_module[mod]) else y
 

@@ -187,13 +187,16 @@ class Mesh:
         over = cand & (node_res > share)
         # a row not grounded has a panel over its share unless rounding hides it: then its worst panel
         hidden = active & ~over.any(1)
-        over |= cand & hidden[:, None] & (node_res == torch.where(cand, node_res, -1.0).max(1, keepdim=True).values)
+        if bool(hidden.any()):
+            over |= cand & hidden[:, None] & (node_res == torch.where(cand, node_res, -1.0).max(1, keepdim=True).values)
         room = (self.budget - panels).clamp(min=0)
-        score = torch.where(over, node_res, torch.full_like(node_res, -1.0))
-        order = torch.argsort(-score, dim=1, stable=True)  # largest first, leftmost nodes first on ties
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(order.shape[1], device=v.device).expand_as(order))
-        chosen = over & (rank < room[:, None])
+        chosen = over
+        if bool((over.sum(1) > room).any()):  # some row has more panels over their share than budget left
+            score = torch.where(over, node_res, torch.full_like(node_res, -1.0))
+            order = torch.argsort(-score, dim=1, stable=True)  # largest first, leftmost nodes first on ties
+            rank = torch.empty_like(order)
+            rank.scatter_(1, order, torch.arange(order.shape[1], device=v.device).expand_as(order))
+            chosen = over & (rank < room[:, None])
         self.final |= active & ~chosen.any(1)
         rows_split = chosen.any(1)
         self.coarser = torch.where(rows_split[:, None], total, self.coarser)
