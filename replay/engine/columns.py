@@ -26,6 +26,7 @@ class Columns:
         self._copy_cols = fit
         self._scratch = torch.empty(max(1, rows) * min(fit, max(self.cut_sizes, default=0)), dtype=torch.float64,
                                     device=device)
+        self._prod_scratch: torch.Tensor | None = None  # dot_sums' products, as many elements, in x's dtype
 
     def sums(self, x: torch.Tensor) -> torch.Tensor:
         """[rows, T] float64 sums of x [rows, hi − lo] over each tensor's columns (0 outside the range)."""
@@ -35,6 +36,26 @@ class Columns:
                 out.append(self._scratch[:rows * n].view(rows, n).copy_(x[:, a:a + n]).sum(1))
             else:
                 out.append(x[:, a:a + n].sum(1, dtype=torch.float64))
+            a += n
+        sums = torch.stack(out, 1) if out else x.new_zeros(rows, 0, dtype=torch.float64)
+        return self.place(sums)
+
+    def dot_sums(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """[rows, T] float64 sums of x [rows, hi − lo] ⊙ v [hi − lo] over each tensor's columns: the product in x's
+        dtype, tensor by tensor through scratch buffers (on the CPU), so no [rows × columns] product is made (a
+        fresh one per call costs more in page faults than the arithmetic)."""
+        rows = x.shape[0]
+        if self._copy_cols == 0 or self._scratch.numel() < rows:
+            return self.sums(x * v)
+        if self._prod_scratch is None or self._prod_scratch.dtype != x.dtype:
+            self._prod_scratch = torch.empty(self._scratch.numel(), dtype=x.dtype, device=x.device)
+        out, a = [], 0
+        for n in self.cut_sizes:
+            if n <= self._copy_cols and rows * n <= self._scratch.numel():
+                prod = torch.mul(x[:, a:a + n], v[a:a + n], out=self._prod_scratch[:rows * n].view(rows, n))
+                out.append(self._scratch[:rows * n].view(rows, n).copy_(prod).sum(1))
+            else:
+                out.append((x[:, a:a + n] * v[a:a + n]).sum(1, dtype=torch.float64))
             a += n
         sums = torch.stack(out, 1) if out else x.new_zeros(rows, 0, dtype=torch.float64)
         return self.place(sums)

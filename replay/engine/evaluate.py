@@ -118,7 +118,8 @@ class LossEvaluator:
         self._flat_pieces = [(r, 0, min(P, (r + 1) * S) - r * S, r * S, min(P, (r + 1) * S))
                              for r in range(N) if r * S < P]
         self.cols_all = Columns(self.numels, 0, P, device, rows=2)  # a cell's projections (all columns)
-        self.cols_held = Columns(self.numels, self.columns[0], min(self.columns[1], P), device, rows=2)
+        self.cols_held = Columns(self.numels, self.columns[0], min(self.columns[1], P), device,
+                                 rows=max(2, len(self.per_param)))  # (the per-parameter losses' projections)
         self._dirs: torch.Tensor | None = None  # [D, P] this evaluation's directions (gradient dtype)
         self._prod: torch.Tensor | None = None  # [D, P] scratch for a cell's products
         self._proj: torch.Tensor | None = None  # [D, L, T] this evaluation's projections
@@ -249,8 +250,7 @@ class LossEvaluator:
         if K:  # the per-parameter losses' projections, from their (whole, reduced) gradients
             lo, hi = self.columns[0], min(self.columns[1], P)
             for d in range(D):
-                prod = grads[:, :hi - lo] * self._dirs[d, lo:hi]
-                self._proj[d, self.per_param] = self.cols_held.sums(prod)
+                self._proj[d, self.per_param] = self.cols_held.dot_sums(grads[:, :hi - lo], self._dirs[d, lo:hi])
         proj = self._proj
         if self.place.shards_data:  # shards' cell projections and slices' projections, summed in one call
             both = torch.cat([proj.reshape(-1), sums])
