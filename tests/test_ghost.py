@@ -155,6 +155,26 @@ def test_a_layer_whose_rows_are_not_examples_is_caught_by_the_check_and_falls_ba
     torch.testing.assert_close(d[0], ref, rtol=1e-9, atol=1e-12)
 
 
+def assert_each_at_its_point(got: tuple, model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor,
+                             delta: dict, loss) -> None:
+    """`at_points`' (losses, products) against loading θ + s_i Δθ and autograd of example i's own loss, dotted with
+    Δθ per tensor; the model is left at θ."""
+    names = [n for n, _ in model.named_parameters()]
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for i in range(len(s)):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(base[n] + s[i] * delta[n])
+        li = loss(model(x[i:i + 1]), y[i:i + 1])[0]
+        grads = torch.autograd.grad(li, list(model.parameters()))
+        want = torch.stack([(g * delta[n]).sum() for n, g in zip(names, grads, strict=True)])
+        torch.testing.assert_close(got[0][i], li.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[1][i], want, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(base[n])
+
+
 def test_a_round_of_linear_layers_takes_the_input_gradient_through_the_weights_at_each_point():
     """at_points with runs of pairs at one point (as a round orders them): the Linear layers' input gradients go
     through W + sΔW once per run (`_AtPointsLinear`). Every example's loss and products equal loading its point and
@@ -182,16 +202,7 @@ def test_a_round_of_linear_layers_takes_the_input_gradient_through_the_weights_a
     from replay.engine.ghost import _runs
     assert _runs(s) == [(0, 4, 0.25), (4, 9, 0.75), (9, 12, 0.625)]
     got = ex.at_points(Examples((x, y)), s, delta)
-    base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    for i in range(len(s)):
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(base[n] + s[i] * delta[n])
-        li = loss(model(x[i:i + 1]), y[i:i + 1])[0]
-        grads = torch.autograd.grad(li, list(model.parameters()))
-        want = torch.stack([(g * delta[n]).sum() for n, g in zip(names, grads, strict=True)])
-        torch.testing.assert_close(got[0][i], li.detach(), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(got[1][i], want, rtol=1e-9, atol=1e-12)
+    assert_each_at_its_point(got, model, x, y, s, delta, loss)
 
 
 def test_each_example_at_its_own_point_in_one_pass():
@@ -227,19 +238,7 @@ def test_each_example_at_its_own_point_in_one_pass():
     s = torch.tensor([0.25, 0.75, 0.125, 0.25, 0.875, 0.5], dtype=torch.float64)
     got = ex.at_points(Examples((idx, y)), s, delta)
     assert got is not None
-    base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    for i in range(len(s)):
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(base[n] + s[i] * delta[n])
-        li = loss(model(idx[i:i + 1]), y[i:i + 1])[0]
-        grads = torch.autograd.grad(li, list(model.parameters()))
-        want = torch.stack([(g * delta[n]).sum() for n, g in zip(names, grads, strict=True)])
-        torch.testing.assert_close(got[0][i], li.detach(), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(got[1][i], want, rtol=1e-9, atol=1e-12)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(base[n])
+    assert_each_at_its_point(got, model, idx, y, s, delta, loss)
 
 
 class Positions(nn.Module):
