@@ -46,7 +46,9 @@ def advice(g: pl.DataFrame, fr: Frames) -> list[str]:
     capped = fr.steps.filter(~pl.col("grounded") & ~pl.col("unchanged")).group_by("loss").agg(
         pl.len().alias("missed"), (pl.col("splits") >= (ms or 0)).sum().alias("at_cap")).collect()
     out = []
-    for row in g.join(capped, on="loss").sort("missed", descending=True).iter_rows(named=True):
+    # most missed first; ties in the losses' names' order (a data set before its groups), whatever order the join
+    # gave (it is not fixed: the list below is cut at 5)
+    for row in g.join(capped, on="loss").sort(["missed", "loss"], descending=[True, False]).iter_rows(named=True):
         line = (f"{row['loss']}: {row['missed']} of {row['steps']} steps not grounded (max |residual| "
                 f"{row['max_abs_residual']:.1e} against tol {tol:g})")
         if ms and row["at_cap"]:

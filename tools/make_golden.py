@@ -21,6 +21,7 @@ import json, sys, torch
 from torch import nn
 import replay
 kind, out = sys.argv[1], sys.argv[2]
+given = json.loads(open(sys.argv[3]).read()) if len(sys.argv) > 3 else None  # states to move through, not to train
 torch.manual_seed(0)
 if kind == "flat":  # thousands of scalars: the header of per-tensor keys would outweigh the data
     class Scalars(nn.Module):
@@ -30,7 +31,21 @@ if kind == "flat":  # thousands of scalars: the header of per-tensor keys would 
     model = Scalars()
 else:
     model = nn.Linear(3, 2)
-opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+class Given(torch.optim.Optimizer):
+    \"\"\"Each step sets the parameters to the next given state: the bytes recorded do not depend on this machine's
+    arithmetic (a matmul's last bits differ between CPUs), and the recorder sees an ordinary optimizer.\"\"\"
+
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.t += 1
+        for n, p in model.named_parameters():
+            raw = torch.frombuffer(bytearray(bytes.fromhex(given[str(self.t)][n])), dtype=torch.uint8)
+            p.copy_(raw.view(p.dtype).view(p.shape))
+opt = Given(model.parameters()) if given else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 g = torch.Generator().manual_seed(1)
 states = {}
 def take(t):
@@ -46,7 +61,9 @@ with replay.Recorder(model, out, optimizer=opt, task="tasks:golden", chunk_bytes
     take(0)
     for t in range(1, 7):
         opt.zero_grad()
-        if kind == "flat":
+        if given:
+            pass
+        elif kind == "flat":
             sum((p - 1) ** 2 for p in model.p[::97]).backward()
         else:
             x = torch.randn(4, 3, generator=g)
