@@ -167,3 +167,21 @@ def test_a_refined_point_is_evaluated_only_for_the_rows_that_need_it():
     n = a.nodes[j]
     want = panel_simpson(f(a.s[n.a])[r], f(a.s[n.m])[r], f(a.s[n.b])[r], n.h)
     assert torch.equal(a.node_allocations()[j, r], want) and not a._missing()
+
+
+def test_the_points_a_round_asks_for_are_those_the_rows_panels_miss():
+    """plan() finds the points the new panels miss from the panels it made; a recount over every panel of every row
+    (`_missing`) finds the same, round after round, with each point evaluated only for the rows that asked."""
+    kinks = torch.tensor([0.3, 0.71, 0.52, 0.13, 0.9, 0.26, 0.5001], dtype=torch.float64)
+    f = lambda s: torch.sign(torch.tensor(s, dtype=torch.float64) - kinks)[:, None].repeat(1, 2)  # noqa: E731
+    F = lambda s: 2 * (torch.tensor(s, dtype=torch.float64) - kinks).abs()  # noqa: E731
+    mesh = Mesh(((F(0.0), f(0.0)), (F(1.0), f(1.0))), (F(0.5), f(0.5)), 32)
+    rounds, partial = 0, 0
+    while points := mesh.plan(1e-6, 0.0):
+        want = mesh._missing()
+        assert [(s, r.tolist()) for s, r in points] == [(s, r.tolist()) for s, r in want]
+        partial += sum(not bool(r.all()) for _, r in points)
+        for s, rows in points:
+            mesh.add(s, torch.where(rows, F(s), torch.nan), torch.where(rows[:, None], f(s), torch.nan), rows)
+        rounds += 1
+    assert rounds >= 3 and partial > 0 and not torch.isnan(mesh.allocation()).any()

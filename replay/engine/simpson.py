@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 MAX_DEPTH = 30  # panels of width 2⁻³⁰: far below any useful resolution (and exact in float64)
@@ -62,75 +63,105 @@ class Node:
 class Mesh:
     """The points and panels of one step for R rows and C columns, and each row's panels (`leaf` [R, nodes]).
 
-    Points arrive as (s, values [R] float64, projections [R, C] float64). Nothing here evaluates
-    anything: `plan()` says which points the next round needs, the caller evaluates them and
-    passes them to `add()`. The points' values, projections and evaluated rows, the panels' point
-    indices and their allocations live in tensors grown by doubling (a round costs a few ops, not
-    one per point or panel); `nodes` keeps each panel's children for the splits.
+    Points arrive as (s, values [R] float64, projections [R, C] float64), torch tensors on any device.
+    Nothing here evaluates anything: `plan()` says which points the next round needs, the caller
+    evaluates them and passes them to `add()`. The bookkeeping is numpy on the host: a round is a few
+    dozen operations on arrays of [panels × rows × columns], where each torch op's fixed cost (2-7 µs on
+    the CPU, a launch on a GPU) made the mesh ~15% of a per-example compute; what leaves is torch again,
+    on the points' device. The points' values, projections and evaluated rows, the panels' point indices
+    and their allocations live in arrays grown by doubling; `nodes` keeps each panel's children.
     """
 
     def __init__(self, ends: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                  mid: tuple[torch.Tensor, torch.Tensor], max_splits: int):
         (v0, d0), (v1, d1) = ends
-        R, dev = v0.shape[0], v0.device
+        self.device = v0.device
+        R = v0.shape[0]
         self.s: list[float] = [0.0, 1.0, 0.5]
         self.index = {0.0: 0, 1.0: 1, 0.5: 2}
         # per point (the first len(s) of a capacity): values [R], projections [R, C], and the rows evaluated there
         # (a refined point is evaluated only for the rows whose panels use it; the others hold 0 there, and get
         # their values when a later split of theirs needs the point)
-        self._v = torch.zeros(8, R, dtype=v0.dtype, device=dev)
-        self._p = torch.zeros(8, *d0.shape, dtype=d0.dtype, device=dev)
-        self._have = torch.zeros(8, R, dtype=torch.bool, device=dev)
+        self._v = np.zeros((8, R))
+        self._p = np.zeros((8, *d0.shape))
+        self._have = np.zeros((8, R), dtype=bool)
         for i, (v, d) in enumerate(((v0, d0), (v1, d1), mid)):
-            self._v[i], self._p[i] = v, d
+            self._v[i], self._p[i] = _host(v), _host(d)
         self._have[:3] = True
         self.nodes = [Node(0, 2, 1, 0)]
         self._uses: list[list[int]] = [[0], [0], [0]]  # per point: the panels on it
         # per panel (the first len(nodes)): its (a, m, b) point indices, width, and whether it is at MAX_DEPTH
-        self._idx = torch.zeros(8, 3, dtype=torch.long, device=dev)
-        self._idx[0] = torch.tensor([0, 2, 1])
-        self._h = torch.zeros(8, dtype=v0.dtype, device=dev)
+        self._idx = np.zeros((8, 3), dtype=np.int64)
+        self._idx[0] = (0, 2, 1)
+        self._h = np.zeros(8)
         self._h[0] = 1.0
-        self._deep = torch.zeros(8, dtype=torch.bool, device=dev)
-        self.leaf = torch.ones(R, 1, dtype=torch.bool, device=dev)
+        self._deep = np.zeros(8, dtype=bool)
+        self._leaf = np.zeros((R, 8), dtype=bool)  # [R, capacity]: each row's panels
+        self._leaf[:, 0] = True
         self.budget = max(1, max_splits // 2)  # panels per row
-        self.final = torch.zeros(R, dtype=torch.bool, device=dev)  # rows whose panels are settled
-        self.coarser = (d0 + d1) / 2.0  # [R, C] the previous estimate: trapezoid on the ends
-        self._allocs: torch.Tensor | None = None  # [capacity, R, C] of node_allocations: the first _n_allocs are
+        self.final = np.zeros(R, dtype=bool)  # rows whose panels are settled
+        self.coarser = (self._p[0] + self._p[1]) / 2.0  # [R, C] the previous estimate: trapezoid on the ends
+        self._allocs: np.ndarray | None = None  # [capacity, R, C] of node_allocations: the first _n_allocs are
         self._n_allocs = 0  # current but for the panels on a point added to since (_dirty)
         self._dirty: set[int] = set()
-        self._total: torch.Tensor | None = None  # allocation() of the current leaf and points
+        self._total: np.ndarray | None = None  # _allocation() of the current leaf and points, but for the rows
+        self._stale = np.zeros(R, dtype=bool)  # whose panels or values changed since (computed again alone)
+
+    # ---- what leaves: torch, on the points' device ------------------------------------------------------
+
+    def _out(self, x: np.ndarray) -> torch.Tensor:
+        """A copy (the caller may change it; the mesh's arrays stay its own)."""
+        return torch.from_numpy(np.array(x)).to(self.device)
+
+    @property
+    def leaf(self) -> np.ndarray:
+        """[R, nodes] bool: the panels of each row (a view: writable)."""
+        return self._leaf[:, :len(self.nodes)]
 
     @property
     def values(self) -> torch.Tensor:
         """[points, R]"""
-        return self._v[:len(self.s)]
+        return self._out(self._v[:len(self.s)])
 
     @property
     def delta(self) -> torch.Tensor:
-        return self._v[1] - self._v[0]
-
-    def _index(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """[N, 3] the (a, m, b) point indices of every panel and [N] their widths, on the rows' device."""
-        N = len(self.nodes)
-        return self._idx[:N], self._h[:N]
+        return self._out(self._v[1] - self._v[0])
 
     def node_allocations(self) -> torch.Tensor:
-        """[nodes, R, C]: every panel's allocation for every row, h/6·(d(a) + 4·d(m) + d(b)) (the same arithmetic
-        per element as `panel_simpson`), kept between calls: only new panels and those on a point that has
-        been added to since are computed again, in one set of ops."""
-        idx, h = self._index()
-        N, done = idx.shape[0], self._n_allocs
+        """[nodes, R, C]: every panel's allocation for every row, h/6·(d(a) + 4·d(m) + d(b))."""
+        return self._out(self._node_allocations())
+
+    def allocation(self) -> torch.Tensor:
+        """[R, C]: each row's allocation over its own panels (the caller's to change)."""
+        return self._out(self._allocation())
+
+    def residual(self) -> torch.Tensor:
+        return self._out(self._residual())
+
+    def splits(self) -> torch.Tensor:
+        """[R] sub-intervals of each row (2 per panel)."""
+        return self._out(2 * self.leaf.sum(1))
+
+    def error(self) -> torch.Tensor:
+        """[R, C] |A(final) − A(one round coarser)| (never refined: Simpson against the trapezoid)."""
+        return self._out(np.abs(self._allocation() - self.coarser))
+
+    # ---- the host arrays ------------------------------------------------------------------------------
+
+    def _node_allocations(self) -> np.ndarray:
+        """[nodes, R, C] (the same arithmetic per element as `panel_simpson`), kept between calls: only new panels
+        and those on a point that has been added to since are computed again, in one set of ops."""
+        N, done = len(self.nodes), self._n_allocs
         again = sorted({k for i in self._dirty for k in self._uses[i] if k < done})
         self._dirty = set()
         if done == N and not again:
             return self._allocs[:N]
-        todo = torch.tensor(again + list(range(done, N)), dtype=torch.long, device=idx.device)
-        sub = idx[todo]
-        proj = self._p[:len(self.s)]  # [points, R, C]
-        fresh = (proj[sub[:, 0]] + 4.0 * proj[sub[:, 1]] + proj[sub[:, 2]]) * (h[todo] / 6.0).view(-1, 1, 1)
+        todo = np.array(again + list(range(done, N)), dtype=np.int64)
+        sub = self._idx[todo]
+        proj = self._p
+        fresh = (proj[sub[:, 0]] + 4.0 * proj[sub[:, 1]] + proj[sub[:, 2]]) * (self._h[todo] / 6.0)[:, None, None]
         if self._allocs is None or self._allocs.shape[0] < N:
-            grown = fresh.new_empty(max(8, 2 * N), *fresh.shape[1:])
+            grown = np.empty((max(8, 2 * N), *fresh.shape[1:]))
             if self._allocs is not None:
                 grown[:done] = self._allocs[:done]
             self._allocs = grown
@@ -138,102 +169,117 @@ class Mesh:
         self._n_allocs = N
         return self._allocs[:N]
 
-    def allocation(self) -> torch.Tensor:
-        """[R, C]: each row's allocation over its own panels (the caller's to change)."""
-        return self._allocation().clone()
-
-    def _allocation(self) -> torch.Tensor:
-        """allocation(), kept until a point or a row's panels change."""
+    def _allocation(self) -> np.ndarray:
+        """[R, C] each row's sum over its own panels, panel by panel in order; kept until a point or a row's panels
+        change."""
+        alloc = self._node_allocations()  # [N, R, C]
         if self._total is None:
-            alloc = self.node_allocations()
-            self._total = torch.einsum("rn,nrc->rc", self.leaf.to(alloc.dtype), alloc)
+            self._total = np.where(self.leaf.T[:, :, None], alloc, 0.0).sum(0)
+        elif self._stale.any():  # (each row's sum is its own: the same numbers as computing all rows)
+            rows = np.nonzero(self._stale)[0]
+            self._total[rows] = np.where(self.leaf[rows].T[:, :, None], alloc[:, rows], 0.0).sum(0)
+        self._stale[:] = False
         return self._total
 
-    def residual(self) -> torch.Tensor:
-        return self.delta - self._allocation().sum(-1)
-
-    def splits(self) -> torch.Tensor:
-        """[R] sub-intervals of each row (2 per panel)."""
-        return 2 * self.leaf.sum(1)
+    def _residual(self) -> np.ndarray:
+        return (self._v[1] - self._v[0]) - self._allocation().sum(-1)
 
     def plan(self, tol: float, rtol: float, override: torch.Tensor | None = None
              ) -> list[tuple[float, torch.Tensor]]:
         """Split, for every unsettled row that is not grounded, its panels whose residual exceeds their fair
         share (largest first, within its budget); settle the others. Returns the points to evaluate, each with
-        the rows [R] bool that need it (rows whose panels now use it and that were not evaluated there).
+        the rows [R] bool (on the points' device) that need it (rows whose panels now use it and that were not
+        evaluated there).
 
         `override` [R]: residuals to judge groundedness by instead, where not NaN (the per-parameter
         losses' own float64 sums at plain Simpson: they decide as they always did).
         """
         total = self._allocation()
-        alloc = self.node_allocations()  # [N, R, C]
-        dl = self.delta
+        alloc = self._node_allocations()  # [N, R, C]
+        dl = self._v[1] - self._v[0]
         res = dl - total.sum(-1)
         if override is not None:
-            res = torch.where(torch.isnan(override), res, override)
-        finite = torch.isfinite(res)
-        ok = is_grounded(res, dl, tol, rtol)
-        panels = self.leaf.sum(1)
-        active = ~self.final & ~ok & finite & (panels < self.budget)
+            over_res = _host(override)
+            res = np.where(np.isnan(over_res), res, over_res)
+        with np.errstate(invalid="ignore"):
+            ok = np.abs(res) <= tol + rtol * np.abs(dl)
+        leaf = self.leaf
+        panels = leaf.sum(1)
+        active = ~self.final & ~ok & np.isfinite(res) & (panels < self.budget)
         self.final |= ~active
-        if not bool(active.any()):  # host sync: the refinement decision
+        if not active.any():
             return []
-        v = self.values  # [points, R]
-        idx, h = self._index()
-        N = idx.shape[0]
-        node_res = ((v[idx[:, 2]] - v[idx[:, 0]]) - alloc.sum(-1)).T.abs()  # [R, N]
-        share = (tol + rtol * dl.abs())[:, None] * h[None, :]
-        cand = self.leaf & ~self._deep[:N] & active[:, None]
-        over = cand & (node_res > share)
-        # a row not grounded has a panel over its share unless rounding hides it: then its worst panel
-        hidden = active & ~over.any(1)
-        if bool(hidden.any()):
-            over |= cand & hidden[:, None] & (node_res == torch.where(cand, node_res, -1.0).max(1, keepdim=True).values)
-        room = (self.budget - panels).clamp(min=0)
-        chosen = over
-        if bool((over.sum(1) > room).any()):  # some row has more panels over their share than budget left
-            score = torch.where(over, node_res, torch.full_like(node_res, -1.0))
-            order = torch.argsort(-score, dim=1, stable=True)  # largest first, leftmost nodes first on ties
-            rank = torch.empty_like(order)
-            rank.scatter_(1, order, torch.arange(order.shape[1], device=v.device).expand_as(order))
+        act = np.nonzero(active)[0]  # the rows that plan a split (the others are settled): [A]
+        v = self._v
+        N = len(self.nodes)
+        idx, h = self._idx[:N], self._h[:N]
+        with np.errstate(invalid="ignore"):
+            node_res = np.abs((v[idx[:, 2]][:, act] - v[idx[:, 0]][:, act]) - alloc[:, act].sum(-1)).T  # [A, N]
+            share = (tol + rtol * np.abs(dl[act]))[:, None] * h[None, :]
+            cand = leaf[act] & ~self._deep[:N]
+            over = cand & (node_res > share)
+            # a row not grounded has a panel over its share unless rounding hides it: then its worst panel
+            hidden = ~over.any(1)
+            if hidden.any():
+                worst = np.where(cand, node_res, -1.0).max(1, keepdims=True)
+                over |= cand & hidden[:, None] & (node_res == worst)
+        room = np.clip(self.budget - panels[act], 0, None)
+        chosen = over  # [A, N]
+        if (over.sum(1) > room).any():  # some row has more panels over their share than budget left
+            score = np.where(over, node_res, -1.0)
+            order = np.argsort(-score, axis=1, kind="stable")  # largest first, leftmost nodes first on ties
+            rank = np.empty_like(order)
+            np.put_along_axis(rank, order, np.broadcast_to(np.arange(N), order.shape), axis=1)
             chosen = over & (rank < room[:, None])
-        self.final |= active & ~chosen.any(1)
-        rows_split = chosen.any(1)
-        self.coarser = torch.where(rows_split[:, None], total, self.coarser)
-        split = torch.nonzero(chosen.any(0)).flatten()  # each node split by some row
-        kids = torch.tensor([self._children(i) for i in split.tolist()], dtype=torch.long).view(-1, 2)
+        splits_a = chosen.any(1)
+        self.final[act[~splits_a]] = True
+        rows_split = act[splits_a]
+        self.coarser[rows_split] = total[rows_split]
+        split = np.nonzero(chosen.any(0))[0]  # each node split by some row
+        kids = np.array([self._children(i) for i in split.tolist()], dtype=np.int64).reshape(-1, 2)
         grow = len(self.nodes) - N
         if grow:  # the new panels' indices, widths and depths, and no row on them yet
             new = self.nodes[N:]
             for name in ("_idx", "_h", "_deep"):
                 self._grow(name, N + grow)
-            self._idx[N:N + grow] = torch.tensor([(n.a, n.m, n.b) for n in new], dtype=torch.long)
-            self._h[N:N + grow] = torch.tensor([n.h for n in new], dtype=self._h.dtype)
-            self._deep[N:N + grow] = torch.tensor([n.depth >= MAX_DEPTH for n in new])
-            self.leaf = torch.cat([self.leaf, self.leaf.new_zeros(self.leaf.shape[0], grow)], 1)
-        kids = kids.to(v.device)
-        by = chosen[:, split]  # [R, split nodes]: the rows that split each
-        self.leaf[:, split] &= ~by
+            self._idx[N:N + grow] = [(n.a, n.m, n.b) for n in new]
+            self._h[N:N + grow] = [n.h for n in new]
+            self._deep[N:N + grow] = [n.depth >= MAX_DEPTH for n in new]
+            if self._leaf.shape[1] < N + grow:
+                more = np.zeros((self._leaf.shape[0], max(N + grow, 2 * self._leaf.shape[1])), dtype=bool)
+                more[:, :N] = self._leaf[:, :N]
+                self._leaf = more
+        by = np.zeros((len(self.final), len(split)), dtype=bool)  # [R, split nodes]: the rows that split each
+        by[act] = chosen[:, split]
+        leaf = self.leaf
+        leaf[:, split] &= ~by
         for k in (0, 1):
-            self.leaf[:, kids[:, k]] |= by
-        self._total = None
-        return self._missing()
+            leaf[:, kids[:, k]] |= by
+        self._stale[rows_split] = True
+        # the points the new panels miss: their midpoints, for the rows that split their parent (the other points
+        # of every row's panels were evaluated for it in earlier rounds; distinct panels have distinct midpoints)
+        mids = np.array([self.nodes[k].m for k in kids.reshape(-1).tolist()], dtype=np.int64)
+        need = np.repeat(by.T, 2, axis=0) & ~self._have[mids]  # [2 × split nodes, R]
+        order = np.argsort(mids, kind="stable")
+        return [(self.s[mids[j]], self._out(need[j])) for j in order.tolist() if need[j].any()]
 
     def _missing(self) -> list[tuple[float, torch.Tensor]]:
-        """(s, rows) for every point some row's panels use without its values there, in the order of s's creation."""
-        idx, _ = self._index()
-        uses = self.leaf.T.to(torch.int32)  # [N, R]
-        count = torch.zeros(len(self.s), uses.shape[1], dtype=torch.int32, device=uses.device)
+        """(s, rows) for every point some row's panels use without its values there, in the order of s's creation
+        (a recount over every panel: `plan` finds the same from the panels it made)."""
+        N = len(self.nodes)
+        idx = self._idx[:N]
+        uses = self.leaf.T.astype(np.int32)  # [N, R]
+        count = np.zeros((len(self.s), uses.shape[1]), dtype=np.int32)
         for k in range(3):
-            count.index_add_(0, idx[:, k], uses)
+            np.add.at(count, idx[:, k], uses)
         need = (count > 0) & ~self._have[:len(self.s)]  # [points, R]
-        return [(self.s[i], need[i]) for i in torch.nonzero(need.any(1)).flatten().tolist()]
+        return [(self.s[i], self._out(need[i])) for i in np.nonzero(need.any(1))[0].tolist()]
 
     def _grow(self, name: str, size: int) -> None:
-        """The buffer `name` holds at least `size` entries along its first dimension (doubling, zeros)."""
+        """The array `name` holds at least `size` entries along its first dimension (doubling, zeros)."""
         buf = getattr(self, name)
         if buf.shape[0] < size:
-            more = buf.new_zeros(max(size, 2 * buf.shape[0]), *buf.shape[1:])
+            more = np.zeros((max(size, 2 * buf.shape[0]), *buf.shape[1:]), dtype=buf.dtype)
             more[:buf.shape[0]] = buf
             setattr(self, name, more)
 
@@ -249,10 +295,11 @@ class Mesh:
                     self.index[mid] = len(self.s)
                     self.s.append(mid)
                     self._uses.append([])
-                    for name in ("_v", "_p", "_have"):
-                        self._grow(name, len(self.s))
+                    if len(self.s) > self._v.shape[0]:
+                        for name in ("_v", "_p", "_have"):
+                            self._grow(name, len(self.s))
                 k = len(self.nodes)
-                self.nodes.append(Node(lo, self.index[mid], hi, n.depth + 1))  # (its tensors: by plan)
+                self.nodes.append(Node(lo, self.index[mid], hi, n.depth + 1))  # (its arrays: by plan)
                 for pt in (lo, self.index[mid], hi):
                     self._uses[pt].append(k)
                 kids.append(k)
@@ -264,22 +311,22 @@ class Mesh:
         only (the others: 0, or what an earlier evaluation there gave them)."""
         i = self.index[s]
         if rows is None:
-            rows = torch.ones_like(self._have[i])
-        self._v[i] = torch.where(rows, values, self._v[i])
-        self._p[i] = torch.where(rows[:, None], proj, self._p[i])
-        self._have[i] |= rows
+            self._v[i], self._p[i] = _host(values), _host(proj)
+            self._have[i] = True
+            self._stale[:] = True
+        else:
+            r = _host(rows).astype(bool)
+            self._v[i] = np.where(r, _host(values), self._v[i])
+            self._p[i] = np.where(r[:, None], _host(proj), self._p[i])
+            self._have[i] |= r
+            self._stale |= r
         self._dirty.add(i)
-        self._total = None
-
-    def error(self) -> torch.Tensor:
-        """[R, C] |A(final) − A(one round coarser)| (never refined: Simpson against the trapezoid)."""
-        return (self._allocation() - self.coarser).abs()
 
     def weights(self, rows: torch.Tensor) -> torch.Tensor:
         """[len(rows), points] each point's weight in the rows' allocation: Σ over their panels of h/6 at the ends,
-        4h/6 at the midpoint (for per-parameter allocations: Δθ ⊙ Σ_p w_p g_p)."""
+        4h/6 at the midpoint (for per-parameter allocations: Δθ ⊙ Σ_p w_p g_p). On the host."""
         w = torch.zeros(len(rows), len(self.s), dtype=torch.float64)
-        leaf = self.leaf[rows.to(self.leaf.device)].cpu()
+        leaf = torch.from_numpy(self.leaf[torch.as_tensor(rows).cpu().numpy()])
         for i, n in enumerate(self.nodes):
             on = leaf[:, i].double()
             if not bool(on.any()):
@@ -288,6 +335,16 @@ class Mesh:
             w[:, n.m] += on * (4.0 * n.h / 6.0)
             w[:, n.b] += on * (n.h / 6.0)
         return w
+
+
+def _host(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A tensor's values as a float64 (or bool) numpy array on the host (a device tensor: one copy, a sync)."""
+    if isinstance(x, np.ndarray):
+        return x
+    x = x.detach()
+    if x.dtype != torch.bool:
+        x = x.to(torch.float64)
+    return x.cpu().numpy()
 
 
 def refine(mesh: Mesh, point: Callable[[float, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -305,11 +362,11 @@ def refine(mesh: Mesh, point: Callable[[float, torch.Tensor], tuple[torch.Tensor
 
 def points_of(mesh: Mesh) -> list[list[float]]:
     """Per row, the s of the points its panels used (sorted)."""
-    leaf = mesh.leaf.cpu()
+    leaf = mesh.leaf
     out = []
     for r in range(leaf.shape[0]):
         used = set()
-        for i in torch.nonzero(leaf[r]).flatten().tolist():
+        for i in np.nonzero(leaf[r])[0].tolist():
             n = mesh.nodes[i]
             used |= {mesh.s[n.a], mesh.s[n.m], mesh.s[n.b]}
         out.append(sorted(used))
