@@ -174,50 +174,62 @@ class FrameWriter:
             (out / d).mkdir(parents=True, exist_ok=True)
         self._steps: list[dict] = []
         self._tensors: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
-        self._extra: dict[str, list[pl.DataFrame]] = {}
+        self._extra: dict[str, list[tuple]] = {}  # frame -> each step's arrays (see _buffer)
 
-    def _buffer(self, name: str, df: pl.DataFrame) -> None:
+    def _buffer(self, name: str, *arrays: object) -> None:
+        """One step of rows of frame `name`, kept as arrays: the frame is built once per flush (a polars frame per
+        step cost ~1 ms of a per-example step's few)."""
         (self.out / name).mkdir(exist_ok=True)
-        self._extra.setdefault(name, []).append(df)
+        self._extra.setdefault(name, []).append(arrays)
 
     def add_examples(self, step: int, loss: str, r: RowValues) -> None:
         """One step of per-example LCA of one data set: lca [n, T] float64, per-example arrays [n]."""
-        lca, before, after, splits, grounded = r.lca, r.before, r.after, r.splits, r.grounded
-        n, T = lca.shape
-        self._buffer("examples", pl.DataFrame({
-            "step": np.full(n * T, step, dtype=np.int64), "loss": [loss] * (n * T),
-            "example": np.repeat(np.arange(n, dtype=np.int64), T),
-            "tensor": pl.Series(self.tensor_names, dtype=pl.String).gather(np.tile(np.arange(T), n)),
-            "lca": lca.reshape(-1),
-        }, schema=EXAMPLES_SCHEMA))
-        total = lca.sum(1)
-        self._buffer("example_steps", pl.DataFrame({
-            "step": np.full(n, step, dtype=np.int64), "loss": [loss] * n, "example": np.arange(n, dtype=np.int64),
-            "loss_before": before, "loss_after": after, "delta_loss": after - before, "lca": total,
-            "residual": (after - before) - total, "splits": splits.astype(np.int32), "grounded": grounded,
-        }, schema=EXAMPLE_STEPS_SCHEMA))
+        n = r.lca.shape[0]
+        self._buffer("examples", step, loss, np.arange(n, dtype=np.int64), None, r.lca)
+        self._buffer("example_steps", step, loss, r)
 
     def add_tokens(self, step: int, loss: str, example: np.ndarray, position: np.ndarray, r: RowValues) -> None:
         """One step of per-token LCA (Σ over tensors) of one data set: arrays [tokens]."""
-        lca, before, after, splits, grounded = r.lca[:, 0], r.before, r.after, r.splits, r.grounded
-        n = len(lca)
-        self._buffer("tokens", pl.DataFrame({
-            "step": np.full(n, step, dtype=np.int64), "loss": [loss] * n, "example": example.astype(np.int64),
-            "position": position.astype(np.int64), "lca": lca, "loss_before": before, "loss_after": after,
-            "delta_loss": after - before, "residual": (after - before) - lca, "splits": splits.astype(np.int32),
-            "grounded": grounded,
-        }, schema=TOKENS_SCHEMA))
+        self._buffer("tokens", step, loss, example.astype(np.int64), position.astype(np.int64), r)
 
     def add_token_tensors(self, step: int, loss: str, example: np.ndarray, position: np.ndarray,
                           lca: np.ndarray) -> None:
         """The selected tokens' LCA per tensor: lca [tokens, T]."""
-        n, T = lca.shape
-        self._buffer("token_tensors", pl.DataFrame({
-            "step": np.full(n * T, step, dtype=np.int64), "loss": [loss] * (n * T),
-            "example": np.repeat(example.astype(np.int64), T), "position": np.repeat(position.astype(np.int64), T),
-            "tensor": pl.Series(self.tensor_names, dtype=pl.String).gather(np.tile(np.arange(T), n)),
-            "lca": lca.reshape(-1),
-        }, schema=TOKEN_TENSORS_SCHEMA))
+        self._buffer("token_tensors", step, loss, example.astype(np.int64), position.astype(np.int64), lca)
+
+    def _per_tensor_frame(self, name: str, parts: list[tuple]) -> pl.DataFrame:
+        """examples / token_tensors: a row per (row, tensor) of each step's lca [n, T]."""
+        T = len(self.tensor_names)
+        sizes = [len(ex) * T for _, _, ex, _, _ in parts]
+        cols = {
+            "step": np.repeat([s for s, *_ in parts], sizes).astype(np.int64),
+            "loss": _repeat_strings([loss for _, loss, *_ in parts], sizes),
+            "example": np.repeat(np.concatenate([ex for _, _, ex, _, _ in parts]), T),
+        }
+        if name == "token_tensors":
+            cols["position"] = np.repeat(np.concatenate([pos for _, _, _, pos, _ in parts]), T)
+        n = sum(sizes) // max(T, 1)
+        cols["tensor"] = pl.Series(self.tensor_names, dtype=pl.String).gather(np.tile(np.arange(T), n))
+        cols["lca"] = np.concatenate([lca.reshape(-1) for *_, lca in parts])
+        return pl.DataFrame(cols, schema=SCHEMAS[name])
+
+    def _row_frame(self, name: str, parts: list[tuple]) -> pl.DataFrame:
+        """example_steps / tokens: a row per example (token) of each step, its loss change and residual."""
+        sizes = [len(r.before) for _, _, *_, r in parts]
+        col = lambda f: np.concatenate([f(r) for *_, r in parts])  # noqa: E731
+        before, after = col(lambda r: r.before), col(lambda r: r.after)
+        lca = col(lambda r: r.lca.sum(1) if name == "example_steps" else r.lca[:, 0])
+        cols = {"step": np.repeat([s for s, *_ in parts], sizes).astype(np.int64),
+                "loss": _repeat_strings([loss for _, loss, *_ in parts], sizes)}
+        if name == "example_steps":
+            cols["example"] = np.concatenate([np.arange(n, dtype=np.int64) for n in sizes])
+        else:
+            cols["example"] = np.concatenate([ex for _, _, ex, _, _ in parts])
+            cols["position"] = np.concatenate([pos for _, _, _, pos, _ in parts])
+        cols |= {"loss_before": before, "loss_after": after, "delta_loss": after - before, "lca": lca,
+                 "residual": (after - before) - lca, "splits": col(lambda r: r.splits).astype(np.int32),
+                 "grounded": col(lambda r: r.grounded)}
+        return pl.DataFrame(cols, schema=SCHEMAS[name])
 
     def add(self, r: StepRows) -> None:
         """One step of every loss (`StepRows`)."""
@@ -261,7 +273,9 @@ class FrameWriter:
             "lca_error": np.concatenate([e.reshape(-1) for _, _, _, e in self._tensors]),
         }, schema=TENSORS_SCHEMA)
         files = []
-        frames = [("steps", steps), ("tensors", tensors)] + [(k, pl.concat(v)) for k, v in self._extra.items()]
+        build = {"examples": self._per_tensor_frame, "token_tensors": self._per_tensor_frame,
+                 "example_steps": self._row_frame, "tokens": self._row_frame}
+        frames = [("steps", steps), ("tensors", tensors)] + [(k, build[k](k, v)) for k, v in self._extra.items()]
         first, last = int(self._steps[0]["step"]), int(self._steps[-1]["step"])
         for name, df in frames:
             files.append(_write_parquet(df, self.out, f"{name}/{self.prefix}-{seq:06d}.parquet", first, last))
@@ -284,6 +298,13 @@ class FrameWriter:
             "n_helped": helped.reshape(-1).astype(np.int64), "n_steps": np.full(K * k, n_steps, dtype=np.int64),
         }, schema=PARAMS_SCHEMA)
         return _write_parquet(df, self.out, f"params/{self.prefix}.parquet")
+
+
+def _repeat_strings(values: list[str], counts: list[int]) -> pl.Series:
+    """values[i] repeated counts[i] times, as a string column (gathered: numpy object arrays cost ~10x more)."""
+    names = sorted(set(values))
+    ids = np.repeat(np.array([names.index(v) for v in values], dtype=np.int64), counts)
+    return pl.Series(names, dtype=pl.String).gather(ids)
 
 
 def _write_parquet(df: pl.DataFrame, out: Path, rel: str, first: int | None = None, last: int | None = None) -> Part:
