@@ -129,3 +129,22 @@ def test_a_round_of_points_in_one_pass_equals_each_point_evaluated_alone():
         assert torch.equal(r, rows)
         torch.testing.assert_close(v[rows], want_v[rows], rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(p[rows], want_p[0, rows], rtol=1e-9, atol=1e-13)
+
+
+def test_the_evaluator_loads_theta_again_whenever_it_or_a_parameter_changed():
+    """Loading θ is skipped only when the model holds it already: the same tensor, and neither it nor a parameter
+    changed in place since. A parameter changed behind the evaluator's back, or θ changed in place, is loaded."""
+    task, x, y, g = make("conv")
+    names = [n for n, _ in task.model.named_parameters()]
+    ev = LossEvaluator(task, names, ["train"], [], torch.device("cpu"), per_param=[])
+    theta = torch.cat([p.detach().reshape(-1) for p in task.model.parameters()]).double()
+    dirs = torch.randn(1, theta.numel(), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    v1, p1, _ = ev(theta, dirs)
+    with torch.no_grad():
+        ev.params[0].add_(1.0)
+    v2, p2, _ = ev(theta, dirs)
+    assert torch.equal(v1, v2) and torch.equal(p1, p2), "the changed parameter was loaded again"
+    theta[:ev.numels[0]] += 1.0
+    v3, _, _ = ev(theta, dirs)
+    assert not torch.equal(v1, v3), "θ changed in place: loaded again"
+    assert torch.equal(ev.params[0].detach().reshape(-1), theta[:ev.numels[0]].to(ev.params[0].dtype))

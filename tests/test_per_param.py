@@ -131,3 +131,26 @@ def test_point_gradients_over_the_memory_budget_are_evaluated_again_bit_for_bit(
         assert_frame_equal(getattr(a, name).sort(keys).collect(), getattr(b, name).sort(keys).collect(),
                            check_exact=True)
     assert b.meta["grad_evals"] > a.meta["grad_evals"]
+
+
+def test_projections_taken_only_where_a_per_parameter_loss_refines_change_no_allocation(digits_run, tmp_path,
+                                                                                      monkeypatch):
+    """The per-parameter losses' projections per tensor come from their kept gradients, only at steps where one of
+    them is refined (steps.LAZY_PROJECTIONS): every allocation, residual and split equals, bit for bit, a compute
+    that projects them at every evaluation; the error estimate of a step at plain Simpson (Simpson against the
+    trapezoid, now from the gradients' sums) agrees to float32 rounding of the largest |lca|."""
+    import replay.engine.steps as steps
+
+    kw = dict(per_class=["train"], per_param="all", tol=2e-6, max_splits=8)
+    lazy = replay.compute(digits_run, ["train", "val"], out=tmp_path / "lazy", **kw)
+    monkeypatch.setattr(steps, "LAZY_PROJECTIONS", False)
+    eager = replay.compute(digits_run, ["train", "val"], out=tmp_path / "eager", **kw)
+    st = lazy.steps.collect()
+    assert (st["splits"] > 2).any() and (st["splits"] == 2).any(), "some step-losses refine, some do not"
+    keys = {"steps": ["step", "loss"], "tensors": ["step", "loss", "tensor"], "params": ["loss", "tensor", "index"]}
+    for name, k in keys.items():
+        a, b = getattr(lazy, name).sort(k).collect(), getattr(eager, name).sort(k).collect()
+        assert_frame_equal(a.drop("lca_error", strict=False), b.drop("lca_error", strict=False), check_exact=True)
+    a, b = lazy.tensors.sort(keys["tensors"]).collect(), eager.tensors.sort(keys["tensors"]).collect()
+    diff = (a["lca_error"] - b["lca_error"]).abs().max()
+    assert diff <= 1e-6 * a["lca"].abs().max(), f"max_diff {diff:.2e}"

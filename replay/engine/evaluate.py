@@ -88,9 +88,11 @@ class LossEvaluator:
         self.per_param = [i for i, n in enumerate(self.loss_names) if n in set(wanted)]  # losses with [P] gradients
         self._per_param_slot = {li: k for k, li in enumerate(self.per_param)}
         self.products = None  # ExampleProducts, when some data set's group losses come from them
-        self._rows: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # see shared_rows
+        self._rows: list[tuple] = []  # (data set, θ, directions, origin, values, projections): see shared_rows
         self._theta: torch.Tensor | None = None
         self._dirs_in: torch.Tensor | None = None
+        self._origin: tuple | None = None
+        self._loaded: tuple | None = None  # (θ, versions) of the last load
         for plan in self.plans:
             rows = plan.name in row_sets and not self.place.shards_data
             plan.ghost = self._ghost_groups(plan, param_names, rows)
@@ -204,13 +206,23 @@ class LossEvaluator:
         plan.members = members[lo:hi].to(self.device)
 
     def load(self, theta: torch.Tensor) -> None:
-        """Write the flat float64 θ [P] (or padded [≥P]) into the model's parameters (cast to their dtypes)."""
+        """Write the flat float64 θ [P] (or padded [≥P]) into the model's parameters (cast to their dtypes); nothing
+        to do when they hold it already (the same tensor, neither it nor a parameter changed since: a refinement
+        round of the rows loads the step's start again and again)."""
+        if self._loaded is not None and self._loaded[0] is theta and self._loaded[1] == self._versions(theta):
+            return
         with torch.no_grad():
             for p, v in zip(self.params, torch.split(theta[:sum(self.numels)], self.numels), strict=True):
                 p.copy_(v.view(p.shape))
+        self._loaded = (theta, self._versions(theta))
+
+    def _versions(self, theta: torch.Tensor) -> tuple[int, ...]:
+        """θ's and every parameter's version counter (torch counts each in-place change)."""
+        return (theta._version, *(p._version for p in self.params))
 
     def __call__(self, theta: torch.Tensor, dirs: torch.Tensor, out: torch.Tensor | None = None,
-                 need: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 need: torch.Tensor | None = None, origin: tuple | None = None, project: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(values [L] float64, projections [D, L, T] float64 onto `dirs` [D, ≥P], gradients [K, held columns]
         of the per-parameter losses (model dtype, or None when there are none)) at θ.
 
@@ -221,9 +233,15 @@ class LossEvaluator:
         `need` [L] bool: only these losses are wanted (none per-parameter): a data set whose own loss is not
         among them evaluates only the examples of the wanted groups, without parameter gradients; the other
         losses' numbers are then meaningless (0 or partial) and no gradients are returned.
+
+        `origin` (θ0, s, [directions]): θ is θ0 + s·Δθ and `dirs` those directions stacked, as the caller formed
+        them; the examples' rows kept from this pass are then found by those tensors (`shared_rows`).
+
+        `project=False`: the per-parameter losses' projections are left 0 (the caller takes them from the
+        gradients when it needs them: `projections`).
         """
         self.load(theta)
-        self._theta, self._dirs_in = theta, dirs
+        self._theta, self._dirs_in, self._origin = theta, dirs, origin
         wanted = None if need is None else set(torch.nonzero(need.cpu()).flatten().tolist())
         if wanted is not None and wanted & set(self.per_param):
             raise AssertionError("a partial evaluation has no per-parameter losses")
@@ -247,7 +265,7 @@ class LossEvaluator:
         self._views = None
         if self._send is not None and K:  # each rank holds its shard's share of every sum
             self.place.sum_scattered(grads, self._send)
-        if K:  # the per-parameter losses' projections, from their (whole, reduced) gradients
+        if K and project:  # the per-parameter losses' projections, from their (whole, reduced) gradients
             lo, hi = self.columns[0], min(self.columns[1], P)
             for d in range(D):
                 self._proj[d, self.per_param] = self.cols_held.dot_sums(grads[:, :hi - lo], self._dirs[d, lo:hi])
@@ -259,16 +277,35 @@ class LossEvaluator:
         self._proj = None
         return sums / self.n_examples, proj, grads
 
+    def projections(self, grads: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+        """[K, T] float64 projections of per-parameter gradients [K, held columns] onto `direction` [≥P], summed over
+        ranks' slices: the numbers an evaluation with `project=True` gives them, bit for bit."""
+        P = sum(self.numels)
+        lo, hi = self.columns[0], min(self.columns[1], P)
+        proj = self.cols_held.dot_sums(grads[:, :hi - lo], direction[lo:hi].to(self.grad_dtype))
+        if self.place.shards_data:
+            self.place.sum_shards(proj)
+        return proj
+
     def shared_rows(self, name: str, theta: torch.Tensor | tuple[torch.Tensor, float, torch.Tensor],
                     dirs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(values [n] float64, projections [D, n, T] float64) of data set `name`'s examples at θ onto `dirs`, kept
         from a whole evaluation of that point since the last `forget_rows` (None if there was none): the
         examples' rows take them from the data set's own pass instead of a forward and backward of their own.
-        `theta` may be (θ0, s, Δθ) for θ0 + sΔθ, formed only where its first elements match a kept point's."""
+        `theta` may be (θ0, s, Δθ) for θ0 + sΔθ. A pass whose `origin` names the same tensors is found by them;
+        any other by comparing the values (θ0 + sΔθ formed only where its first elements match)."""
         P = sum(self.numels)
-        for n, th, dd, v, d in self._rows:
+        for n, th, dd, origin, v, d in self._rows:
             if n != name or dd.shape[0] != len(dirs):
                 continue
+            if origin is not None and len(origin[2]) == len(dirs) and all(
+                    x is y for x, y in zip(origin[2], dirs, strict=True)):  # the same step's tensors: decided by them
+                if isinstance(theta, tuple) and theta[0] is origin[0] and theta[2] is origin[2][0]:
+                    if theta[1] == origin[1]:
+                        return v, d
+                    continue
+                if theta is th:
+                    return v, d
             if isinstance(theta, tuple):
                 th0, sv, step = theta
                 if not torch.equal(th[:8], th0[:8] + sv * step[:8]):  # (elementwise: the same bits as in full)
@@ -452,7 +489,7 @@ class LossEvaluator:
         if part is not None:
             return
         if keep:
-            self._rows.append((plan.name, self._theta, self._dirs_in, torch.cat([v for v, _ in keep]),
+            self._rows.append((plan.name, self._theta, self._dirs_in, self._origin, torch.cat([v for v, _ in keep]),
                                torch.cat([d for _, d in keep], 1)))
         sums[whole] += total
         if grad:

@@ -215,31 +215,34 @@ class RowLoop:
         self.on_eval = on_eval or (lambda: None)
         self._carry: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (state, values, proj onto this Δθ)
 
-    def _at(self, theta: torch.Tensor, dirs: list[torch.Tensor], rows: torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(values, projections, the rows evaluated: None for all) at θ, of all rows or at least `rows`."""
+    def _at(self, theta: torch.Tensor | tuple[torch.Tensor, float, torch.Tensor], dirs: list[torch.Tensor],
+            rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(values, projections, the rows evaluated: None for all) at θ (or θ0 + sΔθ, given as (θ0, s, Δθ)), of all
+        rows or at least `rows`."""
         got = self.shared(theta, dirs)
         if got is not None:  # the data set's own pass at this point gave every row's
             return got[0], got[1], None
+        if isinstance(theta, tuple):
+            theta = theta[0] + theta[1] * theta[2]
         self.load(theta)
         self.on_eval()
         return self.f([self.split(d) for d in dirs], rows)
 
-    def step(self, t0: int, t1: int, th0: torch.Tensor, th1: torch.Tensor, d_next: torch.Tensor | None
-             ) -> Callable[[], None]:
-        """Evaluate and allocate step t0 -> t1; returns what writes it (nothing is written before)."""
-        d = th1 - th0
+    def step(self, t0: int, t1: int, th0: torch.Tensor, th1: torch.Tensor, d: torch.Tensor,
+             d_next: torch.Tensor | None) -> Callable[[], None]:
+        """Evaluate and allocate step t0 -> t1 (d = θ1 − θ0, the step loop's tensor: its evaluations are found by
+        it); returns what writes it (nothing is written before)."""
         if self._carry is not None and self._carry[0] == t0:
             v0, p0 = self._carry[1], self._carry[2]
         else:
             v0, p, _ = self._at(th0, [d])
             p0 = p[0]
         v1, p1, _ = self._at(th1, [d] + ([d_next] if d_next is not None else []))
-        vm, pm, _ = self._at(th0 + 0.5 * d, [d])
+        vm, pm, _ = self._at((th0, 0.5, d), [d])
         mesh = Mesh(((v0, p0), (v1, p1[0])), (vm, pm[0]), self.max_splits)
 
         def point(s: float, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            v, p, done = self._at(th0 + s * d, [d], rows)  # only the rows whose panels need the point
+            v, p, done = self._at((th0, s, d), [d], rows)  # only the rows whose panels need the point
             return v, p[0], rows if done is None else done
 
         many = None

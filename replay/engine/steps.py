@@ -41,6 +41,10 @@ from replay.store import Run
 # evaluated again for the allocation: memory stays bounded (a 10.7M-parameter LM refined to 32 panels held
 # 2.8 GB of them) at the cost of evaluations only where a step needs that many points.
 KEEP_GRAD_BYTES = 1 << 30
+# The per-parameter losses' projections per tensor are taken from their gradients only where a step of theirs is
+# refined (each is a pass over [K × P] per direction; at plain Simpson their own float64 sums decide and allocate).
+# False: every evaluation projects them (the same numbers: a test compares the two).
+LAZY_PROJECTIONS = True
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -85,6 +89,7 @@ class StepLoop:
         self._alloc = mk() if K else None
         self._pool: list[torch.Tensor] = []
         self.evals = ledger.ckpt.evals  # gradient evaluations, including those before a resume
+        self.lazy = LAZY_PROJECTIONS and K > 0 and not self.first_order  # (see LAZY_PROJECTIONS)
 
     # ---- states -----------------------------------------------------------------------------------
 
@@ -131,9 +136,13 @@ class StepLoop:
     # ---- evaluation ----------------------------------------------------------------------------------
 
     def _eval(self, theta: torch.Tensor, dirs: list[torch.Tensor], grads: torch.Tensor | None,
-              need: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+              need: torch.Tensor | None = None, at: tuple[torch.Tensor, float] | None = None, project: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One evaluation at θ onto `dirs`; `at` (θ0, s): θ is θ0 + s·dirs[0] (the rows find the pass by these
+        tensors); `project=False`: no projections for the per-parameter losses (see `_allocate`)."""
         self.evals += 1
-        return self.ev(theta, torch.stack(dirs), grads, need)
+        return self.ev(theta, torch.stack(dirs), grads, need, origin=None if at is None else (*at, dirs),
+                       project=project)
 
     def _spare(self) -> torch.Tensor | None:
         if not self.ev.per_param:
@@ -149,26 +158,14 @@ class StepLoop:
         dw = d[self.lo:self.hi].to(ev.grad_dtype) if K else None  # Δθ of the held columns, gradients' dtype
         dl = end.values - start.values
         if self.first_order:
-            lca = start.proj
-            trap = (start.proj + end.proj) / 2.0
-            tensor_lca, error = lca.clone(), (lca - trap).abs()
-            alloc = torch.mul(start.grads, dw, out=self._alloc) if K else None
-            if K:
-                tensor_lca[pp] = self._sums(alloc)
-            splits = torch.ones(len(dl), dtype=torch.int64)
-            grounded = is_grounded(dl - tensor_lca.sum(1), dl, self.tol, self.rtol).cpu()
-            return StepLCA(alloc, tensor_lca, error, splits, grounded, end.values, [[0.0]] * len(dl))
+            return self._first_order(start, end, pp, dw, dl)
         gm = self._spare()
-        vm, pm, gm = self._eval(th0 + 0.5 * d, [d], gm)
-        mesh = Mesh(((start.values, start.proj), (end.values, end.proj)), (vm, pm[0]), self.max_splits)
+        vm, pm, gm = self._eval(th0 + 0.5 * d, [d], gm, at=(th0, 0.5), project=not self.lazy)
         grads = {0.0: start.grads, 1.0: end.grads, 0.5: gm}
-        override = None
-        root = None
+        override = root = trap = root_sums = None
         if K:  # the per-parameter losses decide at plain Simpson on their own float64 sums
-            root = torch.add(start.grads, end.grads, out=self._alloc).add_(gm, alpha=4.0).mul_(dw / 6.0)
-            root_sums = self._sums(root)
-            override = torch.full_like(dl, float("nan"))
-            override[pp] = dl[pp] - root_sums.sum(1)
+            root, root_sums, trap, override = self._plain(start, end, pm[0], gm, d, dw, dl, pp)
+        mesh = Mesh(((start.values, start.proj), (end.values, end.proj)), (vm, pm[0]), self.max_splits)
 
         point = self._point(th0, d, grads, pp, len(dl))
         refine(mesh, point, self.tol, self.rtol, override, many=self._round(th0, d, pp))
@@ -192,7 +189,42 @@ class StepLoop:
             if s not in (0.0, 1.0) and g is not None:
                 self._pool.append(g)
         grounded = is_grounded(dl - tensor_lca.sum(1), dl, self.tol, self.rtol).cpu()
-        return StepLCA(alloc, tensor_lca, mesh.error(), splits, grounded, end.values, points_of(mesh))
+        error = mesh.error()
+        if trap is not None:  # per-parameter losses at plain Simpson: Simpson against the trapezoid, from their sums
+            once = (splits[pp] == 2).to(trap.device)  # [K]
+            error[pp.to(trap.device)[once]] = (root_sums[once] - trap[once]).abs()
+        return StepLCA(alloc, tensor_lca, error, splits, grounded, end.values, points_of(mesh))
+
+    def _first_order(self, start: Point, end: Point, pp: torch.Tensor, dw: torch.Tensor | None, dl: torch.Tensor
+                     ) -> StepLCA:
+        """--first-order: the start's gradient alone (no midpoint), its error against the trapezoid."""
+        lca = start.proj
+        trap = (start.proj + end.proj) / 2.0
+        tensor_lca, error = lca.clone(), (lca - trap).abs()
+        alloc = torch.mul(start.grads, dw, out=self._alloc) if len(pp) else None
+        if len(pp):
+            tensor_lca[pp] = self._sums(alloc)
+        splits = torch.ones(len(dl), dtype=torch.int64)
+        grounded = is_grounded(dl - tensor_lca.sum(1), dl, self.tol, self.rtol).cpu()
+        return StepLCA(alloc, tensor_lca, error, splits, grounded, end.values, [[0.0]] * len(dl))
+
+    def _plain(self, start: Point, end: Point, pm: torch.Tensor, gm: torch.Tensor, d: torch.Tensor, dw: torch.Tensor,
+               dl: torch.Tensor, pp: torch.Tensor) -> tuple:
+        """The per-parameter losses at plain Simpson: (Δθ ⊙ (g0 + 4 gm + g1)/6 [K, held columns], its float64 sums
+        per tensor [K, T], the trapezoid's [K, T] (lazy projections only), the residuals [L] they decide by (NaN for
+        the other losses)). Where one of them refines, its projections at the three points are taken now."""
+        ev = self.ev
+        both = torch.add(start.grads, end.grads, out=self._alloc)
+        trap = ev.projections(both, d) / 2.0 if self.lazy else None  # (for their error where not refined)
+        root = both.add_(gm, alpha=4.0).mul_(dw / 6.0)
+        root_sums = self._sums(root)
+        override = torch.full_like(dl, float("nan"))
+        override[pp] = dl[pp] - root_sums.sum(1)
+        if self.lazy and not bool(is_grounded(override[pp], dl[pp], self.tol, self.rtol).all()):
+            # (host sync) one refines: the mesh needs their projections at the step's three points
+            for proj, g in ((start.proj, start.grads), (end.proj, end.grads), (pm, gm)):
+                proj[pp] = ev.projections(g, d)
+        return root, root_sums, trap, override
 
     def _round(self, th0: torch.Tensor, d: torch.Tensor, pp: torch.Tensor) -> Callable:
         """A refinement round in which no per-parameter loss needs a point: its group losses' (point, example)
@@ -218,7 +250,7 @@ class StepLoop:
         def point(s: float, need: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             need = need.cpu()
             if bool((need & per_param).any()) or bool(need.all()):
-                v, p, g = self._eval(th0 + s * d, [d], self._spare())
+                v, p, g = self._eval(th0 + s * d, [d], self._spare(), at=(th0, s))
                 need = torch.ones_like(need)
             else:
                 v, p, g = self._eval(th0 + s * d, [d], None, need)
@@ -284,7 +316,7 @@ class StepLoop:
             if kind == "unchanged":  # no parameter moved: nothing to evaluate, LCA exactly 0
                 if start is None and values is None:  # a segment that begins unchanged: its start, once
                     v0, p0, g0 = self._eval(th0, [d_next if d_next is not None else torch.zeros_like(th0)],
-                                            self._ends[0])
+                                            self._ends[0], project=not self.lazy)
                     if t0 == self._resumed_at:
                         self.evals -= 1
                     values = v0
@@ -298,14 +330,15 @@ class StepLoop:
                 continue
             d = th1 - th0
             if start is None:
-                v0, p0, g0 = self._eval(th0, [d], self._ends[0])
+                v0, p0, g0 = self._eval(th0, [d], self._ends[0], at=(th0, 0.0), project=not self.lazy)
                 if t0 == self._resumed_at:
                     self.evals -= 1
                 start = Point(v0, p0[0], g0)
             end_buf = self._ends[1] if start.grads is self._ends[0] else self._ends[0]
-            v1, p1, g1 = self._eval(th1, [d] + ([d_next] if d_next is not None else []), end_buf)
+            v1, p1, g1 = self._eval(th1, [d] + ([d_next] if d_next is not None else []), end_buf, at=(th1, 0.0),
+                                    project=not self.lazy)
             step = self._allocate(th0, d, start, Point(v1, p1[0], g1))
-            commits = [r.step(t0, t1, th0, th1, d_next) for r in self.rows]
+            commits = [r.step(t0, t1, th0, th1, d, d_next) for r in self.rows]
             self.ev.forget_rows()
             with interrupts.held():  # a step is in the frames whole or not at all
                 self.ledger.record(t0, t1, start.values, step)
