@@ -35,6 +35,22 @@ class BagOfWords(nn.Module):
         return self.out(self.norm(self.emb(idx).mean(1)))
 
 
+class TinyLM(nn.Module):
+    """Sequences classified by their mean logits: a padding row, learned positions (one output the whole batch
+    shares, given a batch dimension by the engine), LayerNorm, the output layer tied to the embedding."""
+
+    def __init__(self, classes: int, vocab: int = 20, width: int = 8, context: int = 5):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, width, padding_idx=0), nn.Embedding(context, width)
+        self.ln, self.head = nn.LayerNorm(width), nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.wte.weight
+        self.cls = nn.Linear(vocab, classes)
+
+    def forward(self, idx):
+        h = self.ln(self.wte(idx) + self.wpe(torch.arange(idx.shape[1])))
+        return self.cls(self.head(h).mean(1))
+
+
 def make(kind: str, n: int = 120, classes: int = 7):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
@@ -43,6 +59,8 @@ def make(kind: str, n: int = 120, classes: int = 7):
         model, x = ConvNet(classes), torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64)
         model.bn.running_mean.uniform_(-0.5, 0.5)  # statistics of their own: the rule must use them
         model.bn.running_var.uniform_(0.5, 2.0)
+    elif kind == "lm":
+        model, x = TinyLM(classes), torch.randint(0, 20, (n, 5), generator=g)
     else:
         model, x = BagOfWords(classes), torch.randint(0, 30, (n, 5), generator=g)
     model = model.double()
@@ -148,3 +166,66 @@ def test_the_evaluator_loads_theta_again_whenever_it_or_a_parameter_changed():
     v3, _, _ = ev(theta, dirs)
     assert not torch.equal(v1, v3), "θ changed in place: loaded again"
     assert torch.equal(ev.params[0].detach().reshape(-1), theta[:ev.numels[0]].to(ev.params[0].dtype))
+
+
+@pytest.mark.parametrize("kind", ["conv", "embedding", "lm"])
+def test_per_parameter_group_losses_from_one_backward_equal_autograd_on_their_own_examples(kind):
+    """per_param='all': every class and group loss's whole gradient comes from the data set's batches, one forward
+    and one backward each (each cell's rows a segment of the batch, `engine.segments`), and equals autograd of
+    that group's mean loss on its examples alone: convolution, batch-norm with running statistics, ReLU(inplace),
+    an embedding with a padding row, LayerNorm, learned positions shared by the batch, tied weights."""
+    task, x, y, g = make(kind)
+    names = [n for n, _ in task.model.named_parameters()]
+    ev = LossEvaluator(task, names, ["train"], ["train"], torch.device("cpu"), per_param="all")
+    assert ev.plans[0].segmented and len(ev.plans[0].batches) < len(ev.plans[0].cell_batches)
+    theta = torch.cat([p.detach().reshape(-1) for p in task.model.parameters()])
+    dirs = torch.randn(1, theta.numel(), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    values, proj, grads = ev(theta, dirs)
+    assert ev.plans[0].segmented, "the first batch's check kept the one-backward gradients"
+    params = list(task.model.parameters())
+    for li, name in enumerate(ev.loss_names):
+        if name == "train":
+            rows = torch.ones(len(y), dtype=torch.bool)
+        elif name.startswith("train/class="):
+            rows = y == int(name.split("=")[1])
+        else:
+            rows = g == int(name.split("=")[1])
+        loss = nn.functional.cross_entropy(task.model(x[rows]), y[rows])
+        ref = torch.cat([r.reshape(-1) for r in torch.autograd.grad(loss, params)])
+        torch.testing.assert_close(grads[ev.per_param.index(li)], ref, rtol=1e-10, atol=1e-12, msg=name)
+        torch.testing.assert_close(values[li], loss.detach(), rtol=1e-12, atol=1e-12, msg=name)
+
+
+class Flipped(nn.Module):
+    """A layer whose output rows are not its examples' (the batch reversed after it): one-backward gradients by
+    segments would be other examples' (the first batch's check must catch it)."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, classes)
+
+    def forward(self, x):
+        h = self.a(x).flip(0)
+        return self.b(torch.tanh(h)).flip(0)
+
+
+def test_per_parameter_groups_whose_rules_disagree_go_back_to_a_backward_per_cell():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    n, classes = 60, 4
+    x, y = torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
+    model = Flipped(classes).double()
+    task = replay.Task(model, {"train": (x, y)}, batch_size=25)
+    names = [n for n, _ in model.named_parameters()]
+    ev = LossEvaluator(task, names, ["train"], ["train"], torch.device("cpu"), per_param="all")
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    with pytest.warns(UserWarning, match="one-backward gradients of .* disagree with autograd's"):
+        values, _, grads = ev(theta, torch.zeros(1, theta.numel(), dtype=torch.float64))
+    assert not ev.plans[0].segmented
+    for li, name in enumerate(ev.loss_names):
+        rows = torch.ones(n, dtype=torch.bool) if name == "train" else y == int(name.split("=")[1])
+        # a batch of the cell's examples (as the backward per cell evaluates them): the flip stays inside it
+        loss = sum(nn.functional.cross_entropy(model(x[rows][i:i + 25]), y[rows][i:i + 25], reduction="sum")
+                   for i in range(0, int(rows.sum()), 25)) / int(rows.sum())
+        ref = torch.cat([r.reshape(-1) for r in torch.autograd.grad(loss, list(model.parameters()))])
+        torch.testing.assert_close(grads[ev.per_param.index(li)], ref, rtol=1e-10, atol=1e-12, msg=name)

@@ -35,6 +35,7 @@ from torch import nn
 from replay.engine.columns import Columns
 from replay.engine.ghost import ExampleProducts
 from replay.engine.parallel import Placement, shard_batches
+from replay.engine.segments import SegmentGrads, covered
 from replay.engine.user_code import checked_losses
 from replay.errors import TaskError
 from replay.task import Examples, Task
@@ -54,6 +55,11 @@ class _DataPlan:
     members: torch.Tensor  # [n, G] each example's group loss per group key (data set's order)
     ghost: bool = False  # group losses from the examples' products (see LossEvaluator._ghost_pass)
     keep_rows: bool = False  # its examples are rows too: each whole pass keeps their values and products
+    # per-parameter group losses from one backward per batch (see LossEvaluator._segmented_pass): batches over the
+    # examples sorted by cell, straddling cells, and per batch its cells' rows (lo, hi, cell, the cell's last rows)
+    segmented: bool = False
+    segments: list[list[tuple[int, int, int, bool]]] | None = None
+    cell_batches: list[tuple[int, int, int]] | None = None  # the batches of a backward per cell (the fallback)
 
 
 class LossEvaluator:
@@ -88,6 +94,7 @@ class LossEvaluator:
         self.per_param = [i for i, n in enumerate(self.loss_names) if n in set(wanted)]  # losses with [P] gradients
         self._per_param_slot = {li: k for k, li in enumerate(self.per_param)}
         self.products = None  # ExampleProducts, when some data set's group losses come from them
+        self.segment_grads: SegmentGrads | None = None  # per-parameter group gradients from one backward
         self._rows: list[tuple] = []  # (data set, θ, directions, origin, values, projections): see shared_rows
         self._theta: torch.Tensor | None = None
         self._dirs_in: torch.Tensor | None = None
@@ -97,6 +104,7 @@ class LossEvaluator:
             rows = plan.name in row_sets and not self.place.shards_data
             plan.ghost = self._ghost_groups(plan, param_names, rows)
             plan.keep_rows = rows and plan.ghost
+            plan.segmented = not plan.ghost and self._segmented_groups(plan, param_names)
             self._arrange(plan)
         P, N = sum(self.numels), self.place.world if self.place.shards_data else 1
         S = -(-P // N)
@@ -170,6 +178,21 @@ class LossEvaluator:
             self.products = ExampleProducts(self.model, param_names, self.task.loss_fn, self.device)
         return not self.products.fallback
 
+    def _segmented_groups(self, plan: _DataPlan, param_names: list[str]) -> bool:
+        """Whether the plan's per-parameter group losses come from one backward per batch (`segments`): it has
+        groups, examples do not share batch statistics, one dtype and device, and every tensor has a rule."""
+        if plan.members.shape[1] == 0 or self.batch_stats or unwrap_model(self.model) is not self.model:
+            return False
+        if len({(p.dtype, p.device) for p in self.params}) != 1 or self.place.shards_data:  # (data mode: cells)
+            return False
+        if self.products is None:
+            self.products = ExampleProducts(self.model, param_names, self.task.loss_fn, self.device)
+        if not covered(self.products):
+            return False
+        if self.segment_grads is None:
+            self.segment_grads = SegmentGrads(self.products, self.params)
+        return True
+
     def _arrange(self, plan: _DataPlan) -> None:
         """The plan's batches, in evaluation order, and this rank's examples on the device.
 
@@ -197,6 +220,12 @@ class LossEvaluator:
             batches = []
             for a, b in zip([0] + bounds, bounds + [n], strict=True):
                 batches += [(s, min(s + bs, b), int(cell_of[a])) for s in range(a, b, bs)]
+            if plan.segmented:  # the same order, the data set's batches: each batch's cells are segments of it
+                plan.cell_batches = batches
+                starts = [0] + bounds
+                batches = [(s, min(s + bs, n), MIXED) for s in range(0, n, bs)]
+        if plan.segmented:  # (one process: the rows are the data set's)
+            plan.segments = [_segments_of(a, b, starts, bounds + [n], cell_of) for a, b, _ in batches]
         batches = shard_batches(batches, self.place, self.batch_stats)
         lo = batches[0][0] if batches else 0  # data mode: only this rank's examples go to the device
         hi = batches[-1][1] if batches else 0
@@ -379,6 +408,8 @@ class LossEvaluator:
                 # (a data set there only for its rows goes back to plain backward passes once the first batch's
                 # check has sent a tensor to the slow product: the rows then evaluate on their own)
                 self._ghost_pass(plan, sums, target, part)
+            elif plan.segmented:
+                self._segmented_pass(plan, sums, target, part)
             elif plan.mixed:
                 self._mixed_pass(plan, sums, target, part)
             else:
@@ -449,6 +480,36 @@ class LossEvaluator:
                 self._add_grads(target, cell)
                 self._start_cell()
                 cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def _segmented_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor | None,
+                        part: set[int] | None = None) -> None:
+        """The data set's batches over its examples sorted by cell: one forward and one backward (activation
+        gradients) each, every cell's gradient summed over its rows (`segments`), added into its losses at its last
+        rows (`part`: only the cells of these losses). The first batch's gradients are checked against autograd's;
+        where they disagree the plan goes back to a backward per cell (`_sorted_pass`), for good."""
+        seg = self.segment_grads
+        self._start_cell()
+        cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for (a, b, _), rows in zip(plan.batches, plan.segments, strict=True):
+            rows = rows if part is None else [r for r in rows if part.intersection(plan.cell_losses[r[2]])]
+            if not rows:
+                continue
+            where = f"data set {plan.name!r}, examples {a}..{b - 1}"
+            examples = plan.examples.slice(a, b)
+            values = seg.batch(examples, where).double()
+            if not seg.checked and not seg.check(examples, rows[0][0], rows[0][1], where):
+                plan.segmented, plan.batches = False, plan.cell_batches
+                return self._sorted_pass(plan, sums, target, part)  # (nothing of this pass was added yet)
+            for lo, hi, c, last in rows:
+                seg.add(lo, hi, self._views)
+                cell_sum += values[lo:hi].sum()
+                if last:
+                    cell = plan.cell_losses[c] if part is None else [li for li in plan.cell_losses[c] if li in part]
+                    for li in cell:
+                        sums[li] += cell_sum
+                    self._add_grads(target, cell)
+                    self._start_cell()
+                    cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
 
     def _ghost_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor | None,
                     part: set[int] | None = None) -> None:
@@ -525,6 +586,18 @@ class LossEvaluator:
                 for li in losses[1:] if part is None else losses:
                     sums[li] += values.sum() if pos is None else values[pos].sum()
                 self._add_grads(target, losses)
+
+
+def _segments_of(a: int, b: int, starts: list[int], stops: list[int], cell_of: torch.Tensor
+                 ) -> list[tuple[int, int, int, bool]]:
+    """The cells' rows within batch a..b of examples sorted by cell (cell k: starts[k]..stops[k]): (lo, hi relative
+    to a, cell, whether its last rows)."""
+    out = []
+    for lo, hi in zip(starts, stops, strict=True):
+        if hi <= a or lo >= b:
+            continue
+        out.append((max(lo, a) - a, min(hi, b) - a, int(cell_of[lo]), hi <= b))
+    return out
 
 
 def _class_labels(name: str, y: torch.Tensor) -> torch.Tensor:

@@ -187,6 +187,7 @@ class ExampleProducts:
         covered = {i for *_, i in self.uses}
         self.fallback = [i for i in range(len(self.names)) if i not in covered]
         self.checked = False
+        self._probed = False
         self._vmap_ok = True
         self._copied: set[int] = set()  # uses whose output the model changes in place: forwarded as a copy
         self._points_ok = True  # every layer output batch-first (at_points)
@@ -209,7 +210,7 @@ class ExampleProducts:
         `accumulate`: the one backward also adds ∇ Σ_i ℓ_i into the parameters' .grad (as loss.backward()
         would), for a caller that needs the batch's gradient too.
         """
-        if not self.checked:  # which layers' outputs the model changes in place, before any number is taken:
+        if not self._probed:  # which layers' outputs the model changes in place, before any number is taken:
             self._probe(batch.slice(0, min(CHECK_EXAMPLES, len(batch))), where)  # every batch computes alike
         losses, records, grads = self._backward(batch, accumulate, where)
         d, stale = self._ghost(records, grads, dirs, losses.shape[0])
@@ -260,12 +261,32 @@ class ExampleProducts:
                 h.remove()
         return losses.detach(), records, bs
 
+    def outputs_and_grads(self, batch: Examples, where: str) -> tuple[torch.Tensor, list, list]:
+        """(losses [B], records, output gradients) of one forward and one backward (activations only) of the batch:
+        each fast layer use's (use, input, output, version) and the gradient of Σ ℓ at its output (`segments`)."""
+        if not self._probed:
+            self._probe(batch.slice(0, min(CHECK_EXAMPLES, len(batch))), where)
+        losses, records, grads = self._backward(batch, False, where)
+        changed = {u for u, _, y, version in records if y._version != version}
+        if changed:  # changed in place after the layer: b would be another tensor's gradient; as a copy, again
+            self._copied |= changed
+            losses, records, grads = self._backward(batch, False, where)
+        return losses, records, grads
+
+    def input_rows(self, u: int, a: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Rows lo..hi of use u's input: its rows, or (a batch-shared output, see _expand) the input broadcast."""
+        how = self._expand.get(u)
+        if how is None:
+            return a[lo:hi]
+        return a.expand(hi - lo, *(a.shape if how == "new" else a.shape[1:]))
+
     def _probe(self, batch: Examples, where: str) -> None:
         """Forwards of a few examples: the layer uses whose output the model then changes in place go on as a
         copy from the first batch (so that the first batch's numbers are computed as every later one's), and
         those whose output the whole batch shares (its first dimension the same for k and k − 1 examples: no
         coincidence of sizes can pass for batch-first) are given a batch dimension from then on, where the
         losses stay what they were (checked here: else they keep the slow product)."""
+        self._probed = True
         with torch.no_grad():
             losses, records, _ = self._backward(batch, False, where, probe=True, expand={})
         self._copied |= {u for u, _, y, version in records if y._version != version}
