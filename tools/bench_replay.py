@@ -11,7 +11,7 @@ For each, per round and implementation (this tree, and with --against DIR an old
 each in its own fresh process so that peak memory is its own):
   seconds per replayed step and gradient evaluations per step;
   (a) overhead factor = replay seconds / (gradient evaluations × one plain forward+backward over
-      the same data): in the engine's batches (split at class boundaries) and in large batches.
+      the same data): in the engine's batches (the data set's own) and in large batches.
       1.0 means the engine adds nothing to the gradients it cannot avoid;
   (b) speed-up over the paper's loop (every loss its own pass, gradients at start, midpoint and
       end of every step), against replay at the same rule (plain Simpson, --max-splits 2) and
@@ -222,21 +222,15 @@ def loss_of(a, model: nn.Module, batch) -> torch.Tensor:
 
 
 def batches_of(a, task: replay.Task, device: str, big: bool) -> list:
-    """Every data set cut into the engine's batches (per class when per-class and not batch-norm batch
-    statistics, then task.batch_size), or into batches of `a.big_batch` examples (big=True)."""
-    per_class = set(losses_of(a)["per_class"])
+    """Every data set cut into the engine's batches (the data set's own, task.batch_size: class and group losses,
+    per-parameter ones too, come from them), or into batches of `a.big_batch` examples (big=True)."""
     out = []
     for name, d in task.data.items():
         if name not in ("train", "val"):
             continue
         n = len(next(iter(d.values()))) if isinstance(d, dict) else len(d[1])
         bs = a.big_batch if big else (task.batch_size or n)
-        if name in per_class and not big and task.batchnorm != "batch":
-            order = torch.sort(d[1], stable=True).indices
-            cells = [order[d[1][order] == c] for c in torch.unique(d[1])]
-        else:
-            cells = [torch.arange(n)]
-        out += [take(d, c[i:i + bs], device) for c in cells for i in range(0, len(c), bs)]
+        out += [take(d, torch.arange(i, min(i + bs, n)), device) for i in range(0, n, bs)]
     return out
 
 

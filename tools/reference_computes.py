@@ -49,9 +49,9 @@ def workloads() -> dict:
     def digits(model, **kw):
         return lambda: replay.Task(model(), load_digits_tensors(), **kw)
 
-    def grouped():
+    def grouped(model=lambda: digits_mlp(64)):
         data = load_digits_tensors()
-        return replay.Task(digits_mlp(64), data, groups={"train": {"g": groups(len(data["train"][1]), 100)}})
+        return replay.Task(model(), data, groups={"train": {"g": groups(len(data["train"][1]), 100)}})
 
     def lm():
         sys.path.insert(0, str(HERE))
@@ -74,6 +74,7 @@ def workloads() -> dict:
         "mlp-tol-1e-6": ("mlp", mlp, {**classes, "tol": 1e-6, "max_splits": 8}),
         "cnn": ("cnn", cnn, {**classes, "tol": 1e-5}),
         "cnn-per-param-all": ("cnn", cnn, {**classes, "per_param": "all", "tol": 1e-5}),
+        "cnn-100-groups-per-param-all": ("cnn", lambda: grouped(digits_cnn), {**classes, "per_param": "all"}),
         "bn-batch": ("bn", digits(bn_net, batch_size=200), {**classes, "max_splits": 8}),
         "bn-running": ("bn", digits(bn_net, batch_size=200, batchnorm="running"), {**classes, "max_splits": 8}),
         "lm-per-example": ("lm", lm, {"losses": ["train", "val"], "per_example": ["val"], "max_splits": 8}),

@@ -42,6 +42,12 @@ from replay.task import Examples, Task
 from replay.wrappers import unwrap_model
 
 MIXED = -1  # a batch's cell when it holds several (batch-norm batch statistics): see _DataPlan.mixed
+# Per-parameter group losses come from segments of the data set's batches where cells hold fewer examples than this
+# on average; bigger cells keep a backward per cell. Measured on the CPU (1 thread), per evaluation of the digits
+# train set: 10 classes of 140, MLP 12.2 ms by segments against 13.0 by cells, CNN 54 against 46 (a batch of all
+# 1,400 examples is slower per example there than the cells' 140); 100 groups of 14: MLP 3.9 s against 4.8, CNN 2.9
+# against 4.4 for the whole compute.
+SEGMENT_CELLS_BELOW = 128
 
 
 @dataclass
@@ -184,6 +190,8 @@ class LossEvaluator:
         if plan.members.shape[1] == 0 or self.batch_stats or unwrap_model(self.model) is not self.model:
             return False
         if len({(p.dtype, p.device) for p in self.params}) != 1 or self.place.shards_data:  # (data mode: cells)
+            return False
+        if len(plan.examples) >= SEGMENT_CELLS_BELOW * len(plan.cell_losses):  # big cells: a backward each
             return False
         if self.products is None:
             self.products = ExampleProducts(self.model, param_names, self.task.loss_fn, self.device)
