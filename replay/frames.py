@@ -289,14 +289,15 @@ class FrameWriter:
         ends = np.cumsum(self.tensor_sizes)
         flat = np.arange(start, start + k)
         tensor_ids = np.searchsorted(ends, flat, side="right")  # [k]
-        index = flat - (ends - self.tensor_sizes)[tensor_ids]  # flat index within its tensor
-        names = [self.loss_names[i] for i in self.per_param]
-        df = pl.DataFrame({  # strings by gathering from the names: numpy object arrays cost ~10x more
-            "loss": pl.Series(names, dtype=pl.String).gather(np.repeat(np.arange(K), k)),
-            "tensor": pl.Series(self.tensor_names, dtype=pl.String).gather(np.tile(tensor_ids, K)),
-            "index": np.tile(index, K), "lca": lca.reshape(-1),
-            "n_helped": helped.reshape(-1).astype(np.int64), "n_steps": np.full(K * k, n_steps, dtype=np.int64),
-        }, schema=PARAMS_SCHEMA)
+        # the columns every loss shares, made once (the strings by gathering from the names: numpy object arrays
+        # cost ~10x more), and the loss as a repeated constant: a frame per loss, written as one
+        tensor = pl.Series("tensor", self.tensor_names, dtype=pl.String).gather(tensor_ids)
+        index = pl.Series("index", (flat - (ends - self.tensor_sizes)[tensor_ids]).astype(np.int64))
+        steps = pl.Series("n_steps", np.full(k, n_steps, dtype=np.int64))
+        df = pl.concat([pl.DataFrame([pl.repeat(self.loss_names[li], k, dtype=pl.String, eager=True).alias("loss"),
+                                      tensor, index, pl.Series("lca", lca[r]),
+                                      pl.Series("n_helped", helped[r].astype(np.int64)), steps], schema=PARAMS_SCHEMA)
+                        for r, li in enumerate(self.per_param)], rechunk=False)
         return _write_parquet(df, self.out, f"params/{self.prefix}.parquet")
 
 

@@ -135,11 +135,25 @@ def _batched(out: torch.Tensor, how: str, B: int) -> torch.Tensor:
 def _runs(s: torch.Tensor) -> list[tuple[int, int, float]] | None:
     """(start, stop, s) of each run of equal s (a round's pairs, point by point), or None when the runs are too
     short for a matrix per run to pay (fewer than 4 pairs each on average)."""
-    values, counts = torch.unique_consecutive(s, return_counts=True)
-    if len(values) * 4 > len(s):
-        return None
-    stops = torch.cumsum(counts, 0).tolist()
-    return [(b - c, b, v) for b, c, v in zip(stops, counts.tolist(), values.tolist(), strict=True)]
+    values = s.tolist()  # (a few hundred floats: Python's loop costs less than three torch ops here)
+    runs, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            runs.append((start, i, values[start]))
+            start = i
+    return None if len(runs) * 4 > len(values) else runs
+
+
+def _moved(out: torch.Tensor, ts: list[tuple[int, torch.Tensor]], sv: torch.Tensor, a: torch.Tensor | None = None,
+           mod: nn.Module | None = None, dw: torch.Tensor | None = None, runs: list | None = None) -> torch.Tensor:
+    """A layer's output at each pair's point, y + s_i·Σ its tangents: a Linear (given its input a, its ΔW and the
+    runs of pairs at one point) through `_AtPointsLinear`, any other by autograd."""
+    if mod is not None:
+        return _AtPointsLinear.apply(a, out.detach(), [t.detach() for _, t in ts], sv, mod.weight.detach(), dw, runs)
+    y = out
+    for _, t in ts:
+        y = y + sv * t
+    return y
 
 
 class _AtPointsLinear(torch.autograd.Function):
@@ -188,6 +202,7 @@ class ExampleProducts:
         self.fallback = [i for i in range(len(self.names)) if i not in covered]
         self.checked = False
         self._probed = False
+        self._modules_uses: dict | None = None  # see _by_module
         self._vmap_ok = True
         self._copied: set[int] = set()  # uses whose output the model changes in place: forwarded as a copy
         self._points_ok = True  # every layer output batch-first (at_points)
@@ -350,35 +365,30 @@ class ExampleProducts:
             return None
         B = len(batch)
         records: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []  # (use, its tangent, the output, its version)
-        by_module: dict[nn.Module, list[int]] = {}
-        for u, (m, *_rest) in enumerate(self.uses):
-            by_module.setdefault(m, []).append(u)
+        by_module = self._by_module()
         bad = []
-
         runs = _runs(s)  # pairs at one point are consecutive: (start, stop, s) of each point's
+        svs: dict[tuple, torch.Tensor] = {}  # s on each output's device and dtype, made once
 
         def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            uses, weight_name = by_module[mod]
             shape = getattr(out, "shape", None)
-            out = self._shared_view(by_module[mod], out, B)  # (each example's view of a batch-shared output)
+            if self._expand:
+                out = self._shared_view([u for u, *_ in uses], out, B)  # (each example's view of a shared output)
             if not (isinstance(out, torch.Tensor) and args) or out.shape[0] != B:
                 bad.append(mod)
                 return None
-            sv = s.to(device=out.device, dtype=out.dtype).view(-1, *([1] * (out.dim() - 1)))
-            ts = [(u, _tangent(self.uses[u][1], mod, self.uses[u][2], args[0], direction[self.names[self.uses[u][3]]]))
-                  for u in by_module[mod]]
+            key = (out.device, out.dtype)
+            if key not in svs:
+                svs[key] = s.to(device=out.device, dtype=out.dtype)
+            sv = svs[key].view(-1, *([1] * (out.dim() - 1)))
             a = args[0]
-            dw = next((direction[self.names[self.uses[u][3]]] for u in by_module[mod]
-                       if self.uses[u][1] == "linear" and self.uses[u][2] == "weight"), None)
-            if (dw is not None and runs is not None and a.requires_grad and shape == out.shape
-                    and a.shape[:-1] == out.shape[:-1]):
-                y = _AtPointsLinear.apply(a, out.detach(), [t.detach() for _, t in ts], sv, mod.weight.detach(),
-                                          dw, runs)
-            else:
-                y = out
-                for _, t in ts:
-                    y = y + sv * t
+            ts = [(u, _tangent(kind, mod, pname, a, direction[name])) for u, kind, pname, name in uses]
+            fused = weight_name is not None and runs is not None and a.requires_grad and shape == out.shape \
+                and a.shape[:-1] == out.shape[:-1]
+            y = _moved(out, ts, sv, a, mod, direction[weight_name], runs) if fused else _moved(out, ts, sv)
             records.extend((u, t, y, y._version) for u, t in ts)
-            return y.clone() if any(u in self._copied for u in by_module[mod]) else y
+            return y.clone() if any(u in self._copied for u, *_ in uses) else y
 
         hooks = [m.register_forward_hook(hook) for m in by_module]
         try:
@@ -404,6 +414,20 @@ class ExampleProducts:
                 if b is not None:
                     d[:, self.uses[u][3]] += _per_example(b * t).double()
         return losses.detach().double(), d
+
+    def _by_module(self) -> dict[nn.Module, tuple[list[tuple[int, str, str, str]], str | None]]:
+        """Per layer: its uses (use, kind, parameter name, recorded name) and the recorded name of its Linear
+        weight (None if it is not a Linear)."""
+        if self._modules_uses is None:
+            out: dict[nn.Module, tuple[list, str | None]] = {}
+            for u, (m, kind, pname, ti) in enumerate(self.uses):
+                uses, weight = out.get(m, ([], None))
+                uses.append((u, kind, pname, self.names[ti]))
+                if kind == "linear" and pname == "weight":
+                    weight = self.names[ti]
+                out[m] = (uses, weight)
+            self._modules_uses = out
+        return self._modules_uses
 
     def _shared_view(self, uses: list[int], out: object, B: int) -> object:
         """A batch-shared output of these uses as a [B, ...] view (see _expand), any other output as it is."""

@@ -41,7 +41,7 @@ def digest_without(parts: Iterable[bytes | memoryview], skip: tuple[int, int]) -
 def blocks(f: BinaryIO, size: int) -> Iterable[memoryview]:
     """The first `size` bytes of `f` in BLOCK-sized reads into one reused buffer."""
     f.seek(0)
-    view = memoryview(bytearray(BLOCK))
+    view = memoryview(bytearray(min(BLOCK, max(size, 1))))  # (a small file: a small buffer; 8 MiB zeroed cost ~1 ms)
     pos = 0
     while pos < size:
         n = f.readinto(view[:min(BLOCK, size - pos)])
