@@ -69,6 +69,15 @@ def make(kind: str, n: int = 120, classes: int = 7):
     return task, x, y, groups["g"]
 
 
+def rows_of(name, y, g):
+    """The examples of loss `name` (the data set, a class, a group)."""
+    if name == "train":
+        return torch.ones(len(y), dtype=torch.bool)
+    if name.startswith("train/class="):
+        return y == int(name.split("=")[1])
+    return g == int(name.split("=")[1])
+
+
 def reference(model, x, y, rows, dirs):
     """[D, T] projections of the mean loss of the examples `rows` onto each direction, per tensor (autograd)."""
     params = list(model.parameters())
@@ -96,13 +105,7 @@ def test_every_group_loss_equals_autograd_on_its_own_examples(kind):
     for _ in range(2):  # the second call: the layer changed in place goes on as a copy (the fast rule)
         values, proj, grads = ev(theta, dirs)
         for li, name in enumerate(ev.loss_names):
-            if name == "train":
-                rows = torch.ones(len(y), dtype=torch.bool)
-            elif name.startswith("train/class="):
-                rows = y == int(name.split("=")[1])
-            else:
-                rows = g == int(name.split("=")[1])
-            ref, loss = reference(task.model, x, y, rows, list(dirs))
+            ref, loss = reference(task.model, x, y, rows_of(name, y, g), list(dirs))
             torch.testing.assert_close(values[li], loss, rtol=1e-12, atol=1e-12, msg=name)
             torch.testing.assert_close(proj[:, li], ref, rtol=1e-9, atol=1e-12, msg=name)
     assert len(ev.loss_names) > 1 + 7 + 20  # (a group value may draw no example)
@@ -184,12 +187,7 @@ def test_per_parameter_group_losses_from_one_backward_equal_autograd_on_their_ow
     assert ev.plans[0].segmented, "the first batch's check kept the one-backward gradients"
     params = list(task.model.parameters())
     for li, name in enumerate(ev.loss_names):
-        if name == "train":
-            rows = torch.ones(len(y), dtype=torch.bool)
-        elif name.startswith("train/class="):
-            rows = y == int(name.split("=")[1])
-        else:
-            rows = g == int(name.split("=")[1])
+        rows = rows_of(name, y, g)
         loss = nn.functional.cross_entropy(task.model(x[rows]), y[rows])
         ref = torch.cat([r.reshape(-1) for r in torch.autograd.grad(loss, params)])
         torch.testing.assert_close(grads[ev.per_param.index(li)], ref, rtol=1e-10, atol=1e-12, msg=name)

@@ -32,6 +32,7 @@ products of one batch set (`engine.ghost`) against a plain forward+backward over
     python tools/bench_replay.py --per-example --model cnn [--against /tmp/old-checkout]
     python tools/bench_replay.py --per-token --model lm --examples 8 --context 64
     python tools/bench_replay.py --nproc 2 [--data-parallel] --model cnn      # torchrun scaling
+    python tools/bench_replay.py --model cnn --groups 100 --per-param all    # 100 per-parameter group losses
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def make_task(a, groups: int = 0) -> replay.Task:
 def losses_of(a) -> dict:
     if a.only in ("train", "classes"):  # --class-cost: train alone, or train and its classes
         return {"losses": ["train"], "per_class": ["train"] if a.only == "classes" else []}
-    return {"losses": ["train", "val"], "per_class": [] if a.model == "lm" or a.memory else ["train"]}
+    return {"losses": ["train", "val"], "per_class": [] if a.model == "lm" or a.memory or a.groups else ["train"]}
 
 
 def record(a, path: Path) -> None:
@@ -639,7 +640,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rows", default="", help=argparse.SUPPRESS)
     ap.add_argument("--nproc", type=int, default=0, help="torchrun scaling with this many processes")
     ap.add_argument("--data-parallel", action="store_true")
-    ap.add_argument("--groups", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--groups", type=int, default=0, help="train's losses: G random groups instead of its classes "
+                    "(with --per-param all: per-parameter group losses)")
     ap.add_argument("--run", default="", help=argparse.SUPPRESS)
     ap.add_argument("--units", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)

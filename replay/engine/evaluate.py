@@ -482,12 +482,18 @@ class LossEvaluator:
             losses.sum().backward()  # accumulates into p.grad across the cell's batches
             cell_sum += losses.detach().double().sum()
             if i + 1 == len(plan.batches) or plan.batches[i + 1][2] != c:  # end of cell
-                cell = plan.cell_losses[c] if part is None else [li for li in plan.cell_losses[c] if li in part]
-                for li in cell:
-                    sums[li] += cell_sum
-                self._add_grads(target, cell)
-                self._start_cell()
-                cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+                cell_sum = self._end_cell(plan, c, part, cell_sum, sums, target)
+
+    def _end_cell(self, plan: _DataPlan, c: int, part: set[int] | None, cell_sum: torch.Tensor, sums: torch.Tensor,
+                  target: torch.Tensor | None) -> torch.Tensor:
+        """Cell c is summed: its loss sum and gradient into each of its losses (`part`: those of them only); the next
+        cell starts (a zero loss sum is returned)."""
+        cell = plan.cell_losses[c] if part is None else [li for li in plan.cell_losses[c] if li in part]
+        for li in cell:
+            sums[li] += cell_sum
+        self._add_grads(target, cell)
+        self._start_cell()
+        return torch.zeros((), dtype=torch.float64, device=self.device)
 
     def _segmented_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor | None,
                         part: set[int] | None = None) -> None:
@@ -512,12 +518,7 @@ class LossEvaluator:
                 seg.add(lo, hi, self._views)
                 cell_sum += values[lo:hi].sum()
                 if last:
-                    cell = plan.cell_losses[c] if part is None else [li for li in plan.cell_losses[c] if li in part]
-                    for li in cell:
-                        sums[li] += cell_sum
-                    self._add_grads(target, cell)
-                    self._start_cell()
-                    cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+                    cell_sum = self._end_cell(plan, c, part, cell_sum, sums, target)
 
     def _ghost_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor | None,
                     part: set[int] | None = None) -> None:
