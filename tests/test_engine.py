@@ -256,19 +256,25 @@ def test_helped_counts_add_up_over_many_steps(tmp_path):
     assert got.tolist() == direct.tolist() and max(got) > 255
 
 
-def test_per_tensor_sums_agree_with_and_without_the_float64_copy(digits_run, tmp_path, monkeypatch):
-    """Per-tensor float64 sums: through a float64 copy (small tensors, CPU) or with the cast inside the reduction
-    (big tensors, CUDA): the same numbers to rounding, and the same refinement decisions."""
-    import replay.engine.columns
+@pytest.mark.parametrize("how", ["cast in the reduction", "blocks of 16 columns"])
+def test_per_tensor_sums_agree_however_they_are_cut(digits_run, tmp_path, monkeypatch, how):
+    """Per-tensor float64 sums: through float64 scratch blocks (CPU), with the cast inside the reduction (CUDA), or
+    in blocks much smaller than a tensor: the same numbers to rounding, and the same refinement decisions."""
+    import replay.engine.columns as columns
 
     def tensors(out):
         fr = replay.compute(digits_run, ["val"], per_class=["val"], per_param="all", out=out)
-        return fr.tensors.sort("step", "loss", "tensor").collect()
+        return fr.tensors.sort("step", "loss", "tensor").collect(), fr.steps.sort("step", "loss").collect()["splits"]
 
-    a = tensors(tmp_path / "a")
-    monkeypatch.setattr(replay.engine.columns, "COPY_BYTES", 0)
-    b = tensors(tmp_path / "b")
+    a, a_splits = tensors(tmp_path / "a")
+    if how == "cast in the reduction":
+        monkeypatch.setattr(columns, "CPU_BLOCKS", False)
+    else:
+        monkeypatch.setattr(columns, "MIN_BLOCK", 16)
+        monkeypatch.setattr(columns, "BLOCK_BYTES", 16)
+    b, b_splits = tensors(tmp_path / "b")
     np.testing.assert_allclose(b["lca"].to_numpy(), a["lca"].to_numpy(), rtol=1e-12, atol=1e-15)
+    assert b_splits.to_list() == a_splits.to_list()
     assert b["n_helped"].to_list() == a["n_helped"].to_list()
 
 
