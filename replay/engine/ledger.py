@@ -67,11 +67,13 @@ class Ledger:
             for k in ("lca", "helped"):
                 self.totals[k] = torch.nn.functional.pad(self.totals[k], (0, pad))
         self.totals = {k: v.to(device) for k, v in self.totals.items()}
-        self._helped = torch.empty(K, S, dtype=torch.bool, device=device)
-        # the step's allocation widened to float64 in a buffer of its own: adding the gradients' dtype into the
-        # float64 totals directly makes torch widen it into a fresh temporary each step, whose page faults
-        # (measured: 1,500 per step of [12 × 85k], 3-12 ms) cost more than the addition
-        self._wide = torch.empty(K, S, dtype=torch.float64, device=device)
+        self._helped_block = torch.empty(0, dtype=torch.bool)  # (CPU: one block's helped flags, see _accumulate)
+        if not self.cols.blocked:
+            self._helped = torch.empty(K, S, dtype=torch.bool, device=device)
+            # the step's allocation widened to float64 in a buffer of its own: adding the gradients' dtype into the
+            # float64 totals directly makes torch widen it into a fresh temporary each step, whose page faults
+            # (measured: 1,500 per step of [12 × 85k], 3-12 ms) cost more than the addition
+            self._wide = torch.empty(K, S, dtype=torch.float64, device=device)
         # helped counts of the last < 255 steps, in one byte per count: a quarter of the int32 totals'
         # memory traffic per step (measured 0.05 vs 0.5 ms for [12 × 85k]); folded into the totals
         # before they are read (flush, finish) and before a byte could overflow
@@ -104,12 +106,7 @@ class Ledger:
         else:
             alloc = step.alloc
             if K:
-                helped = torch.lt(alloc, 0, out=self._helped)
-                th = self.cols.place(torch.stack([c.sum(1, dtype=torch.int32) for c in
-                                                  helped[:, :self.P - self.lo].split(self.cols.cut_sizes, 1)], 1)
-                                     ).long()
-                self.totals["lca"] += self._wide.copy_(alloc)  # (see _wide)
-                self._recent += helped.view(torch.uint8)
+                th = self._accumulate(alloc)
                 self._recent_steps += 1
                 if self._recent_steps == 255:
                     self._fold()
@@ -130,6 +127,31 @@ class Ledger:
                 self.dense_buf[str(t0)] = cols[:, :self.P].to("cpu", torch.float64, copy=True)
         if self.place.writes_steps:
             self.writer.add(rows)
+
+    def _accumulate(self, alloc: torch.Tensor) -> torch.Tensor:
+        """The step's per-parameter allocation [K, held columns] into the float64 totals and the helped counts;
+        returns [K, T] the parameters of each tensor it helped (negative LCA). On the CPU block by block, each
+        block widened once into a float64 scratch and used there while in cache (the whole-array passes cost
+        ~2x more: the arithmetic is a few passes over [K × P])."""
+        cols, K = self.cols, alloc.shape[0]
+        if not cols.blocked:  # (CUDA: whole arrays, the widening in a buffer of its own: see _wide)
+            helped = torch.lt(alloc, 0, out=self._helped)
+            th = cols.place(torch.stack([c.sum(1, dtype=torch.int32) for c in
+                                         helped[:, :self.P - self.lo].split(cols.cut_sizes, 1)], 1))
+            self.totals["lca"] += self._wide.copy_(alloc)
+            self._recent += helped.view(torch.uint8)
+            return th.long()
+        counts = torch.zeros(K, len(cols.cut_sizes), dtype=torch.int64)
+        lca, recent = self.totals["lca"], self._recent
+        for t, b, w, wide in cols.blocks(K):
+            wide.copy_(alloc[:, b:b + w])
+            lca[:, b:b + w] += wide
+            if self._helped_block.numel() < K * w:
+                self._helped_block = torch.empty(K * w, dtype=torch.bool)
+            helped = torch.lt(wide, 0, out=self._helped_block[:K * w].view(K, w))
+            counts[:, t] += helped.sum(1)
+            recent[:, b:b + w] += helped.view(torch.uint8)
+        return cols.place(counts)
 
     def _fold(self) -> None:
         """Add the recent helped counts to the totals (exact: integers)."""

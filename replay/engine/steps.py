@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from replay import interrupts
+from replay.engine.columns import simpson_sums
 from replay.engine.evaluate import LossEvaluator
 from replay.engine.ledger import Ledger, StepLCA
 from replay.engine.parallel import Placement
@@ -214,10 +215,10 @@ class StepLoop:
         per tensor [K, T], the trapezoid's [K, T] (lazy projections only), the residuals [L] they decide by (NaN for
         the other losses)). Where one of them refines, its projections at the three points are taken now."""
         ev = self.ev
-        both = torch.add(start.grads, end.grads, out=self._alloc)
-        trap = ev.projections(both, d) / 2.0 if self.lazy else None  # (for their error where not refined)
-        root = both.add_(gm, alpha=4.0).mul_(dw / 6.0)
-        root_sums = self._sums(root)
+        root = self._alloc
+        root_sums, trap = simpson_sums(self.ledger.cols, start.grads, end.grads, gm, dw, root)
+        self.place.sum_shards(root_sums, trap)  # (data mode: each rank summed its slice)
+        trap = trap if self.lazy else None  # (for their error where not refined)
         override = torch.full_like(dl, float("nan"))
         override[pp] = dl[pp] - root_sums.sum(1)
         if self.lazy and not bool(is_grounded(override[pp], dl[pp], self.tol, self.rtol).all()):
