@@ -6,10 +6,12 @@ set's own batches, one forward and one backward each, give every example's per-t
 derivatives (`ghost.ExampleProducts`), and a group's projections are their sum by index, so 1, 100
 or 1,000 groups cost one pass, and requesting them never changes the data set's own numbers.
 
-Where they cannot (a group loss that reports per parameter, a tensor no one-backward rule covers, a
-compiled model), examples are sorted by their group cell (the combination of all group keys in use)
-and batches never straddle cells, so each backward contributes to exactly one cell; at the end of a
-cell its gradient sum goes to every loss the cell belongs to. Batch-norm with batch statistics makes
+A group loss that reports per parameter needs its whole gradient: the examples are sorted by their group
+cell (the combination of all group keys in use, `plans`) and, where cells are small, each cell's gradient
+is a sum over its rows of the data set's batches (`segments`: one forward and one backward per batch);
+otherwise (big cells, a tensor no one-backward rule covers, a compiled model) batches never straddle
+cells, so each backward contributes to exactly one cell; at the end of a cell its gradient sum goes to
+every loss the cell belongs to. Batch-norm with batch statistics makes
 a batch's composition part of every example's loss, so there the batches stay those of the data
 set's own order (requesting a class loss must never change the train loss): each batch is one
 forward, and one backward per group cell present in it.
@@ -27,45 +29,24 @@ Loss values are float64 sums of the examples' losses, whatever the batches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from replay.engine.columns import Columns
 from replay.engine.ghost import ExampleProducts
-from replay.engine.parallel import Placement, shard_batches
+from replay.engine.parallel import Placement
+from replay.engine.plans import DataPlan, arrange, data_plan
 from replay.engine.segments import SegmentGrads, covered
 from replay.engine.user_code import checked_losses
-from replay.errors import TaskError
-from replay.task import Examples, Task
+from replay.task import Task
 from replay.wrappers import unwrap_model
 
-MIXED = -1  # a batch's cell when it holds several (batch-norm batch statistics): see _DataPlan.mixed
 # Per-parameter group losses come from segments of the data set's batches where cells hold fewer examples than this
 # on average; bigger cells keep a backward per cell. Measured on the CPU (1 thread), per evaluation of the digits
 # train set: 10 classes of 140, MLP 12.2 ms by segments against 13.0 by cells, CNN 54 against 46 (a batch of all
 # 1,400 examples is slower per example there than the cells' 140); 100 groups of 14: MLP 3.9 s against 4.8, CNN 2.9
 # against 4.4 for the whole compute.
 SEGMENT_CELLS_BELOW = 128
-
-
-@dataclass
-class _DataPlan:
-    name: str
-    examples: Examples  # this rank's examples, on the device, in evaluation order
-    batches: list[tuple[int, int, int]]  # (start, stop, cell) in evaluation order
-    cell_losses: list[list[int]]  # cell -> indices of the losses it adds to (the data set's own loss first)
-    mixed: dict[int, list[tuple[int, torch.Tensor]]]  # batch start -> (cell, positions in the batch), MIXED batches
-    cell_of: torch.Tensor  # [n] each example's cell, in the data set's order (before any sorting)
-    members: torch.Tensor  # [n, G] each example's group loss per group key (data set's order)
-    ghost: bool = False  # group losses from the examples' products (see LossEvaluator._ghost_pass)
-    keep_rows: bool = False  # its examples are rows too: each whole pass keeps their values and products
-    # per-parameter group losses from one backward per batch (see LossEvaluator._segmented_pass): batches over the
-    # examples sorted by cell, straddling cells, and per batch its cells' rows (lo, hi, cell, the cell's last rows)
-    segmented: bool = False
-    segments: list[list[tuple[int, int, int, bool]]] | None = None
-    cell_batches: list[tuple[int, int, int]] | None = None  # the batches of a backward per cell (the fallback)
 
 
 class LossEvaluator:
@@ -93,7 +74,7 @@ class LossEvaluator:
         self.numels = [p.numel() for p in self.params]
         self.loss_names: list[str] = []
         self.loss_sizes: list[int] = []
-        self.plans = [self._cells(d, d in per_class) for d in datasets]
+        self.plans = [data_plan(task, d, d in per_class, self._add_loss) for d in datasets]
         self.n_examples = torch.tensor(self.loss_sizes, dtype=torch.float64, device=device)
         L = len(self.loss_names)
         wanted = datasets if per_param == "datasets" else (self.loss_names if per_param == "all" else per_param)
@@ -111,7 +92,7 @@ class LossEvaluator:
             plan.ghost = self._ghost_groups(plan, param_names, rows)
             plan.keep_rows = rows and plan.ghost
             plan.segmented = not plan.ghost and self._segmented_groups(plan, param_names)
-            self._arrange(plan)
+            arrange(plan, task.batch_size, self.place, self.batch_stats, device)
         P, N = sum(self.numels), self.place.world if self.place.shards_data else 1
         S = -(-P // N)
         r = self.place.rank if N > 1 else 0
@@ -147,31 +128,7 @@ class LossEvaluator:
         self.loss_sizes.append(size)
         return len(self.loss_names) - 1
 
-    def _cells(self, name: str, per_class: bool) -> _DataPlan:
-        """The data set's losses (its own, then one per group value) and each example's cell and groups."""
-        examples = Examples(self.task.data[name])
-        n = len(examples)
-        keys = dict(self.task.groups.get(name, {}))
-        if per_class:
-            keys = {"class": _class_labels(name, examples.labels(name)), **keys}
-        whole = self._add_loss(name, n)
-        cell_of = torch.zeros(n, dtype=torch.long)
-        cell_losses: list[list[int]] = [[whole]]
-        members = torch.zeros(n, 0, dtype=torch.long)
-        if keys:
-            cols = torch.stack([torch.as_tensor(k).reshape(n).long().cpu() for k in keys.values()], 1)  # [n, G]
-            cells, cell_of = torch.unique(cols, dim=0, return_inverse=True)  # cells [C, G], cell_of [n]
-            cell_losses = [[whole] for _ in range(len(cells))]
-            members = torch.empty_like(cols)
-            for g, gname in enumerate(keys):
-                for v in torch.unique(cols[:, g]).tolist():
-                    idx = self._add_loss(f"{name}/{gname}={v}", int((cols[:, g] == v).sum()))
-                    members[cols[:, g] == v, g] = idx
-                    for c in torch.nonzero(cells[:, g] == v).flatten().tolist():
-                        cell_losses[c].append(idx)
-        return _DataPlan(name, examples, [], cell_losses, {}, cell_of, members)
-
-    def _ghost_groups(self, plan: _DataPlan, param_names: list[str], rows: bool = False) -> bool:
+    def _ghost_groups(self, plan: DataPlan, param_names: list[str], rows: bool = False) -> bool:
         """Whether the plan's group losses (or, `rows`, its examples' rows) come from the examples' products: it
         has some, none reports per parameter (those need their own gradients), examples do not share batch
         statistics, and every tensor has a one-backward rule (otherwise the forward-mode product per batch and
@@ -184,7 +141,7 @@ class LossEvaluator:
             self.products = ExampleProducts(self.model, param_names, self.task.loss_fn, self.device)
         return not self.products.fallback
 
-    def _segmented_groups(self, plan: _DataPlan, param_names: list[str]) -> bool:
+    def _segmented_groups(self, plan: DataPlan, param_names: list[str]) -> bool:
         """Whether the plan's per-parameter group losses come from one backward per batch (`segments`): it has
         groups, examples do not share batch statistics, one dtype and device, and every tensor has a rule."""
         if plan.members.shape[1] == 0 or self.batch_stats or unwrap_model(self.model) is not self.model:
@@ -200,47 +157,6 @@ class LossEvaluator:
         if self.segment_grads is None:
             self.segment_grads = SegmentGrads(self.products, self.params)
         return True
-
-    def _arrange(self, plan: _DataPlan) -> None:
-        """The plan's batches, in evaluation order, and this rank's examples on the device.
-
-        Group losses from products, or batch statistics: the data set's own batches. Otherwise sorted by
-        cell, batches never straddling cells, so that each backward is one cell's."""
-        examples, cell_of, members, n = plan.examples, plan.cell_of, plan.members, len(plan.examples)
-        bs = self.task.batch_size or n
-        mixed: dict[int, list[tuple[int, torch.Tensor]]] = {}
-        if plan.ghost:
-            batches = [(a, min(a + bs, n), 0) for a in range(0, n, bs)]
-        elif self.batch_stats:  # the data set's own batches, whatever the groups
-            _check_batch_sizes(plan.name, n, bs)
-            batches = []
-            for a in range(0, n, bs):
-                cs = torch.unique(cell_of[a:a + bs])
-                if len(cs) == 1:
-                    batches.append((a, min(a + bs, n), int(cs[0])))
-                else:
-                    batches.append((a, min(a + bs, n), MIXED))
-                    mixed[a] = [(int(c), torch.nonzero(cell_of[a:a + bs] == c).flatten()) for c in cs]
-        else:  # sorted by cell, batches never straddle cells: one backward per batch
-            order = torch.sort(cell_of, stable=True).indices
-            examples, cell_of, members = examples.take(order), cell_of[order], members[order]
-            bounds = torch.nonzero(torch.diff(cell_of)).flatten().add(1).tolist()
-            batches = []
-            for a, b in zip([0] + bounds, bounds + [n], strict=True):
-                batches += [(s, min(s + bs, b), int(cell_of[a])) for s in range(a, b, bs)]
-            if plan.segmented:  # the same order, the data set's batches: each batch's cells are segments of it
-                plan.cell_batches = batches
-                starts = [0] + bounds
-                batches = [(s, min(s + bs, n), MIXED) for s in range(0, n, bs)]
-        if plan.segmented:  # (one process: the rows are the data set's)
-            plan.segments = [_segments_of(a, b, starts, bounds + [n], cell_of) for a, b, _ in batches]
-        batches = shard_batches(batches, self.place, self.batch_stats)
-        lo = batches[0][0] if batches else 0  # data mode: only this rank's examples go to the device
-        hi = batches[-1][1] if batches else 0
-        plan.mixed = {a - lo: [(c, i.to(self.device)) for c, i in segs] for a, segs in mixed.items() if lo <= a < hi}
-        plan.batches = [(a - lo, b - lo, c) for a, b, c in batches]
-        plan.examples = examples.slice(lo, hi).to(self.device)
-        plan.members = members[lo:hi].to(self.device)
 
     def load(self, theta: torch.Tensor) -> None:
         """Write the flat float64 θ [P] (or padded [≥P]) into the model's parameters (cast to their dtypes); nothing
@@ -423,7 +339,7 @@ class LossEvaluator:
             else:
                 self._sorted_pass(plan, sums, target, part)
 
-    def _losses(self, plan: _DataPlan, a: int, b: int) -> torch.Tensor:
+    def _losses(self, plan: DataPlan, a: int, b: int) -> torch.Tensor:
         """Per-example losses [b-a] of examples a..b: the user's model and loss_fn, checked."""
         return checked_losses(plan.examples.slice(a, b), self.model, self.task.loss_fn,
                               f"data set {plan.name!r}, examples {a}..{b - 1}")
@@ -469,7 +385,7 @@ class LossEvaluator:
             for li in proj_rows:
                 self._proj[:, li].add_(cell, alpha=self.inv_sizes[li])
 
-    def _sorted_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor | None,
+    def _sorted_pass(self, plan: DataPlan, sums: torch.Tensor, target: torch.Tensor | None,
                      part: set[int] | None = None) -> None:
         """Batches sorted by cell: gradients accumulate over a cell's batches, added once per cell (`part`: only
         the cells of these losses)."""
@@ -484,7 +400,7 @@ class LossEvaluator:
             if i + 1 == len(plan.batches) or plan.batches[i + 1][2] != c:  # end of cell
                 cell_sum = self._end_cell(plan, c, part, cell_sum, sums, target)
 
-    def _end_cell(self, plan: _DataPlan, c: int, part: set[int] | None, cell_sum: torch.Tensor, sums: torch.Tensor,
+    def _end_cell(self, plan: DataPlan, c: int, part: set[int] | None, cell_sum: torch.Tensor, sums: torch.Tensor,
                   target: torch.Tensor | None) -> torch.Tensor:
         """Cell c is summed: its loss sum and gradient into each of its losses (`part`: those of them only); the next
         cell starts (a zero loss sum is returned)."""
@@ -495,7 +411,7 @@ class LossEvaluator:
         self._start_cell()
         return torch.zeros((), dtype=torch.float64, device=self.device)
 
-    def _segmented_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor | None,
+    def _segmented_pass(self, plan: DataPlan, sums: torch.Tensor, target: torch.Tensor | None,
                         part: set[int] | None = None) -> None:
         """The data set's batches over its examples sorted by cell: one forward and one backward (activation
         gradients) each, every cell's gradient summed over its rows (`segments`), added into its losses at its last
@@ -520,7 +436,7 @@ class LossEvaluator:
                 if last:
                     cell_sum = self._end_cell(plan, c, part, cell_sum, sums, target)
 
-    def _ghost_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor | None,
+    def _ghost_pass(self, plan: DataPlan, sums: torch.Tensor, target: torch.Tensor | None,
                     part: set[int] | None = None) -> None:
         """The data set's own batches, one forward and one backward each: every example's per-tensor products
         with the directions (`ghost.ExampleProducts`), summed into each group loss by index (so 1 or 1,000
@@ -573,7 +489,7 @@ class LossEvaluator:
         return [{n: v.view(p.shape).to(p.dtype) for n, v, p in zip(names, row.split(self.numels), self.params,
                                                                     strict=True)} for row in self._dirs]
 
-    def _mixed_pass(self, plan: _DataPlan, sums: torch.Tensor, target: torch.Tensor | None,
+    def _mixed_pass(self, plan: DataPlan, sums: torch.Tensor, target: torch.Tensor | None,
                     part: set[int] | None = None) -> None:
         """The data set's own batches (batch statistics): one forward each, one backward per cell in it (`part`:
         only the batches and cells of these losses)."""
@@ -595,35 +511,6 @@ class LossEvaluator:
                 for li in losses[1:] if part is None else losses:
                     sums[li] += values.sum() if pos is None else values[pos].sum()
                 self._add_grads(target, losses)
-
-
-def _segments_of(a: int, b: int, starts: list[int], stops: list[int], cell_of: torch.Tensor
-                 ) -> list[tuple[int, int, int, bool]]:
-    """The cells' rows within batch a..b of examples sorted by cell (cell k: starts[k]..stops[k]): (lo, hi relative
-    to a, cell, whether its last rows)."""
-    out = []
-    for lo, hi in zip(starts, stops, strict=True):
-        if hi <= a or lo >= b:
-            continue
-        out.append((max(lo, a) - a, min(hi, b) - a, int(cell_of[lo]), hi <= b))
-    return out
-
-
-def _class_labels(name: str, y: torch.Tensor) -> torch.Tensor:
-    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1:
-        raise TaskError(f"--per-class {name}: targets must be integer class labels [n], "
-                        f"got {y.dtype} {tuple(y.shape)}")
-    if len(y) and int(y.min()) < 0:
-        raise TaskError(f"--per-class {name}: labels must be >= 0, found {int(y.min())} "
-                        f"(an ignore label such as -1 or -100 is not a class)")
-    return y
-
-
-def _check_batch_sizes(name: str, n: int, bs: int) -> None:
-    if n % bs == 1 or bs == 1:
-        raise TaskError(f"data set {name!r}: {n} examples in batches of {bs} leave a batch of 1 example, and "
-                        f"batch-norm with batch statistics needs at least 2 per batch; choose another "
-                        f"Task.batch_size (or batchnorm='running')")
 
 
 def _set_deterministic_mode(model: nn.Module, batchnorm: str) -> None:
