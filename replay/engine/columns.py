@@ -30,6 +30,7 @@ class Columns:
         self.cut_sizes, self.cut_ids = parallel.slice_cuts(sizes, lo, hi, device)
         self._cpu = device.type == "cpu" and CPU_BLOCKS
         self._scratch: torch.Tensor | None = None  # [≥ rows × block] float64, made at first use
+        self._vbuf: torch.Tensor | None = None  # a direction's block in float64 (see vector)
 
     def _block(self, rows: int) -> tuple[torch.Tensor, int]:
         """The scratch buffer and the columns of a block for `rows` rows."""
@@ -57,12 +58,21 @@ class Columns:
                 a += n
             sums = torch.stack(out, 1) if out else x.new_zeros(rows, 0, dtype=torch.float64)
             return self.place(sums)
-        v64 = None if v is None else v.to(torch.float64)
-        sums = torch.zeros(rows, len(self.cut_sizes), dtype=torch.float64)
+        per_tensor: list[list[torch.Tensor]] = [[] for _ in self.cut_sizes]
+        vbuf = self.vector(v)
         for t, b, w, part in self.blocks(rows):
             part.copy_(x[:, b:b + w])
-            sums[:, t] += part.sum(1) if v64 is None else torch.mv(part, v64[b:b + w])
-        return self.place(sums)
+            per_tensor[t].append(part.sum(1) if v is None else torch.mv(part, vbuf[:w].copy_(v[b:b + w])))
+        return self.place(_stacked(per_tensor, rows))
+
+    def vector(self, v: torch.Tensor | None) -> torch.Tensor | None:
+        """A float64 scratch vector of a block's columns, for v's values block by block (widening all of v at once
+        cost as much as the products, on an LM's 10M columns)."""
+        if v is None:
+            return None
+        if self._vbuf is None:
+            self._vbuf = torch.empty(max(MIN_BLOCK, BLOCK_BYTES // 8), dtype=torch.float64)  # (the widest block)
+        return self._vbuf
 
     @property
     def blocked(self) -> bool:
@@ -88,6 +98,14 @@ class Columns:
         return out.index_copy_(1, self.cut_ids, sums)[:, :self.T].contiguous()  # collectives need contiguous
 
 
+def _stacked(per_tensor: list[list[torch.Tensor]], rows: int) -> torch.Tensor:
+    """[rows, T] float64: each tensor's block sums [rows] added up, in order."""
+    if not per_tensor:
+        return torch.zeros(rows, 0, dtype=torch.float64)
+    return torch.stack([p[0] if len(p) == 1 else torch.stack(p).sum(0) if p else
+                        torch.zeros(rows, dtype=torch.float64) for p in per_tensor], 1)
+
+
 def simpson_sums(cols: Columns, g0: torch.Tensor, g1: torch.Tensor, gm: torch.Tensor, dw: torch.Tensor,
                  out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain Simpson per parameter, out = Δθ ⊙ (g0 + 4·gm + g1)/6 [rows, columns] (the gradients' dtype), with its
@@ -100,14 +118,15 @@ def simpson_sums(cols: Columns, g0: torch.Tensor, g1: torch.Tensor, gm: torch.Te
         both = torch.add(g0, g1, out=out)
         trap = cols.dot_sums(both, dw)
         return cols.sums(both.add_(gm, alpha=4.0).mul_(dw6)), trap / 2.0
-    dw64 = dw.to(torch.float64)
-    root = torch.zeros(rows, len(cols.cut_sizes), dtype=torch.float64)
-    trap = torch.zeros_like(root)
+    vbuf = cols.vector(dw)
+    roots: list[list[torch.Tensor]] = [[] for _ in cols.cut_sizes]
+    traps: list[list[torch.Tensor]] = [[] for _ in cols.cut_sizes]
     for t, b, w, part in cols.blocks(rows):
         both = torch.add(g0[:, b:b + w], g1[:, b:b + w], out=out[:, b:b + w])
-        trap[:, t] += torch.mv(part.copy_(both), dw64[b:b + w])
+        traps[t].append(torch.mv(part.copy_(both), vbuf[:w].copy_(dw[b:b + w])))
         both.add_(gm[:, b:b + w], alpha=4.0).mul_(dw6[b:b + w])
-        root[:, t] += part.copy_(both).sum(1)
+        roots[t].append(part.copy_(both).sum(1))
+    root, trap = _stacked(roots, rows), _stacked(traps, rows)
     if out.shape[1] > cols.hi - cols.lo:  # (a data-parallel slice's padding: Simpson of zeros)
         torch.add(g0[:, cols.hi - cols.lo:], g1[:, cols.hi - cols.lo:], out=out[:, cols.hi - cols.lo:])
         out[:, cols.hi - cols.lo:].add_(gm[:, cols.hi - cols.lo:], alpha=4.0).mul_(dw6[cols.hi - cols.lo:])

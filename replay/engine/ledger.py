@@ -141,7 +141,7 @@ class Ledger:
             self.totals["lca"] += self._wide.copy_(alloc)
             self._recent += helped.view(torch.uint8)
             return th.long()
-        counts = torch.zeros(K, len(cols.cut_sizes), dtype=torch.int64)
+        counts: list[list[torch.Tensor]] = [[] for _ in cols.cut_sizes]
         lca, recent = self.totals["lca"], self._recent
         for t, b, w, wide in cols.blocks(K):
             wide.copy_(alloc[:, b:b + w])
@@ -149,9 +149,9 @@ class Ledger:
             if self._helped_block.numel() < K * w:
                 self._helped_block = torch.empty(K * w, dtype=torch.bool)
             helped = torch.lt(wide, 0, out=self._helped_block[:K * w].view(K, w))
-            counts[:, t] += helped.sum(1)
+            counts[t].append(helped.sum(1))
             recent[:, b:b + w] += helped.view(torch.uint8)
-        return cols.place(counts)
+        return cols.place(torch.stack([sum(c) if c else torch.zeros(K, dtype=torch.int64) for c in counts], 1))
 
     def _fold(self) -> None:
         """Add the recent helped counts to the totals (exact: integers)."""
