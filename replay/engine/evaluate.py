@@ -137,9 +137,13 @@ class LossEvaluator:
             return False
         if any(li in self._per_param_slot for cell in plan.cell_losses for li in cell[1:]):
             return False
+        return not self._products(param_names).fallback
+
+    def _products(self, param_names: list[str]) -> ExampleProducts:
+        """The model's per-example products and their layer rules (made once, shared by every plan)."""
         if self.products is None:
             self.products = ExampleProducts(self.model, param_names, self.task.loss_fn, self.device)
-        return not self.products.fallback
+        return self.products
 
     def _segmented_groups(self, plan: DataPlan, param_names: list[str]) -> bool:
         """Whether the plan's per-parameter group losses come from one backward per batch (`segments`): it has
@@ -150,9 +154,7 @@ class LossEvaluator:
             return False
         if len(plan.examples) >= SEGMENT_CELLS_BELOW * len(plan.cell_losses):  # big cells: a backward each
             return False
-        if self.products is None:
-            self.products = ExampleProducts(self.model, param_names, self.task.loss_fn, self.device)
-        if not covered(self.products):
+        if not covered(self._products(param_names)):
             return False
         if self.segment_grads is None:
             self.segment_grads = SegmentGrads(self.products, self.params)
