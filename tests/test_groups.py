@@ -51,7 +51,7 @@ class TinyLM(nn.Module):
         return self.cls(self.head(h).mean(1))
 
 
-def make(kind: str, n: int = 120, classes: int = 7):
+def make(kind: str, n: int = 120, classes: int = 7, groups: bool = True):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     y = torch.randint(0, classes, (n,), generator=g)
@@ -64,9 +64,10 @@ def make(kind: str, n: int = 120, classes: int = 7):
     else:
         model, x = BagOfWords(classes), torch.randint(0, 30, (n, 5), generator=g)
     model = model.double()
-    groups = {"g": torch.randint(0, 25, (n,), generator=g)}  # 25 groups beside the classes
-    task = replay.Task(model, {"train": (x, y)}, batch_size=32, groups={"train": groups}, batchnorm="running")
-    return task, x, y, groups["g"]
+    keys = {"g": torch.randint(0, 25, (n,), generator=g)}  # 25 groups beside the classes
+    task = replay.Task(model, {"train": (x, y)}, batch_size=32, groups={"train": keys} if groups else {},
+                       batchnorm="running")
+    return task, x, y, keys["g"]
 
 
 def rows_of(name, y, g):
@@ -172,15 +173,19 @@ def test_the_evaluator_loads_theta_again_whenever_it_or_a_parameter_changed():
 
 
 @pytest.mark.parametrize("kind", ["conv", "embedding", "lm"])
-def test_per_parameter_group_losses_from_one_backward_equal_autograd_on_their_own_examples(kind):
+@pytest.mark.parametrize("groups", [True, False], ids=["classes-and-groups", "classes"])
+def test_per_parameter_group_losses_from_one_backward_equal_autograd_on_their_own_examples(kind, groups):
     """per_param='all': every class and group loss's whole gradient comes from the data set's batches, one forward
     and one backward each (each cell's rows a segment of the batch, `engine.segments`), and equals autograd of
     that group's mean loss on its examples alone: convolution, batch-norm with running statistics, ReLU(inplace),
-    an embedding with a padding row, LayerNorm, learned positions shared by the batch, tied weights."""
-    task, x, y, g = make(kind)
+    an embedding with a padding row, LayerNorm, learned positions shared by the batch, tied weights. With classes
+    alone each cell is its class's only cell: its gradient goes straight into the class's row, and the data set's
+    is the classes' weighted sum (`_own_slots`)."""
+    task, x, y, g = make(kind, groups=groups)
     names = [n for n, _ in task.model.named_parameters()]
     ev = LossEvaluator(task, names, ["train"], ["train"], torch.device("cpu"), per_param="all")
     assert ev.plans[0].segmented and len(ev.plans[0].batches) < len(ev.plans[0].cell_batches)
+    assert (ev._own_slots(ev.plans[0]) is None) == groups
     theta = torch.cat([p.detach().reshape(-1) for p in task.model.parameters()])
     dirs = torch.randn(1, theta.numel(), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     values, proj, grads = ev(theta, dirs)

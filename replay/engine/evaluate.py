@@ -41,11 +41,12 @@ from replay.engine.user_code import checked_losses
 from replay.task import Task
 from replay.wrappers import unwrap_model
 
-# Per-parameter group losses come from segments of the data set's batches where cells hold fewer examples than this
-# on average; bigger cells keep a backward per cell. Measured on the CPU (1 thread), per evaluation of the digits
-# train set: 10 classes of 140, MLP 12.2 ms by segments against 13.0 by cells, CNN 54 against 46 (a batch of all
-# 1,400 examples is slower per example there than the cells' 140); 100 groups of 14: MLP 3.9 s against 4.8, CNN 2.9
-# against 4.4 for the whole compute.
+# Per-parameter group losses come from segments of the data set's batches, except in a model with convolutions whose
+# cells hold this many examples or more on average: those keep a backward per cell. Measured on the CPU (1 thread),
+# per evaluation of the digits train set, 10 classes of 140: MLP 10.0 ms by segments against 13.0 by cells (a whole
+# compute 1.72 s against 1.85), CNN 54 against 46 (a batch of all 1,400 examples is slower per example there than
+# the cells' 140; cut to the cells' size the two ways are within 1%); 100 groups of 14: MLP 3.9 s against 4.8, CNN
+# 2.9 against 4.4 for the whole compute.
 SEGMENT_CELLS_BELOW = 128
 
 
@@ -121,6 +122,7 @@ class LossEvaluator:
         self._prod: torch.Tensor | None = None  # [D, P] scratch for a cell's products
         self._proj: torch.Tensor | None = None  # [D, L, T] this evaluation's projections
         self._is_proj = torch.tensor([i not in self._per_param_slot for i in range(L)])
+        self._own: dict[str, list[int] | None] = {}  # data set → its cells' own rows (see _own_slots)
         _set_deterministic_mode(self.model, task.batchnorm)
 
     def _add_loss(self, name: str, size: int) -> int:
@@ -152,9 +154,11 @@ class LossEvaluator:
             return False
         if len({(p.dtype, p.device) for p in self.params}) != 1 or self.place.shards_data:  # (data mode: cells)
             return False
-        if len(plan.examples) >= SEGMENT_CELLS_BELOW * len(plan.cell_losses):  # big cells: a backward each
+        products = self._products(param_names)
+        if not covered(products):
             return False
-        if not covered(self._products(param_names)):
+        if len(plan.examples) >= SEGMENT_CELLS_BELOW * len(plan.cell_losses) and \
+                any(kind == "conv" for _, kind, _, _ in products.uses):  # big cells of a CNN: a backward each
             return False
         if self.segment_grads is None:
             self.segment_grads = SegmentGrads(self.products, self.params)
@@ -420,6 +424,10 @@ class LossEvaluator:
         rows (`part`: only the cells of these losses). The first batch's gradients are checked against autograd's;
         where they disagree the plan goes back to a backward per cell (`_sorted_pass`), for good."""
         seg = self.segment_grads
+        slots = self._own_slots(plan) if part is None and target is not None else None
+        if slots is not None:  # each cell's gradient straight into its group's row (see _own_slots)
+            rows_of = [target[0, k] for k in slots]
+            views = [None] * len(slots)
         self._start_cell()
         cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for (a, b, _), rows in zip(plan.batches, plan.segments, strict=True):
@@ -433,10 +441,41 @@ class LossEvaluator:
                 plan.segmented, plan.batches = False, plan.cell_batches
                 return self._sorted_pass(plan, sums, target, part)  # (nothing of this pass was added yet)
             for lo, hi, c, last in rows:
-                seg.add(lo, hi, self._views)
                 cell_sum += values[lo:hi].sum()
+                if slots is None:
+                    seg.add(lo, hi, self._views)
+                    if last:
+                        cell_sum = self._end_cell(plan, c, part, cell_sum, sums, target)
+                    continue
+                whole, group = plan.cell_losses[c]
+                if views[c] is None:
+                    views[c] = [v.view(p.shape) for v, p in zip(rows_of[c].split(self.numels), self.params,
+                                                                 strict=True)]
+                seg.add(lo, hi, views[c], self.inv_sizes[group])
                 if last:
-                    cell_sum = self._end_cell(plan, c, part, cell_sum, sums, target)
+                    sums[whole] += cell_sum
+                    sums[group] += cell_sum
+                    cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        if slots is not None:  # the data set's mean gradient: its groups' means weighted by their sizes
+            whole = plan.cell_losses[0][0]
+            weights = torch.tensor([self.inv_sizes[whole] / self.inv_sizes[g] for _, g in plan.cell_losses],
+                                   dtype=target.dtype, device=target.device)
+            k0 = slots[0]
+            groups = target[0, k0:k0 + len(slots)] if slots == list(range(k0, k0 + len(slots))) else target[0, slots]
+            target[0, self._per_param_slot[whole]].addmv_(groups.t(), weights)
+
+    def _own_slots(self, plan: DataPlan) -> list[int] | None:
+        """Per cell, the per-parameter gradients' row of its group loss, where every cell is the only cell of a
+        per-parameter group loss of its own (one group key: a like-for-like compute's classes), the data set's loss
+        is per-parameter too and this process holds every column. The cells' gradients then go straight into their
+        rows, scaled (no buffer to clear and add per cell), and the data set's is their weighted sum; else None."""
+        if plan.name not in self._own:
+            slot, whole = self._per_param_slot, plan.cell_losses[0][0]
+            groups = [cell[1] if len(cell) == 2 and cell[0] == whole else -1 for cell in plan.cell_losses]
+            ok = (whole in slot and all(g in slot for g in groups) and len(set(groups)) == len(groups)
+                  and self._flat_pieces == [(0, 0, sum(self.numels), 0, sum(self.numels))])
+            self._own[plan.name] = [slot[g] for g in groups] if ok else None
+        return self._own[plan.name]
 
     def _ghost_pass(self, plan: DataPlan, sums: torch.Tensor, target: torch.Tensor | None,
                     part: set[int] | None = None) -> None:

@@ -83,15 +83,21 @@ class SegmentGrads:
         losses, self._records, self._grads = self.products.outputs_and_grads(examples, where)
         return losses
 
-    def add(self, lo: int, hi: int, views: list[torch.Tensor]) -> None:
-        """Add the gradient of Σ ℓ_i over the batch's rows lo..hi into views[t] (each shaped as tensor t)."""
+    def add(self, lo: int, hi: int, views: list[torch.Tensor], alpha: float = 1.0) -> None:
+        """Add alpha × the gradient of Σ ℓ_i over the batch's rows lo..hi into views[t] (each shaped as tensor t);
+        a matrix product's straight into the view (one fused multiply-add: no gradient tensor, no second pass)."""
         products = self.products
         with torch.no_grad():
             for (u, a, _y, _version), b in zip(self._records, self._grads, strict=True):
                 if b is None:
                     continue
                 m, kind, pname, ti = products.uses[u]
-                views[ti].add_(weight_grad(kind, m, pname, products.input_rows(u, a, lo, hi), b[lo:hi]))
+                a, b = products.input_rows(u, a, lo, hi), b[lo:hi]
+                if pname == "weight" and kind in ("linear", "hf_conv1d"):
+                    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+                    views[ti].addmm_(*((b.t(), a) if kind == "linear" else (a.t(), b)), alpha=alpha)
+                else:
+                    views[ti].add_(weight_grad(kind, m, pname, a, b), alpha=alpha)
 
     def check(self, examples: Examples, lo: int, hi: int, where: str) -> bool:
         """The rules' gradients of rows lo..hi of the last batch against autograd's of those examples alone (the
