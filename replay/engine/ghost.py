@@ -7,14 +7,9 @@ do not mix inside these layers, so b's rows are each example's own ∂ℓ_i/∂y
 
     Δθ_T · ∇_T ℓ_i = Σ_{positions} ⟨ b_i, J_T(a_i) Δθ_T ⟩
 
-- Linear (and HF's Conv1D): J Δθ = a ΔWᵀ (a ΔW), the bias: Δb;
-- Conv1d/2d/3d (zero padding): J Δθ = conv(a, ΔW), the bias: Δb per channel;
-- Embedding: J Δθ = ΔW[indices] (the padding row included: torch zeros only its gradient, while
-  the forward reads it, and a tied output layer moves it); one whose output is shared by the
-  examples (a position embedding [1, S, D], broadcast later) takes the forward-mode product;
-- LayerNorm: J Δθ = x̂ ⊙ Δγ, the bias: Δβ, with x̂ the normalized input;
-- BatchNorm: the same per channel, x̂ normalized with the statistics its forward used (running ones in
-  eval mode; the batch's own with batch statistics, where b is a group's, not an example's, gradient).
+for the layers `layers.kind_of` names (Linear, Conv1D, convolutions, Embedding, LayerNorm, BatchNorm: the rules
+are in `layers`). A layer output the examples share (learned positions, [1, S, D] broadcast later) is given a
+batch dimension as a broadcast view (`_expand`), so its products come from the same backward.
 
 A tensor used by several layers (tied weights) sums their contributions; a layer applied
 several times sums each application. Every other recorded tensor (and any whose layer's output
@@ -33,6 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp, vmap
 
+from replay.engine.layers import directional, kind_of, per_example, tangent
 from replay.engine.user_code import checked_losses
 from replay.errors import TaskError
 from replay.task import Examples, user_error
@@ -57,74 +53,6 @@ def forward_mode_attention() -> Iterator[None]:
             return
         with sdpa_kernel(SDPBackend.MATH):
             yield
-
-
-def _kind(m: nn.Module) -> str | None:
-    if isinstance(m, nn.Linear):
-        return "linear"
-    if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and m.padding_mode == "zeros":
-        return "conv"
-    if isinstance(m, nn.Embedding) and m.max_norm is None and not m.scale_grad_by_freq:
-        return "embedding"
-    if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-        return "layernorm"
-    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
-        return "batchnorm"
-    if type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None:
-        return "hf_conv1d"  # transformers' GPT-2 projection: y = x @ W + b, W [in, out]
-    return None
-
-
-def _per_example(x: torch.Tensor) -> torch.Tensor:
-    """Σ over every dimension but the first (the batch)."""
-    return x.reshape(x.shape[0], -1).sum(1)
-
-
-def _directional(kind: str, m: nn.Module, pname: str, a: torch.Tensor, b: torch.Tensor, dp: torch.Tensor,
-                 ) -> torch.Tensor:
-    """[B] ⟨b, J(a) Δθ⟩ of one use of layer m for its parameter `pname` with direction dp."""
-    if pname == "bias":
-        if kind in ("conv", "batchnorm"):
-            return _per_example(b * dp.view(1, -1, *([1] * (b.dim() - 2))))
-        return _per_example(b * dp)  # Linear, Conv1D, LayerNorm: the last dimension
-    if kind == "linear":
-        return _per_example(b * nn.functional.linear(a, dp))
-    if kind == "hf_conv1d":
-        return _per_example(b * (a @ dp))
-    if kind == "conv":
-        return _per_example(b * m._conv_forward(a, dp, None))
-    if kind == "embedding":  # the forward reads the padding row too: its directional derivative counts there
-        return _per_example(b * nn.functional.embedding(a, dp))
-    if kind == "layernorm":
-        xhat = nn.functional.layer_norm(a, m.normalized_shape, None, None, m.eps)
-        return _per_example(b * xhat * dp)
-    if kind == "batchnorm":  # y = x̂ γ + β per channel, x̂ with the statistics the forward used
-        stats = not m.training and m.running_mean is not None
-        xhat = nn.functional.batch_norm(a, m.running_mean if stats else None, m.running_var if stats else None,
-                                        None, None, not stats, 0.0, m.eps)
-        return _per_example(b * xhat * dp.view(1, -1, *([1] * (b.dim() - 2))))
-    raise AssertionError(kind)
-
-
-def _tangent(kind: str, m: nn.Module, pname: str, a: torch.Tensor, dp: torch.Tensor) -> torch.Tensor:
-    """J(a) Δθ of one use of layer m for its parameter `pname`, shaped as (or broadcasting to) its output: the
-    layer's output is linear in each of these parameters, so at θ + sΔθ it is y(θ) + s·Σ of these."""
-    if pname == "bias":
-        return dp.view(1, -1, *([1] * (a.dim() - 2))) if kind in ("conv", "batchnorm") else dp
-    if kind == "linear":
-        return nn.functional.linear(a, dp)
-    if kind == "hf_conv1d":
-        return a @ dp
-    if kind == "conv":
-        return m._conv_forward(a, dp, None)
-    if kind == "embedding":
-        return nn.functional.embedding(a, dp)
-    if kind == "layernorm":
-        return nn.functional.layer_norm(a, m.normalized_shape, None, None, m.eps) * dp
-    stats = not m.training and m.running_mean is not None  # batchnorm
-    xhat = nn.functional.batch_norm(a, m.running_mean if stats else None, m.running_var if stats else None,
-                                    None, None, not stats, 0.0, m.eps)
-    return xhat * dp.view(1, -1, *([1] * (a.dim() - 2)))
 
 
 def _batched(out: torch.Tensor, how: str, B: int) -> torch.Tensor:
@@ -192,7 +120,7 @@ class ExampleProducts:
         by_id = {id(p): n for n, p in inner.named_parameters() if n in index}  # the recorded name of each tensor
         self.uses: list[tuple[nn.Module, str, str, int]] = []  # (module, kind, its parameter name, tensor index)
         for m in inner.modules():
-            kind = _kind(m)
+            kind = kind_of(m)
             if kind is None:
                 continue
             for pname, p in m.named_parameters(recurse=False):
@@ -348,7 +276,7 @@ class ExampleProducts:
                 if b is None:
                     continue
                 for k, dd in enumerate(dirs):  # one product per direction: a direction's numbers never depend
-                    d[k, :, ti] += _directional(kind, m, pname, a, b, dd[self.names[ti]]).double()  # on the others
+                    d[k, :, ti] += directional(kind, m, pname, a, b, dd[self.names[ti]]).double()  # on the others
                     # (stacked in one matmul they would round differently, and a resumed or followed compute,
                     # whose first point has one direction fewer, would not be bit for bit one compute)
         return d, stale
@@ -383,7 +311,7 @@ class ExampleProducts:
                 svs[key] = s.to(device=out.device, dtype=out.dtype)
             sv = svs[key].view(-1, *([1] * (out.dim() - 1)))
             a = args[0]
-            ts = [(u, _tangent(kind, mod, pname, a, direction[name])) for u, kind, pname, name in uses]
+            ts = [(u, tangent(kind, mod, pname, a, direction[name])) for u, kind, pname, name in uses]
             fused = weight_name is not None and runs is not None and a.requires_grad and shape == out.shape \
                 and a.shape[:-1] == out.shape[:-1]
             y = _moved(out, ts, sv, a, mod, direction[weight_name], runs) if fused else _moved(out, ts, sv)
@@ -412,7 +340,7 @@ class ExampleProducts:
             for u, t, y, _ in records:
                 b = bs.get(id(y))
                 if b is not None:
-                    d[:, self.uses[u][3]] += _per_example(b * t).double()
+                    d[:, self.uses[u][3]] += per_example(b * t).double()
         return losses.detach().double(), d
 
     def _by_module(self) -> dict[nn.Module, tuple[list[tuple[int, str, str, str]], str | None]]:

@@ -8,14 +8,10 @@ the data set's own batches (activation gradients only) give every cell's gradien
 batch holds, where a backward per cell took as many passes as cells (a per-parameter class loss of the
 digits MLP: 11 small backward passes per evaluation, 1.5x a plain one).
 
-The rules (the same layers as `ghost`, weight and bias):
-- Linear: ∇W = Σ b_iᵀ a_i, ∇b = Σ b_i (over rows and any positions); HF's Conv1D: ∇W = Σ a_iᵀ b_i;
-- Conv1d/2d/3d: torch's convolution weight gradient of the segment's rows; the bias: Σ b over rows and space;
-- Embedding: b's rows added at the indices (the padding row's gradient zero, as autograd's);
-- LayerNorm, BatchNorm (running statistics): ∇γ = Σ b ⊙ x̂, ∇β = Σ b.
-A batch-shared layer output (learned positions, see `ghost`) has a batch dimension here too; its input is
-broadcast to the segment's rows. The first batch's gradients are compared with autograd's of the same
-examples; a model whose rules disagree goes back to a backward per cell, for good.
+The rules are `layers.weight_grad` (the layers `ghost` has rules for, weight and bias). A batch-shared layer
+output (learned positions, see `ghost`) has a batch dimension here too; its input is broadcast to the segment's
+rows. The first batch's gradients are compared with autograd's of the same examples; a model whose rules
+disagree goes back to a backward per cell, for good.
 """
 
 from __future__ import annotations
@@ -23,42 +19,11 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch import nn
 
 from replay.engine.ghost import CHECK_RTOL, ExampleProducts
+from replay.engine.layers import weight_grad
 from replay.engine.user_code import checked_losses
 from replay.task import Examples
-
-
-def weight_grad(kind: str, m: nn.Module, pname: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The gradient of Σ over b's rows of the loss for parameter `pname` of one use of layer m, shaped as the
-    parameter: a [rows, ...] the layer's input, b [rows, ...] the gradient at its output."""
-    if pname == "bias":
-        if kind in ("conv", "batchnorm"):
-            return b.sum(dim=[0, *range(2, b.dim())])
-        return b.reshape(-1, b.shape[-1]).sum(0)
-    if kind == "linear":
-        return b.reshape(-1, b.shape[-1]).t().mm(a.reshape(-1, a.shape[-1]))
-    if kind == "hf_conv1d":
-        return a.reshape(-1, a.shape[-1]).t().mm(b.reshape(-1, b.shape[-1]))
-    if kind == "conv":
-        nd = b.dim() - 2
-        return torch.ops.aten.convolution_backward(
-            b, a, m.weight, None, m.stride, m.padding, m.dilation, False, [0] * nd, m.groups,
-            [False, True, False])[1]
-    if kind == "embedding":
-        g = torch.zeros(m.weight.shape, dtype=b.dtype, device=b.device)
-        g.index_add_(0, a.reshape(-1), b.reshape(-1, b.shape[-1]))
-        if m.padding_idx is not None:
-            g[m.padding_idx] = 0  # (autograd's rule: the padding row is never trained)
-        return g
-    if kind == "layernorm":
-        xhat = nn.functional.layer_norm(a, m.normalized_shape, None, None, m.eps)
-        return (b * xhat).reshape(-1, *m.normalized_shape).sum(0)
-    if kind == "batchnorm":  # running statistics (batch statistics couple the examples: never segmented)
-        xhat = nn.functional.batch_norm(a, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
-        return (b * xhat).sum(dim=[0, *range(2, b.dim())])
-    raise AssertionError(kind)
 
 
 def covered(products: ExampleProducts) -> bool:
