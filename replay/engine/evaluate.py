@@ -122,7 +122,7 @@ class LossEvaluator:
         self._prod: torch.Tensor | None = None  # [D, P] scratch for a cell's products
         self._proj: torch.Tensor | None = None  # [D, L, T] this evaluation's projections
         self._is_proj = torch.tensor([i not in self._per_param_slot for i in range(L)])
-        self._own: dict[str, list[int] | None] = {}  # data set → its cells' own rows (see _own_slots)
+        self._own: dict[str, tuple | None] = {}  # data set → its cells' own rows and weights (see _own_slots)
         _set_deterministic_mode(self.model, task.batchnorm)
 
     def _add_loss(self, name: str, size: int) -> int:
@@ -424,11 +424,12 @@ class LossEvaluator:
         rows (`part`: only the cells of these losses). The first batch's gradients are checked against autograd's;
         where they disagree the plan goes back to a backward per cell (`_sorted_pass`), for good."""
         seg = self.segment_grads
-        slots = self._own_slots(plan) if part is None and target is not None else None
-        if slots is not None:  # each cell's gradient straight into its group's row (see _own_slots)
-            rows_of = [target[0, k] for k in slots]
-            views = [None] * len(slots)
-        self._start_cell()
+        own = self._own_slots(plan) if part is None and target is not None else None
+        if own is None:
+            self._start_cell()
+        else:  # each cell's gradient straight into its group's row (see _own_slots)
+            slots, together, weights = own
+            views: list[list[torch.Tensor] | None] = [None] * len(slots)
         cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for (a, b, _), rows in zip(plan.batches, plan.segments, strict=True):
             rows = rows if part is None else [r for r in rows if part.intersection(plan.cell_losses[r[2]])]
@@ -442,39 +443,45 @@ class LossEvaluator:
                 return self._sorted_pass(plan, sums, target, part)  # (nothing of this pass was added yet)
             for lo, hi, c, last in rows:
                 cell_sum += values[lo:hi].sum()
-                if slots is None:
+                if own is None:
                     seg.add(lo, hi, self._views)
                     if last:
                         cell_sum = self._end_cell(plan, c, part, cell_sum, sums, target)
                     continue
                 whole, group = plan.cell_losses[c]
                 if views[c] is None:
-                    views[c] = [v.view(p.shape) for v, p in zip(rows_of[c].split(self.numels), self.params,
+                    views[c] = [v.view(p.shape) for v, p in zip(target[0, slots[c]].split(self.numels), self.params,
                                                                  strict=True)]
                 seg.add(lo, hi, views[c], self.inv_sizes[group])
                 if last:
                     sums[whole] += cell_sum
                     sums[group] += cell_sum
                     cell_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        if slots is not None:  # the data set's mean gradient: its groups' means weighted by their sizes
+        if own is not None:  # the data set's mean gradient: its groups' means weighted by their sizes
             whole = plan.cell_losses[0][0]
-            weights = torch.tensor([self.inv_sizes[whole] / self.inv_sizes[g] for _, g in plan.cell_losses],
-                                   dtype=target.dtype, device=target.device)
-            k0 = slots[0]
-            groups = target[0, k0:k0 + len(slots)] if slots == list(range(k0, k0 + len(slots))) else target[0, slots]
-            target[0, self._per_param_slot[whole]].addmv_(groups.t(), weights)
+            target[0, self._per_param_slot[whole]].addmv_(target[0, together].t(), weights)
 
-    def _own_slots(self, plan: DataPlan) -> list[int] | None:
-        """Per cell, the per-parameter gradients' row of its group loss, where every cell is the only cell of a
-        per-parameter group loss of its own (one group key: a like-for-like compute's classes), the data set's loss
-        is per-parameter too and this process holds every column. The cells' gradients then go straight into their
-        rows, scaled (no buffer to clear and add per cell), and the data set's is their weighted sum; else None."""
+    def _own_slots(self, plan: DataPlan) -> tuple[list[int], slice | list[int], torch.Tensor] | None:
+        """(per cell, the per-parameter gradients' row of its group loss; those rows as one index, a slice where they
+        are consecutive; the weights [cells] of the groups in the data set's mean) where every cell is the only cell
+        of a per-parameter group loss of its own (one group key: a like-for-like compute's classes), the data set's
+        loss is per-parameter too and this process holds every column. The cells' gradients then go straight into
+        their rows, scaled (no buffer to clear and add per cell), and the data set's is their weighted sum; else
+        None."""
         if plan.name not in self._own:
             slot, whole = self._per_param_slot, plan.cell_losses[0][0]
             groups = [cell[1] if len(cell) == 2 and cell[0] == whole else -1 for cell in plan.cell_losses]
             ok = (whole in slot and all(g in slot for g in groups) and len(set(groups)) == len(groups)
                   and self._flat_pieces == [(0, 0, sum(self.numels), 0, sum(self.numels))])
-            self._own[plan.name] = [slot[g] for g in groups] if ok else None
+            own = None
+            if ok:
+                rows = [slot[g] for g in groups]
+                weights = torch.tensor([self.inv_sizes[whole] / self.inv_sizes[g] for g in groups],
+                                       dtype=self.grad_dtype, device=self.device)
+                k0 = rows[0]
+                together = slice(k0, k0 + len(rows)) if rows == list(range(k0, k0 + len(rows))) else rows
+                own = (rows, together, weights)
+            self._own[plan.name] = own
         return self._own[plan.name]
 
     def _ghost_pass(self, plan: DataPlan, sums: torch.Tensor, target: torch.Tensor | None,

@@ -5,7 +5,7 @@ the gradient of Σ ℓ at y, are each example's own ∂ℓ_i/∂y), give three n
 
 - `directional`: every example's directional derivative ⟨b_i, J(a_i) Δθ⟩ (ghost products, `ghost`);
 - `tangent`: J(a) Δθ, the output's change along Δθ (y at θ + sΔθ is y + s·Σ of these: `ghost.at_points`);
-- `weight_grad`: the gradient Σ_i over some rows of b_iᵀ J(a_i) (a group's segment of a batch, `segments`).
+- `add_weight_grad`: the gradient Σ_i over some rows of b_iᵀ J(a_i) (a group's segment of a batch, `segments`).
 
 The rules: Linear (and HF's Conv1D): J Δθ = a ΔWᵀ (a ΔW), ∇W = Σ bᵀa (Σ aᵀb), the bias: Δb, Σ b;
 Conv1d/2d/3d (zero padding): J Δθ = conv(a, ΔW), ∇W torch's convolution weight gradient, the bias per channel;
@@ -43,29 +43,10 @@ def per_example(x: torch.Tensor) -> torch.Tensor:
 
 
 def directional(kind: str, m: nn.Module, pname: str, a: torch.Tensor, b: torch.Tensor, dp: torch.Tensor,
-                 ) -> torch.Tensor:
-    """[B] ⟨b, J(a) Δθ⟩ of one use of layer m for its parameter `pname` with direction dp."""
-    if pname == "bias":
-        if kind in ("conv", "batchnorm"):
-            return per_example(b * dp.view(1, -1, *([1] * (b.dim() - 2))))
-        return per_example(b * dp)  # Linear, Conv1D, LayerNorm: the last dimension
-    if kind == "linear":
-        return per_example(b * nn.functional.linear(a, dp))
-    if kind == "hf_conv1d":
-        return per_example(b * (a @ dp))
-    if kind == "conv":
-        return per_example(b * m._conv_forward(a, dp, None))
-    if kind == "embedding":  # the forward reads the padding row too: its directional derivative counts there
-        return per_example(b * nn.functional.embedding(a, dp))
-    if kind == "layernorm":
-        xhat = nn.functional.layer_norm(a, m.normalized_shape, None, None, m.eps)
-        return per_example(b * xhat * dp)
-    if kind == "batchnorm":  # y = x̂ γ + β per channel, x̂ with the statistics the forward used
-        stats = not m.training and m.running_mean is not None
-        xhat = nn.functional.batch_norm(a, m.running_mean if stats else None, m.running_var if stats else None,
-                                        None, None, not stats, 0.0, m.eps)
-        return per_example(b * xhat * dp.view(1, -1, *([1] * (b.dim() - 2))))
-    raise AssertionError(kind)
+                ) -> torch.Tensor:
+    """[B] ⟨b, J(a) Δθ⟩ of one use of layer m for its parameter `pname` with direction dp (the embedding's padding row
+    counts: the forward reads it)."""
+    return per_example(b * tangent(kind, m, pname, a, dp))
 
 
 def tangent(kind: str, m: nn.Module, pname: str, a: torch.Tensor, dp: torch.Tensor) -> torch.Tensor:
@@ -89,32 +70,32 @@ def tangent(kind: str, m: nn.Module, pname: str, a: torch.Tensor, dp: torch.Tens
     return xhat * dp.view(1, -1, *([1] * (a.dim() - 2)))
 
 
-def weight_grad(kind: str, m: nn.Module, pname: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The gradient of Σ over b's rows of the loss for parameter `pname` of one use of layer m, shaped as the
-    parameter: a [rows, ...] the layer's input, b [rows, ...] the gradient at its output."""
+def add_weight_grad(into: torch.Tensor, kind: str, m: nn.Module, pname: str, a: torch.Tensor, b: torch.Tensor,
+                    alpha: float = 1.0) -> None:
+    """Add alpha × the gradient of Σ over b's rows of the loss for parameter `pname` of one use of layer m into
+    `into` (shaped as the parameter): a [rows, ...] the layer's input, b [rows, ...] the gradient at its output. A
+    matrix product goes straight into `into` (one fused multiply-add: no gradient tensor, no second pass)."""
+    if pname == "weight" and kind in ("linear", "hf_conv1d"):
+        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+        into.addmm_(*((b.t(), a) if kind == "linear" else (a.t(), b)), alpha=alpha)
+        return
     if pname == "bias":
-        if kind in ("conv", "batchnorm"):
-            return b.sum(dim=[0, *range(2, b.dim())])
-        return b.reshape(-1, b.shape[-1]).sum(0)
-    if kind == "linear":
-        return b.reshape(-1, b.shape[-1]).t().mm(a.reshape(-1, a.shape[-1]))
-    if kind == "hf_conv1d":
-        return a.reshape(-1, a.shape[-1]).t().mm(b.reshape(-1, b.shape[-1]))
-    if kind == "conv":
+        g = b.sum(dim=[0, *range(2, b.dim())]) if kind in ("conv", "batchnorm") else b.reshape(-1, b.shape[-1]).sum(0)
+    elif kind == "conv":
         nd = b.dim() - 2
-        return torch.ops.aten.convolution_backward(
-            b, a, m.weight, None, m.stride, m.padding, m.dilation, False, [0] * nd, m.groups,
-            [False, True, False])[1]
-    if kind == "embedding":
+        g = torch.ops.aten.convolution_backward(b, a, m.weight, None, m.stride, m.padding, m.dilation, False,
+                                                [0] * nd, m.groups, [False, True, False])[1]
+    elif kind == "embedding":
         g = torch.zeros(m.weight.shape, dtype=b.dtype, device=b.device)
         g.index_add_(0, a.reshape(-1), b.reshape(-1, b.shape[-1]))
         if m.padding_idx is not None:
             g[m.padding_idx] = 0  # (autograd's rule: the padding row is never trained)
-        return g
-    if kind == "layernorm":
+    elif kind == "layernorm":
         xhat = nn.functional.layer_norm(a, m.normalized_shape, None, None, m.eps)
-        return (b * xhat).reshape(-1, *m.normalized_shape).sum(0)
-    if kind == "batchnorm":  # running statistics (batch statistics couple the examples: never segmented)
+        g = (b * xhat).reshape(-1, *m.normalized_shape).sum(0)
+    elif kind == "batchnorm":  # running statistics (batch statistics couple the examples: never segmented)
         xhat = nn.functional.batch_norm(a, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
-        return (b * xhat).sum(dim=[0, *range(2, b.dim())])
-    raise AssertionError(kind)
+        g = (b * xhat).sum(dim=[0, *range(2, b.dim())])
+    else:
+        raise AssertionError(kind)
+    into.add_(g, alpha=alpha)

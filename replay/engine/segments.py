@@ -8,7 +8,7 @@ the data set's own batches (activation gradients only) give every cell's gradien
 batch holds, where a backward per cell took as many passes as cells (a per-parameter class loss of the
 digits MLP: 11 small backward passes per evaluation, 1.5x a plain one).
 
-The rules are `layers.weight_grad` (the layers `ghost` has rules for, weight and bias). A batch-shared layer
+The rules are `layers.add_weight_grad` (the layers `ghost` has rules for, weight and bias). A batch-shared layer
 output (learned positions, see `ghost`) has a batch dimension here too; its input is broadcast to the segment's
 rows. The first batch's gradients are compared with autograd's of the same examples; a model whose rules
 disagree goes back to a backward per cell, for good.
@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from replay.engine.ghost import CHECK_RTOL, ExampleProducts
-from replay.engine.layers import weight_grad
+from replay.engine.layers import add_weight_grad
 from replay.engine.user_code import checked_losses
 from replay.task import Examples
 
@@ -49,20 +49,13 @@ class SegmentGrads:
         return losses
 
     def add(self, lo: int, hi: int, views: list[torch.Tensor], alpha: float = 1.0) -> None:
-        """Add alpha × the gradient of Σ ℓ_i over the batch's rows lo..hi into views[t] (each shaped as tensor t);
-        a matrix product's straight into the view (one fused multiply-add: no gradient tensor, no second pass)."""
+        """Add alpha × the gradient of Σ ℓ_i over the batch's rows lo..hi into views[t] (each shaped as tensor t)."""
         products = self.products
         with torch.no_grad():
             for (u, a, _y, _version), b in zip(self._records, self._grads, strict=True):
-                if b is None:
-                    continue
-                m, kind, pname, ti = products.uses[u]
-                a, b = products.input_rows(u, a, lo, hi), b[lo:hi]
-                if pname == "weight" and kind in ("linear", "hf_conv1d"):
-                    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-                    views[ti].addmm_(*((b.t(), a) if kind == "linear" else (a.t(), b)), alpha=alpha)
-                else:
-                    views[ti].add_(weight_grad(kind, m, pname, a, b), alpha=alpha)
+                if b is not None:
+                    m, kind, pname, ti = products.uses[u]
+                    add_weight_grad(views[ti], kind, m, pname, products.input_rows(u, a, lo, hi), b[lo:hi], alpha)
 
     def check(self, examples: Examples, lo: int, hi: int, where: str) -> bool:
         """The rules' gradients of rows lo..hi of the last batch against autograd's of those examples alone (the
