@@ -38,11 +38,6 @@ INT_OF_SIZE = {8: "I64", 4: "I32", 2: "I16", 1: "I8"}
 ALIGN = 8
 
 
-def int_dtype(itemsize: int) -> torch.dtype:
-    """The signed integer dtype of one element's width: the bit pattern of any recorded dtype."""
-    return {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[itemsize]
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     """Name, shape and dtype of one recorded tensor; `kind` is 'param' or 'buffer'."""
@@ -77,10 +72,6 @@ class TensorSpec:
 
     def to_json(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "kind": self.kind}
-
-    @staticmethod
-    def from_json(d: dict) -> TensorSpec:
-        return TensorSpec(d["name"], tuple(d["shape"]), d["dtype"], d.get("kind", "param"))
 
 
 def spec_of(name: str, t: torch.Tensor, kind: str = "param") -> TensorSpec:
